@@ -1,0 +1,1 @@
+"""flows: Prefect flows that compose tasks; they hold no computation of their own."""
