@@ -1,0 +1,108 @@
+"""The shared evaluation protocol: train fresh networks on a (small) training set, test on real data.
+
+Every method and its baselines go through `evaluate_set` with the same `EvalConfig`, so a
+distilled set and the random real subset it is compared with differ only in their images
+(and, where the method learned one, the learning rate). The reported number is the
+accuracy after the final epoch, never the maximum over test evaluations; `summarize` gives
+mean and std over seeds.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from distill.nets import create_net, list_nets
+from distill.train import TrainConfig, evaluate, train
+from distill.utils import Progress, resolve_device, seed_everything
+
+
+class EvalConfig(BaseModel):
+    """How a training set is judged: N fresh networks, one recipe, final-epoch test accuracy."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    net: str = Field("convnet", description="Registered network trained on the set (see distill.nets).")
+    net_kwargs: dict[str, Any] = Field(
+        default_factory=lambda: {"width": 128, "depth": 3, "norm": "instance"},
+        description="Constructor arguments; MTT's evaluation ConvNet is width 128, depth 3, instance norm.",
+    )
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=1000, batch_size=256, lr=0.01, momentum=0.9, weight_decay=5e-4),
+        description="Training recipe; MTT/DC evaluate with 1000 epochs, lr x0.1 at half.",
+    )
+    num_models: int = Field(5, ge=1, description="Fresh networks per set; mean and std are over these.")
+    use_learned_lr: bool = Field(
+        True, description="A distilled set's learned learning rate replaces train.lr (MTT's protocol)."
+    )
+
+    def model_post_init(self, _: Any) -> None:
+        if self.net not in list_nets():
+            raise ValueError(f"unknown net {self.net!r}; registered nets: {', '.join(list_nets())}")
+
+    def recipe(self, learned_lr: float | None = None) -> dict[str, Any]:
+        """The recipe as stored with a dataset, with the learning rate actually used."""
+        train_cfg = self.train_config(learned_lr)
+        return {"net": self.net, "net_kwargs": dict(self.net_kwargs), "train": train_cfg.model_dump(mode="json")}
+
+    def train_config(self, learned_lr: float | None = None) -> TrainConfig:
+        if learned_lr is not None and self.use_learned_lr:
+            return self.train.model_copy(update={"lr": float(learned_lr)})
+        return self.train
+
+
+def evaluate_set(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    cfg: EvalConfig,
+    *,
+    num_classes: int,
+    seed: int,
+    learned_lr: float | None = None,
+    device: str | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Train one fresh network on (train_x, train_y) and return its final test metrics and cost."""
+    dev = resolve_device(device)
+    seed_everything(seed)
+    net = create_net(
+        cfg.net,
+        num_classes=num_classes,
+        channels=train_x.shape[1],
+        image_size=train_x.shape[-1],
+        **cfg.net_kwargs,
+    )
+    train_cfg = cfg.train_config(learned_lr)
+    start = time.perf_counter()
+    result = train(net, train_x, train_y, train_cfg, device=dev, seed=seed, progress=progress)
+    seconds = time.perf_counter() - start
+    test = evaluate(net, test_x, test_y, device=dev)
+    return {
+        "seed": seed,
+        "test_acc": float(test["acc"]),
+        "test_loss": float(test["loss"]),
+        "train_acc": float(result.final.get("train_acc", float("nan"))),
+        "train_images": int(train_x.shape[0]),
+        "lr": float(train_cfg.lr),
+        "epochs": int(train_cfg.epochs),
+        "train_seconds": round(seconds, 3),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "device": str(dev),
+    }
+
+
+def summarize(values: list[float]) -> dict[str, float]:
+    """Mean and sample std (n-1) of per-seed accuracies; std is 0 for a single seed."""
+    n = len(values)
+    if n == 0:
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "std": std, "n": n}

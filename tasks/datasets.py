@@ -1,0 +1,133 @@
+"""Stage `dataset`: materialize an input dataset as image-dataset Parquet in the artifact store.
+
+Decoding happens once per (source, data config): the train and test splits are decoded,
+resized, class-subset and sampled as `DataConfig` says, re-encoded losslessly (PNG) into
+`train.parquet` / `test.parquet` in the Hugging Face layout, and the preprocessing fitted
+on train (normalization, optional ZCA) is saved beside them as `preprocessor.safetensors`.
+Every later stage reads this artifact, so all stages see identical pixels and identical
+preprocessing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from prefect import get_run_logger, task
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from distill.data import DataConfig, ImageSet, load_images
+from distill.formats import write_image_dataset
+from distill.transforms import Preprocessor
+from tasks.artifacts import ArtifactRef, stage_cache_key
+from tasks.store import ArtifactStore, Staging
+
+STAGE = "dataset"
+PREPROCESSOR_FILE = "preprocessor.safetensors"
+
+
+def source_stamp(source: str) -> list[tuple[str, int, int]]:
+    """Size and mtime of every file of a local source, so an edited source gets a new key.
+
+    Hub names and remote URIs are identified by their name only.
+    """
+    path = Path(source)
+    if not path.exists():
+        return []
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return [(str(f.relative_to(path) if f != path else f.name), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+
+def dataset_key(store_uri: str, data: DataConfig) -> str:
+    stamp = hashlib.sha256(repr(source_stamp(data.source)).encode()).hexdigest()[:16]
+    return ArtifactStore(store_uri).key(STAGE, {"data": data, "source_stamp": stamp})
+
+
+def _key_of(parameters: dict[str, Any]) -> tuple[str, str]:
+    return parameters["store"], dataset_key(parameters["store"], parameters["data"])
+
+
+@task(
+    name="materialize-dataset",
+    cache_key_fn=stage_cache_key(STAGE, _key_of),
+    result_serializer="json",
+)
+def materialize_dataset(data: DataConfig, store: str) -> ArtifactRef:
+    """Decode, subset and store a dataset's train and test splits with their preprocessing."""
+    logger = get_run_logger()
+    st = ArtifactStore(store)
+    key = dataset_key(store, data)
+
+    def write(staging: Staging) -> dict[str, Any]:
+        train = data.load(data.train_split)
+        test = data.load(data.test_split)
+        logger.info("decoded %s: %d train / %d test images, %d classes", data.source, len(train), len(test), train.num_classes)
+        pre = Preprocessor.fit(train.images, zca=data.zca)
+        for name, part in (("train", train), ("test", test)):
+            write_image_dataset(
+                staging.file(f"{name}.parquet"),
+                part.images,
+                part.labels,
+                part.class_names,
+                filesystem=staging.fs,
+                extra_metadata={"source": data.source, "split": getattr(data, f"{name}_split")},
+            )
+        with staging.fs.open_output_stream(staging.file(PREPROCESSOR_FILE)) as f:
+            f.write(st_save(pre.state_dict(), metadata={"config": _json(pre.config())}))
+        return {
+            "rows": {"train": len(train), "test": len(test)},
+            "class_counts": {"train": train.class_counts().tolist(), "test": test.class_counts().tolist()},
+            "class_names": train.class_names,
+            "image_shape": list(train.images.shape[1:]),
+            "fingerprints": {"train": train.fingerprint(), "test": test.fingerprint()},
+            "preprocessor": pre.config(),
+        }
+
+    art = st.publish(STAGE, key, write, config={"data": data}, inputs=[], seeds={"sample": data.seed})
+    return ArtifactRef(store=store, stage=STAGE, key=art.key)
+
+
+def _json(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, sort_keys=True)
+
+
+def load_split(ref: ArtifactRef, split: str) -> ImageSet:
+    """One split of a materialized dataset as uint8 images (decoded with both cores)."""
+    return load_images(str(ref.local_dir()), split)
+
+
+def load_preprocessor(ref: ArtifactRef) -> Preprocessor:
+    import json
+
+    art = ref.open(verify=False)
+    with art.fs.open_input_stream(art.file(PREPROCESSOR_FILE)) as f:
+        raw = f.read()
+    tensors = st_load(raw)
+    config = json.loads(_safetensors_metadata(raw)["config"])
+    return Preprocessor.from_state(config, tensors)
+
+
+def _safetensors_metadata(raw: bytes) -> dict[str, str]:
+    import json
+    import struct
+
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + n]).get("__metadata__", {})
+
+
+def class_counts(ref: ArtifactRef, split: str = "train") -> list[int]:
+    """Images per class of a materialized split, from the manifest (no decoding)."""
+    return ref.open(verify=False).manifest["class_counts"][split]
+
+
+def preprocessed(ref: ArtifactRef, split: str, pre: Preprocessor | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """A split in model input space: (float images, labels, class names)."""
+    pre = pre or load_preprocessor(ref)
+    images = load_split(ref, split)
+    return pre(images.images), images.labels, images.class_names
+

@@ -1,0 +1,88 @@
+"""Prefect UI reports: progress artifacts fed by the core's progress callbacks, tables, images.
+
+The core (`distill/`, `dp4tl/`) reports progress through a plain callback
+`progress(step, total, **metrics)`; `prefect_progress` turns that into a Prefect progress
+artifact plus throttled log lines, so a long loop is visible in the UI without flooding
+the API.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import re
+import time
+from typing import Any, Callable
+
+from prefect import get_run_logger
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+
+
+def artifact_key(*parts: Any) -> str:
+    """A Prefect artifact key (lowercase letters, digits, dashes) from free-form parts.
+
+    Artifacts with the same key form a history in the UI, so keys name what is reported
+    (e.g. `baseline-cifar10-ipc10`), not the run.
+    """
+    key = "-".join(str(p) for p in parts if p not in (None, ""))
+    key = re.sub(r"[^a-z0-9-]+", "-", key.lower()).strip("-")
+    return re.sub(r"-{2,}", "-", key)[:100] or "distillery"
+
+
+def prefect_progress(
+    title: str, *, key: str | None = None, min_interval_s: float = 2.0
+) -> Callable[..., None]:
+    """A `progress(step, total, **metrics)` callback that updates a Prefect progress artifact."""
+    logger = get_run_logger()
+    artifact_id = create_progress_artifact(progress=0.0, key=key, description=title)
+    last = [0.0]
+
+    def progress(step: int, total: int, **metrics: Any) -> None:
+        now = time.monotonic()
+        done = step >= total
+        if not done and now - last[0] < min_interval_s:
+            return
+        last[0] = now
+        pct = 100.0 * step / max(total, 1)
+        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
+        update_progress_artifact(artifact_id, progress=pct, description=f"{title}: {shown}")
+        logger.info("%s %d/%d %s", title, step, total, shown)
+
+    return progress
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if math.isfinite(v) else str(v)
+    return str(v)
+
+
+def table(rows: list[dict[str, Any]], *, key: str, description: str) -> None:
+    """A table artifact; floats are rounded so the UI stays readable."""
+    shown = [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in rows]
+    create_table_artifact(table=shown, key=key, description=description)
+
+
+def markdown(text: str, *, key: str, description: str | None = None) -> None:
+    create_markdown_artifact(markdown=text, key=key, description=description)
+
+
+def png_markdown(png: bytes, caption: str) -> str:
+    """Markdown that embeds a PNG inline, so plots and image grids render in the Prefect UI."""
+    data = base64.b64encode(png).decode("ascii")
+    return f"![{caption}](data:image/png;base64,{data})\n"
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "_no rows_\n"
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
+    return "\n".join(lines) + "\n"

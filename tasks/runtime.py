@@ -1,0 +1,117 @@
+"""Ray and device plumbing shared by every flow.
+
+Flows run on a `RayTaskRunner`: `RAY_ADDRESS` (e.g. `ray://head:10001` or `auto`) joins an
+existing cluster, otherwise a local Ray instance is started with this machine's CPUs (and
+its GPUs when present). Heavy tasks are submitted under `remote_options(num_gpus=...,
+num_cpus=...)` through `submit_heavy`; inside the task, `task_device()` picks CUDA when
+Ray assigned a GPU and the CPU otherwise, and pins torch's thread count to the CPUs Ray
+granted, so that two tasks sharing a 2-core machine do not oversubscribe it.
+
+Ray workers must report to the same Prefect server as the flow, so the Prefect and
+distillery environment variables are forwarded to them explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Any, Iterator, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Forwarded to every Ray worker: without PREFECT_API_URL a worker would start its own
+# throw-away Prefect server and its task runs would never reach the UI.
+FORWARDED_ENV_PREFIXES = ("PREFECT_", "DISTILLERY_", "HF_", "OMP_NUM_THREADS")
+
+
+class Resources(BaseModel):
+    """Ray resources for one heavy task (a training run, an expert, an evaluation)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    num_gpus: float | Literal["auto"] = Field(
+        "auto",
+        description="GPUs per task; fractions pack several small jobs on one GPU. "
+        "'auto' = 1 when the Ray cluster has GPUs, else 0.",
+    )
+    num_cpus: float = Field(1.0, gt=0, description="CPU cores per task (also torch's thread count).")
+
+    def resolved_gpus(self) -> float:
+        """The GPU request after resolving 'auto' against the connected Ray cluster."""
+        if self.num_gpus != "auto":
+            if self.num_gpus < 0:
+                raise ValueError(f"num_gpus must be >= 0 or 'auto', got {self.num_gpus}")
+            return float(self.num_gpus)
+        import ray
+
+        if not ray.is_initialized():
+            return 0.0
+        return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def _forwarded_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+
+
+def ray_init_kwargs() -> dict[str, Any]:
+    """Arguments for `ray.init`: local resources unless joining a cluster via RAY_ADDRESS.
+
+    `DISTILLERY_RAY_NUM_GPUS` declares logical GPUs (used to test GPU scheduling on a CPU
+    machine); `DISTILLERY_RAY_NUM_CPUS` caps the local instance; `DISTILLERY_RAY_DASHBOARD=1`
+    starts the Ray dashboard (off by default: it costs ~1 GiB and seconds on small boxes).
+    """
+    kwargs: dict[str, Any] = {
+        "runtime_env": {"env_vars": _forwarded_env()},
+        "ignore_reinit_error": True,
+        "log_to_driver": True,
+    }
+    if not os.environ.get("RAY_ADDRESS"):
+        kwargs["num_cpus"] = int(os.environ.get("DISTILLERY_RAY_NUM_CPUS", os.cpu_count() or 1))
+        if "DISTILLERY_RAY_NUM_GPUS" in os.environ:
+            kwargs["num_gpus"] = float(os.environ["DISTILLERY_RAY_NUM_GPUS"])
+        kwargs["include_dashboard"] = os.environ.get("DISTILLERY_RAY_DASHBOARD", "0") == "1"
+    return kwargs
+
+
+def ray_task_runner():
+    """The task runner every flow uses: a Ray cluster from RAY_ADDRESS, or local Ray."""
+    from prefect_ray import RayTaskRunner
+
+    return RayTaskRunner(address=os.environ.get("RAY_ADDRESS") or None, init_kwargs=ray_init_kwargs())
+
+
+@contextmanager
+def heavy(resources: Resources) -> Iterator[dict[str, float]]:
+    """Submit the tasks inside this block as Ray tasks with the given GPU/CPU request."""
+    from prefect_ray.context import remote_options
+
+    options = {"num_gpus": resources.resolved_gpus(), "num_cpus": resources.num_cpus}
+    with remote_options(**options):
+        yield options
+
+
+def task_device() -> str:
+    """Device for the current task: CUDA if Ray assigned this task a GPU, else CPU.
+
+    Also sets torch's intra-op threads to the CPUs Ray granted the task. Outside Ray (a
+    plain function call, a notebook) falls back to CUDA when visible.
+    """
+    import torch
+
+    try:
+        import ray
+
+        in_ray = ray.is_initialized() and ray.get_runtime_context().worker.mode == 1
+    except Exception:  # Ray not importable or not running: plain local call
+        in_ray = False
+    if in_ray:
+        assigned = ray.get_runtime_context().get_assigned_resources()
+        cpus = assigned.get("CPU", 0)
+        if cpus >= 1:
+            torch.set_num_threads(int(cpus))
+        gpu_ids = ray.get_gpu_ids()
+        # Ray sets CUDA_VISIBLE_DEVICES to the granted GPUs, so the first visible one is ours.
+        if gpu_ids and torch.cuda.is_available():
+            return "cuda"
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
