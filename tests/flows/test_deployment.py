@@ -1,0 +1,116 @@
+"""End to end: `prefect deploy` + a process worker + `prefect deployment run --watch` of baseline-tiny.
+
+Everything is real: the session's Prefect server, a `prefect worker start` subprocess on a
+process work pool, local Ray inside the flow run, Parquet artifacts on disk. The second run
+must reuse every stage (content-addressed cache) and add no new artifact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, data_path
+
+POOL = "local"
+
+
+def _prefect(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "prefect", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, f"prefect {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def deployed(prefect_server, tmp_path_factory):
+    data_path("cifar10", "train.parquet")
+    store = tmp_path_factory.mktemp("store")
+    env = {**os.environ, "DISTILLERY_HOME": str(REPO), "DISTILLERY_STORE": str(store)}
+    _prefect("work-pool", "create", POOL, "--type", "process", "--overwrite", env=env)
+    _prefect("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml", env=env)
+    log = open(store.parent / "worker.log", "wb")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--type", "process"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    yield env, store
+    os.killpg(worker.pid, 15)
+    try:
+        worker.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(worker.pid, 9)
+    log.close()
+
+
+async def _last_run(name: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        DeploymentFilter,
+        DeploymentFilterName,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    async with get_client() as client:
+        runs = await client.read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[name])),
+            sort=FlowRunSort.START_TIME_DESC,
+            limit=1,
+        )
+        run = runs[0]
+        task_runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+        artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+        return run, task_runs, artifacts
+
+
+def _artifacts(store: Path) -> dict[str, list[str]]:
+    return {
+        stage.name: sorted(p.name for p in stage.iterdir() if (p / "manifest.json").exists())
+        for stage in store.iterdir()
+        if stage.is_dir()
+    }
+
+
+@pytest.mark.integration
+def test_deployment_run_baseline_tiny(deployed):
+    env, store = deployed
+    t0 = time.monotonic()
+    _prefect("deployment", "run", "baseline/baseline-tiny", "--watch", env=env)
+    first_s = time.monotonic() - t0
+
+    run, task_runs, artifacts = asyncio.run(_last_run("baseline-tiny"))
+    assert run.state.is_completed(), run.state
+    names = {t.name.split("-")[0] for t in task_runs}
+    assert {"materialize", "random", "evaluate", "collect"} <= names
+    keys = {a.key for a in artifacts if a.key}
+    assert any(k.endswith("-summary") for k in keys), keys
+    table = next(a for a in artifacts if a.key and a.key.endswith("-summary"))
+    assert table.type == "table"
+
+    stages = _artifacts(store)
+    assert len(stages["dataset"]) == 1 and len(stages["random-real"]) == 1
+    assert len(stages["eval"]) == 2  # num_models in the tiny preset
+    assert len(stages["metrics"]) == 1
+    subset = store / "random-real" / stages["random-real"][0]
+    assert (subset / "README.md").exists() and (subset / "preprocessor.safetensors").exists()
+    assert not [p for p in (store / "eval").iterdir() if p.name.startswith(".tmp")]
+
+    # Second run: same parameters, so every stage is reused from the store / Prefect cache.
+    t0 = time.monotonic()
+    _prefect("deployment", "run", "baseline/baseline-tiny", "--watch", env=env)
+    second_s = time.monotonic() - t0
+    run2, task_runs2, _ = asyncio.run(_last_run("baseline-tiny"))
+    assert run2.id != run.id and run2.state.is_completed()
+    assert _artifacts(store) == stages, "a re-run must not create new artifacts"
+    print(f"first run {first_s:.1f}s, second run {second_s:.1f}s")

@@ -1,0 +1,84 @@
+"""Ray scheduling through Prefect: fractional logical GPUs pack tasks, whole GPUs serialize them."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+from prefect import flow, task
+
+from tasks.runtime import Resources, heavy, ray_task_runner, task_device
+
+
+@ray.remote(num_cpus=0)
+class Gate:
+    """Counts tasks inside the critical section; lets them wait for each other."""
+
+    def __init__(self) -> None:
+        self.inside = 0
+        self.max_inside = 0
+
+    def enter(self) -> None:
+        self.inside += 1
+        self.max_inside = max(self.max_inside, self.inside)
+
+    def leave(self) -> None:
+        self.inside -= 1
+
+    def count(self) -> int:
+        return self.inside
+
+    def peak(self) -> int:
+        return self.max_inside
+
+
+@task
+def occupy(gate, wait_for_peer: bool) -> dict:
+    import time
+
+    ray.get(gate.enter.remote())
+    deadline = time.monotonic() + (60 if wait_for_peer else 1.5)
+    while time.monotonic() < deadline:
+        if wait_for_peer and ray.get(gate.count.remote()) >= 2:
+            break
+        time.sleep(0.05)
+    info = {
+        "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+        "assigned": ray.get_runtime_context().get_assigned_resources(),
+        "device": task_device(),
+    }
+    ray.get(gate.leave.remote())
+    return info
+
+
+@flow(task_runner=ray_task_runner())
+def two_tasks(num_gpus: float, wait_for_peer: bool) -> tuple[list[dict], int]:
+    gate = Gate.remote()
+    with heavy(Resources(num_gpus=num_gpus, num_cpus=1)):
+        futures = [occupy.submit(gate, wait_for_peer) for _ in range(2)]
+    results = [f.result() for f in futures]
+    return results, ray.get(gate.peak.remote())
+
+
+@pytest.mark.integration
+def test_half_gpu_tasks_share_one_logical_gpu(prefect_server, ray_logical_gpu):
+    results, peak = two_tasks(0.5, wait_for_peer=True)
+    assert peak == 2, "two num_gpus=0.5 tasks should run at the same time on one GPU"
+    for info in results:
+        assert info["gpu_ids"] == ["0"]
+        assert info["assigned"]["GPU"] == pytest.approx(0.5)
+        # A logical GPU on a machine without CUDA: the task must still pick a working device.
+        assert info["device"] == "cpu"
+
+
+@pytest.mark.integration
+def test_whole_gpu_tasks_run_one_at_a_time(prefect_server, ray_logical_gpu):
+    results, peak = two_tasks(1.0, wait_for_peer=False)
+    assert peak == 1
+    assert all(r["assigned"]["GPU"] == pytest.approx(1.0) for r in results)
+
+
+def test_auto_gpus_resolve_against_cluster(ray_logical_gpu):
+    assert Resources(num_gpus="auto").resolved_gpus() == 1.0
+    assert Resources(num_gpus=0.25).resolved_gpus() == 0.25
+    with pytest.raises(ValueError, match="num_gpus"):
+        Resources(num_gpus=-1).resolved_gpus()
