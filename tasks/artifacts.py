@@ -3,7 +3,7 @@
 Tasks pass `ArtifactRef`s (store URI, stage, key), never tensors: a ref is a few bytes to
 ship through Ray and to persist as a Prefect result, and the key is the content address
 of the stage output (ARCHITECTURE section 3). The Prefect cache key of a stage task is the
-same store key, so a re-run of a flow with the same parameters reuses finished stages.
+same store key (`tasks.store.store_cache_key_fn`), so a re-run of a flow with the same parameters reuses finished stages.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict
 
@@ -64,20 +63,3 @@ def _local_copy(art: Artifact) -> Path:
     except OSError:  # another process finished the same copy first
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
-
-
-def stage_cache_key(stage: str, key_of: Callable[[dict[str, Any]], tuple[str, str]]):
-    """A Prefect `cache_key_fn` that offers the store key only once the artifact exists.
-
-    `key_of(parameters)` returns (store_uri, key). Offering no key while the artifact is
-    missing keeps Prefect's cache from ever pointing at an output that was deleted or never
-    published; the task body then recomputes (or finds the output and returns at once).
-    """
-
-    def cache_key_fn(_context: Any, parameters: dict[str, Any]) -> str | None:
-        store_uri, key = key_of(parameters)
-        if not ArtifactStore(store_uri).exists(stage, key):
-            return None
-        return f"{stage}-{key}"
-
-    return cache_key_fn

@@ -22,8 +22,8 @@ from safetensors.torch import save as st_save
 from distill.data import DataConfig, ImageSet, load_images
 from distill.formats import write_image_dataset
 from distill.transforms import Preprocessor
-from tasks.artifacts import ArtifactRef, stage_cache_key
-from tasks.store import ArtifactStore, Staging
+from tasks.artifacts import ArtifactRef
+from tasks.store import ArtifactStore, Staging, store_cache_key_fn
 
 STAGE = "dataset"
 PREPROCESSOR_FILE = "preprocessor.safetensors"
@@ -52,7 +52,7 @@ def _key_of(parameters: dict[str, Any]) -> tuple[str, str]:
 
 @task(
     name="materialize-dataset",
-    cache_key_fn=stage_cache_key(STAGE, _key_of),
+    cache_key_fn=store_cache_key_fn(STAGE, _key_of),
     result_serializer="json",
 )
 def materialize_dataset(data: DataConfig, store: str) -> ArtifactRef:

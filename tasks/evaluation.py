@@ -17,10 +17,10 @@ from distill.data import DataError, sample_per_class
 from distill.evaluate import EvalConfig, evaluate_set, summarize
 from distill.formats import read_distilled, read_metrics, write_distilled, write_metrics
 from tasks import reports
-from tasks.artifacts import ArtifactRef, stage_cache_key
+from tasks.artifacts import ArtifactRef
 from tasks.datasets import class_counts, load_preprocessor, load_split, preprocessed
 from tasks.runtime import task_device
-from tasks.store import ArtifactStore, Staging
+from tasks.store import ArtifactStore, Staging, store_cache_key_fn
 
 SUBSET_STAGE = "random-real"
 EVAL_STAGE = "eval"
@@ -45,7 +45,7 @@ def _subset_key(p: dict[str, Any]) -> tuple[str, str]:
     return p["store"], ArtifactStore(p["store"]).key(SUBSET_STAGE, cfg, [p["dataset"].key])
 
 
-@task(name="random-real-subset", cache_key_fn=stage_cache_key(SUBSET_STAGE, _subset_key), result_serializer="json")
+@task(name="random-real-subset", cache_key_fn=store_cache_key_fn(SUBSET_STAGE, _subset_key), result_serializer="json")
 def random_subset(dataset: ArtifactRef, ipc: int, seed: int, eval: EvalConfig, store: str) -> ArtifactRef:
     """A seeded random real subset at `ipc` images per class, in the distilled-dataset format."""
     check_ipc(dataset, ipc)
@@ -82,7 +82,7 @@ def _eval_key(p: dict[str, Any]) -> tuple[str, str]:
 @task(
     name="evaluate",
     task_run_name="evaluate-{method}-seed{seed}",
-    cache_key_fn=stage_cache_key(EVAL_STAGE, _eval_key),
+    cache_key_fn=store_cache_key_fn(EVAL_STAGE, _eval_key),
     result_serializer="json",
 )
 def evaluate_distilled(
