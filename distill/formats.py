@@ -37,6 +37,8 @@ import torch
 import yaml
 from PIL import Image
 
+from distill.transforms import safetensors_bytes
+
 # Bumped when a layout changes; the artifact store hashes it into every key, so a new
 # version never reuses artifacts written in an old layout.
 FORMAT_VERSION = 1
@@ -481,8 +483,11 @@ def write_distilled(
     )
     table = pa.Table.from_arrays(list(columns.values()), schema=schema)
     _write_table(table, posixpath.join(path_dir, DISTILLED_DATA_FILE), filesystem)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in preprocessor_tensors.items()}
-    write_bytes(filesystem, posixpath.join(path_dir, PREPROCESSOR_FILE), safetensors.torch.save(tensors))
+    write_bytes(
+        filesystem,
+        posixpath.join(path_dir, PREPROCESSOR_FILE),
+        safetensors_bytes(preprocessor_config, preprocessor_tensors),
+    )
     card = _dataset_card(features, meta, n, table.nbytes)
     write_bytes(filesystem, posixpath.join(path_dir, "README.md"), card.encode())
     return {"rows": n, "classes": len(class_names), "shape": shape}

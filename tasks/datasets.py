@@ -16,17 +16,14 @@ from typing import Any
 
 import torch
 from prefect import get_run_logger, task
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from distill.data import DataConfig, ImageSet, load_images
-from distill.formats import write_image_dataset
+from distill.formats import PREPROCESSOR_FILE, read_bytes, write_bytes, write_image_dataset
 from distill.transforms import Preprocessor
 from tasks.artifacts import ArtifactRef
 from tasks.store import ArtifactStore, Staging, store_cache_key_fn
 
 STAGE = "dataset"
-PREPROCESSOR_FILE = "preprocessor.safetensors"
 
 
 def source_stamp(source: str) -> list[tuple[str, int, int]]:
@@ -75,8 +72,7 @@ def materialize_dataset(data: DataConfig, store: str) -> ArtifactRef:
                 filesystem=staging.fs,
                 extra_metadata={"source": data.source, "split": getattr(data, f"{name}_split")},
             )
-        with staging.fs.open_output_stream(staging.file(PREPROCESSOR_FILE)) as f:
-            f.write(st_save(pre.state_dict(), metadata={"config": _json(pre.config())}))
+        write_bytes(staging.fs, staging.file(PREPROCESSOR_FILE), pre.to_bytes())
         return {
             "rows": {"train": len(train), "test": len(test)},
             "class_counts": {"train": train.class_counts().tolist(), "test": test.class_counts().tolist()},
@@ -90,34 +86,14 @@ def materialize_dataset(data: DataConfig, store: str) -> ArtifactRef:
     return ArtifactRef(store=store, stage=STAGE, key=art.key)
 
 
-def _json(obj: Any) -> str:
-    import json
-
-    return json.dumps(obj, sort_keys=True)
-
-
 def load_split(ref: ArtifactRef, split: str) -> ImageSet:
     """One split of a materialized dataset as uint8 images (decoded with both cores)."""
     return load_images(str(ref.local_dir()), split)
 
 
 def load_preprocessor(ref: ArtifactRef) -> Preprocessor:
-    import json
-
     art = ref.open(verify=False)
-    with art.fs.open_input_stream(art.file(PREPROCESSOR_FILE)) as f:
-        raw = f.read()
-    tensors = st_load(raw)
-    config = json.loads(_safetensors_metadata(raw)["config"])
-    return Preprocessor.from_state(config, tensors)
-
-
-def _safetensors_metadata(raw: bytes) -> dict[str, str]:
-    import json
-    import struct
-
-    (n,) = struct.unpack("<Q", raw[:8])
-    return json.loads(raw[8 : 8 + n]).get("__metadata__", {})
+    return Preprocessor.from_bytes(read_bytes(art.fs, art.file(PREPROCESSOR_FILE)), where=art.uri)
 
 
 def class_counts(ref: ArtifactRef, split: str = "train") -> list[int]:

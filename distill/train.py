@@ -1,0 +1,360 @@
+"""Supervised training and evaluation loops: plain training, evaluation, linear probe, fine-tuning.
+
+One loop serves every stage that trains a net on in-memory tensors: expert training, evaluating
+a distilled set (MTT/DC recipe: SGD 0.01, momentum 0.9, wd 5e-4, batch 256, lr x0.1 at half),
+KRR-ST pretraining (MSE to representations) and transfer (linear probe, fine-tune).
+Data lives on the device for the whole run (no DataLoader), and all randomness (shuffling,
+augmentation) comes from one CPU torch.Generator seeded by `seed`, so a run is reproducible and
+gives the same batches on CPU and GPU. Reported numbers are final-epoch numbers, never the max
+over evaluations (the test set is not a validation set).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import resource
+import time
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from distill.utils import Progress, resolve_device
+
+# name -> fn(x [N,C,H,W], generator) -> augmented x. The generator is a CPU torch.Generator:
+# draw random parameters on it and move them to x.device, so a seed gives the same
+# augmentation on every device. Augmentations should stay differentiable w.r.t. x, because
+# distillation methods (DSA) push gradients through them to the synthetic images.
+AUGMENTS: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = {}
+
+
+def register_augment(name: str):
+    """Decorator adding an augmentation to AUGMENTS (e.g. "dsa" from its own module)."""
+
+    def add(fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor]):
+        if name in AUGMENTS:
+            raise ValueError(f"augment {name!r} is already registered")
+        AUGMENTS[name] = fn
+        return fn
+
+    return add
+
+
+@register_augment("none")
+def no_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return x
+
+
+@register_augment("flip_crop")
+def flip_crop(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random horizontal flip and random crop after zero padding by 1/8 of the size (4 px at 32 px).
+
+    One gather per batch: flip and shift become per-sample index maps into the padded images.
+    """
+    n, _, h, w = x.shape
+    pad = max(1, min(h, w) // 8)
+    dy = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator)
+    flip = torch.rand(n, 1, generator=generator) < 0.5
+    cols = torch.arange(w)
+    # Reading columns right-to-left from a uniformly shifted window is a flip followed by a crop.
+    cols = dx + torch.where(flip, w - 1 - cols, cols)
+    rows = dy + torch.arange(h)
+    batch = torch.arange(n)[:, None, None]
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dev = x.device
+    out = padded[batch.to(dev), :, rows[:, :, None].to(dev), cols[:, None, :].to(dev)]  # [N, H, W, C]
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+class TrainConfig(BaseModel, frozen=True, extra="forbid"):
+    """How to train one net on in-memory tensors. Defaults: the MTT/DC evaluation recipe."""
+
+    epochs: int = Field(300, ge=1)  # full passes over x; DC/DM evaluate with 300, MTT with 1000 (paper preset)
+    batch_size: int = Field(256, ge=1)  # images per step; clipped to N, so a 10-image set trains full-batch
+    lr: float = Field(0.01, gt=0)  # peak learning rate; MTT replaces it by the learned syn_lr
+    momentum: float = Field(0.9, ge=0, lt=1)  # SGD only; MTT experts use 0, evaluation 0.9
+    weight_decay: float = Field(5e-4, ge=0)  # L2 on all parameters (incl. norms and biases, as MTT/DC)
+    # lr multiplier, updated every step: "step" = x0.1 from half of training (MTT/DC evaluation),
+    # "cosine" = to 0 (KRR-ST fine-tuning), "constant" = MTT experts without --decay
+    schedule: Literal["step", "cosine", "constant"] = "step"
+    # ce: int labels [N]; soft_ce: [N, K] probabilities or logits; mse: regression targets (KRR-ST)
+    loss: Literal["ce", "soft_ce", "mse"] = "ce"
+    # a name in AUGMENTS: flip_crop = CIFAR recipe; "dsa" (registered by its module) for distilled
+    # sets as MTT evaluates them; "none" for KRR-ST pretraining (no augmentation in the paper)
+    augment: str = "flip_crop"
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"  # adamw: KIP/FRePo pretraining recipe
+    label_smoothing: float = Field(0.0, ge=0, lt=1)  # ce/soft_ce only
+    # epochs between held-out evaluations; 0 = only after the last. Logged, never used to pick a number
+    eval_every: int = Field(0, ge=0)
+
+    @field_validator("augment")
+    @classmethod
+    def _known_augment(cls, name: str) -> str:
+        if name not in AUGMENTS:
+            raise ValueError(f"unknown augment {name!r}; registered: {', '.join(sorted(AUGMENTS))}")
+        return name
+
+    @model_validator(mode="after")
+    def _smoothing_needs_classes(self) -> TrainConfig:
+        if self.loss == "mse" and self.label_smoothing > 0:
+            raise ValueError(f"label_smoothing={self.label_smoothing} has no meaning with loss='mse'")
+        return self
+
+
+@dataclass
+class TrainResult:
+    history: list[dict]  # one record per epoch: epoch, loss, train_acc (+ test_acc, test_loss when evaluated)
+    final: dict  # the last epoch's record: the reported numbers
+    seconds: float  # wall time of the training loop, evaluations included
+    peak_memory_mb: float  # CUDA: peak allocated during this run; CPU: peak RSS of the process so far
+
+
+def _sgd(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def _adam(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _adamw(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"sgd": _sgd, "adam": _adam, "adamw": _adamw}
+
+# lr multiplier as a function of the fraction of training done, t in [0, 1).
+SCHEDULES: dict[str, Callable[[float], float]] = {
+    "step": lambda t: 0.1 if t >= 0.5 else 1.0,
+    "cosine": lambda t: 0.5 * (1.0 + math.cos(math.pi * t)),
+    "constant": lambda t: 1.0,
+}
+
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = {
+    "ce": lambda out, y, smoothing: F.cross_entropy(out, y, label_smoothing=smoothing),
+    "soft_ce": lambda out, y, smoothing: F.cross_entropy(out, y, label_smoothing=smoothing),
+    "mse": lambda out, y, smoothing: F.mse_loss(out, y),
+}
+
+
+def _prepare_targets(y: torch.Tensor, loss: str, n: int) -> torch.Tensor:
+    """Check targets against the loss; soft_ce turns logits into probabilities once, up front."""
+    if y.shape[0] != n:
+        raise ValueError(f"x has {n} samples but y has {y.shape[0]}")
+    if loss == "ce":
+        if y.dim() != 1 or y.is_floating_point() or y.is_complex():
+            raise ValueError(f"loss 'ce' needs integer class labels [N]; got {y.dtype} {tuple(y.shape)}")
+        return y.long()
+    if y.dim() != 2 or not y.is_floating_point():
+        raise ValueError(f"loss {loss!r} needs float targets [N, K]; got {y.dtype} {tuple(y.shape)}")
+    y = y.float()
+    # Rows that are non-negative and sum to 1 are probabilities already; anything else is logits.
+    if loss == "soft_ce":
+        is_prob = bool((y >= 0).all()) and torch.allclose(y.sum(1), torch.ones_like(y[:, 0]), atol=1e-3)
+        if not is_prob:
+            y = y.softmax(1)
+    return y
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def train(
+    net: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig,
+    *,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    eval_data: tuple[torch.Tensor, torch.Tensor] | None = None,
+    progress: Progress | None = None,
+) -> TrainResult:
+    """Train `net` in place on (x, y) and return per-epoch history and final-epoch numbers.
+
+    x: float32 [N, ...] already preprocessed; y: int64 [N] (ce) or float [N, K] (soft_ce, mse).
+    eval_data: held-out (x, int labels), evaluated every cfg.eval_every epochs and after the last.
+    progress(epoch, epochs, loss=..., acc=..., [test_acc=..., test_loss=...]) once per epoch.
+    train_acc is measured on the augmented batches while training (for soft_ce and mse: argmax
+    agreement with the target).
+    Raises FloatingPointError, naming epoch and step, when the loss stops being finite.
+    """
+    dev = resolve_device(device)
+    n = x.shape[0]
+    if n == 0:
+        raise ValueError("cannot train on an empty dataset")
+    y = _prepare_targets(y, cfg.loss, n).to(dev)
+    x = x.to(dev, torch.float32)
+    net.to(dev)
+    generator = torch.Generator().manual_seed(seed)
+    augment, loss_fn = AUGMENTS[cfg.augment], LOSSES[cfg.loss]
+    batch_size = min(cfg.batch_size, n)
+    steps_per_epoch = math.ceil(n / batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    optimizer = OPTIMIZERS[cfg.optimizer](net.parameters(), cfg)
+    schedule = SCHEDULES[cfg.schedule]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step / total_steps))
+    labels = y if y.dim() == 1 else y.argmax(1)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+
+    history: list[dict] = []
+    start = time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        net.train()
+        order = torch.randperm(n, generator=generator).to(dev)
+        # Per-step losses stay on the device and are checked once per epoch: no host sync per step.
+        step_losses, correct = [], torch.zeros((), device=dev)
+        for step in range(steps_per_epoch):
+            idx = order[step * batch_size : (step + 1) * batch_size]
+            out = net(augment(x[idx], generator))
+            loss = loss_fn(out, y[idx], cfg.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step_losses.append(loss.detach() * len(idx))
+            correct += (out.detach().argmax(1) == labels[idx]).sum()
+        step_losses = torch.stack(step_losses)
+        finite = torch.isfinite(step_losses)
+        if not bool(finite.all()):
+            bad = int((~finite).nonzero()[0]) + 1
+            raise FloatingPointError(
+                f"non-finite training loss at epoch {epoch}/{cfg.epochs}, step {bad}/{steps_per_epoch} "
+                f"(lr={cfg.lr}, optimizer={cfg.optimizer}); lower the lr or check the inputs for inf/nan"
+            )
+        record = {"epoch": epoch, "loss": step_losses.sum().item() / n, "train_acc": correct.item() / n}
+        if eval_data is not None and (epoch == cfg.epochs or (cfg.eval_every and epoch % cfg.eval_every == 0)):
+            metrics = evaluate(net, *eval_data, device=dev)
+            record.update(test_acc=metrics["acc"], test_loss=metrics["loss"])
+        history.append(record)
+        if progress is not None:
+            extra = {k: record[k] for k in ("test_acc", "test_loss") if k in record}
+            progress(epoch, cfg.epochs, loss=record["loss"], acc=record["train_acc"], **extra)
+    return TrainResult(history, dict(history[-1]), time.perf_counter() - start, _peak_memory_mb(dev))
+
+
+@torch.no_grad()
+def _batched_eval(
+    net: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dev: torch.device, batch_size: int
+) -> torch.Tensor:
+    """fn over x in eval mode, batch by batch, outputs gathered on the CPU; restores the net's mode."""
+    if x.shape[0] == 0:
+        raise ValueError("cannot evaluate on an empty dataset")
+    was_training = net.training
+    net.to(dev).eval()
+    try:
+        batches = (x[i : i + batch_size].to(dev, torch.float32) for i in range(0, x.shape[0], batch_size))
+        return torch.cat([fn(b).float().cpu() for b in batches])
+    finally:
+        net.train(was_training)
+
+
+def evaluate(
+    net: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device: str | torch.device | None = None, batch_size: int = 1024
+) -> dict:
+    """Top-1 accuracy and mean cross-entropy of `net` on (x, int labels): {"acc", "loss", "n"}."""
+    logits = _batched_eval(net, net, x, resolve_device(device), batch_size)
+    y = y.cpu().long()
+    return {
+        "acc": (logits.argmax(1) == y).float().mean().item(),
+        "loss": F.cross_entropy(logits, y).item(),
+        "n": int(y.shape[0]),
+    }
+
+
+def extract_features(
+    net: nn.Module, x: torch.Tensor, *, device: str | torch.device | None = None, batch_size: int = 1024
+) -> torch.Tensor:
+    """net.embed(x) in eval mode without gradients, as a CPU float32 tensor [N, feature_dim]."""
+    return _batched_eval(net, net.embed, x, resolve_device(device), batch_size)
+
+
+def _fresh_linear(in_features: int, out_features: int, seed: int) -> nn.Linear:
+    """A new head whose init depends on `seed` only, without touching the caller's global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Linear(in_features, out_features)
+
+
+def _transfer_summary(result: TrainResult, seconds: float) -> dict:
+    final = result.final
+    return {
+        "test_acc": final["test_acc"],
+        "test_loss": final["test_loss"],
+        "train_acc": final["train_acc"],
+        "train_loss": final["loss"],
+        "seconds": seconds,
+        "peak_memory_mb": result.peak_memory_mb,
+        "history": result.history,
+    }
+
+
+def _num_classes(train_y: torch.Tensor, test_y: torch.Tensor) -> int:
+    if train_y.dim() == 2:
+        return train_y.shape[1]
+    return int(max(train_y.max(), test_y.max())) + 1
+
+
+def linear_probe(
+    net: nn.Module,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    cfg: TrainConfig,
+    *,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> dict:
+    """Frozen backbone: embed once, train a fresh linear head on the features, report final test acc.
+
+    cfg.augment is ignored (features are fixed); the net is not modified.
+    Returns {"test_acc", "test_loss", "train_acc", "train_loss", "seconds", "peak_memory_mb", "history"}.
+    """
+    dev = resolve_device(device)
+    start = time.perf_counter()
+    train_f = extract_features(net, train_x, device=dev)
+    test_f = extract_features(net, test_x, device=dev)
+    head = _fresh_linear(train_f.shape[1], _num_classes(train_y, test_y), seed)
+    result = train(
+        head, train_f, train_y, cfg.model_copy(update={"augment": "none"}),
+        device=dev, seed=seed, eval_data=(test_f, test_y), progress=progress,
+    )
+    return _transfer_summary(result, time.perf_counter() - start)
+
+
+def fine_tune(
+    net: nn.Module,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    cfg: TrainConfig,
+    *,
+    num_classes: int,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> dict:
+    """Fresh Linear(feature_dim, num_classes) head, train all weights, report final test acc.
+
+    A copy of `net` is tuned, so one pretrained backbone serves many targets and seeds.
+    Returns the same keys as linear_probe.
+    """
+    start = time.perf_counter()
+    tuned = copy.deepcopy(net)
+    tuned.classifier = _fresh_linear(tuned.feature_dim, num_classes, seed)
+    result = train(
+        tuned, train_x, train_y, cfg, device=device, seed=seed, eval_data=(test_x, test_y), progress=progress
+    )
+    return _transfer_summary(result, time.perf_counter() - start)

@@ -1,0 +1,51 @@
+"""Small helpers shared by the distill core: seeding, device resolution, the progress type.
+
+Devices follow timm's convention: code asks for "auto" and an environment variable
+(`DISTILLERY_DEVICE`) can pin the choice for a whole process, e.g. a Ray worker that was
+given no GPU, without threading a flag through every call.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from typing import Callable
+
+import numpy as np
+import torch
+
+# Long loops call progress(step, total, **metrics); the task layer turns the calls into
+# Prefect progress artifacts and log lines, the core never imports prefect.
+Progress = Callable[..., None]
+
+DEVICE_ENV = "DISTILLERY_DEVICE"
+_DEVICE_FORMS = '"auto", "cpu", "cuda" or "cuda:<index>"'
+_DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices) for code that uses the global RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """Turn "auto"/None/"cpu"/"cuda"/"cuda:N" into a torch.device.
+
+    "auto" (or None) reads $DISTILLERY_DEVICE first, then picks CUDA when available.
+    An explicit device is respected as given, so a caller can force CPU on a GPU box.
+    """
+    if isinstance(device, torch.device):
+        return device
+    if device is None or device == "auto":
+        device = os.environ.get(DEVICE_ENV, "auto").strip() or "auto"
+        if device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        source = f"${DEVICE_ENV}={device!r}"
+    else:
+        source = repr(device)
+    if not isinstance(device, str) or not _DEVICE_RE.match(device):
+        raise ValueError(f"invalid device {source}; valid forms: {_DEVICE_FORMS}")
+    return torch.device(device)
