@@ -21,10 +21,11 @@ from flows.presets import PROJECT_ROOT, presets
 
 PREFECT_FILE = PROJECT_ROOT / "deployments" / "prefect.yaml"
 
-# flow name -> entrypoint (relative to the project root), what it does, its parameter name
+# flow name -> entrypoint as a module path (so Ray workers unpickle the flow's objects by their
+# importable names, not a script name) and what the flow does
 FLOWS: dict[str, dict[str, str]] = {
     "baseline": {
-        "entrypoint": "flows/baseline.py:baseline",
+        "entrypoint": "flows.baseline:baseline",
         "description": "Random real subset at k images per class, evaluated by N fresh networks "
         "(final-epoch test accuracy, mean and std): the honest baseline of every distillation method.",
     },

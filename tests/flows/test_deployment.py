@@ -25,7 +25,10 @@ def _prefect(*args: str, env: dict[str, str], timeout: float = 600) -> subproces
     proc = subprocess.run(
         [sys.executable, "-m", "prefect", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
     )
-    assert proc.returncode == 0, f"prefect {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    if proc.returncode != 0:
+        log = Path(env.get("DISTILLERY_TEST_WORKER_LOG", "/nonexistent"))
+        worker = log.read_text(errors="replace")[-6000:] if log.exists() else ""
+        pytest.fail(f"prefect {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\nworker log:\n{worker}")
     return proc
 
 
@@ -33,7 +36,12 @@ def _prefect(*args: str, env: dict[str, str], timeout: float = 600) -> subproces
 def deployed(prefect_server, tmp_path_factory):
     data_path("cifar10", "train.parquet")
     store = tmp_path_factory.mktemp("store")
-    env = {**os.environ, "DISTILLERY_HOME": str(REPO), "DISTILLERY_STORE": str(store)}
+    env = {
+        **os.environ,
+        "DISTILLERY_HOME": str(REPO),
+        "DISTILLERY_STORE": str(store),
+        "DISTILLERY_TEST_WORKER_LOG": str(store.parent / "worker.log"),
+    }
     _prefect("work-pool", "create", POOL, "--type", "process", "--overwrite", env=env)
     _prefect("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml", env=env)
     log = open(store.parent / "worker.log", "wb")
