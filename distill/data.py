@@ -723,6 +723,13 @@ def _check_hub_reachable(name: str) -> None:
         raise DataError(_hub_unreachable(name, f"{endpoint.hostname}:{port}: {e}")) from e
 
 
+def read_labels(source: str | os.PathLike[str], split: str = "train", *, format: str = "auto") -> tuple[torch.Tensor, list[str]]:
+    """The label column and class names of a split, without decoding any image."""
+    src = str(source)
+    reader = _READERS[_resolve_format(src, format)](src, split)
+    return reader.labels, list(reader.class_names)
+
+
 _READERS: dict[str, Callable[[str, str], _Reader]] = {
     "parquet": lambda src, split: _ParquetReader(Path(src), split),
     "imagefolder": lambda src, split: _FolderReader(Path(src), split),
@@ -747,7 +754,10 @@ class DataConfig(BaseModel):
     train_split: str = Field("train", description="Split the methods learn from.")
     test_split: str = Field("test", description="Held-out split for evaluation (e.g. 'valid' for Tiny-ImageNet).")
     image_size: int | None = Field(32, ge=1, description="Resize to this square size; None keeps the native size.")
-    classes: list[int] | None = Field(None, description="Keep only these class ids (labels keep their ids).")
+    classes: list[int] | None = Field(None, description="Keep only these class ids.")
+    remap_labels: bool = Field(
+        True, description="With `classes`: renumber them 0..k-1 in the order given (a k-way task)."
+    )
     train_per_class: int | None = Field(
         None, ge=1, description="Seeded per-class cap on train images, to fit a small machine; None = all."
     )
@@ -767,6 +777,6 @@ class DataConfig(BaseModel):
         cap = self.train_per_class if split == self.train_split else self.test_per_class
         return load_images(
             self.source, split, format=self.format, image_size=self.image_size,
-            classes=self.classes, per_class=cap, seed=self.seed,
+            classes=self.classes, per_class=cap, seed=self.seed, remap_labels=self.remap_labels,
         )
 

@@ -21,7 +21,6 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-import torchvision
 
 NETS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -203,6 +202,8 @@ class ResNet18(nn.Module):
 
     def __init__(self, num_classes: int, channels: int = 3, norm: str = "batch"):
         super().__init__()
+        import torchvision  # deferred: importing it costs ~1.4 s in every process that only needs ConvNets
+
         body = torchvision.models.resnet18(norm_layer=_choose("norm", norm, NORMS))
         body.conv1 = nn.Conv2d(channels, 64, 3, stride=1, padding=1, bias=False)
         body.maxpool = nn.Identity()

@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 
 from distill.formats import read_metrics
-from tasks.evaluation import METRICS_STAGE
-from tasks.reports import markdown_table
 from tasks.store import ArtifactStore
+from tasks.tables import markdown_table
+
+
+METRICS_STAGE = "metrics"  # tasks.evaluation.METRICS_STAGE; not imported, to keep this CLI quick
 
 
 def results(show_all: bool = False, store_uri: str | None = None) -> str:

@@ -47,9 +47,18 @@ server() {
 
 deploy() {
   server
+  # Deploying is idempotent but costs seconds of CLI start-up; skip it when neither the
+  # deployment file nor the server's database changed since the last deploy.
+  local stamp
+  stamp=$( (cat deployments/prefect.yaml; echo "$PREFECT_API_URL"; stat -c '%i' "$PREFECT_HOME/prefect.db" 2>/dev/null) | sha256sum | cut -c1-16)
+  if [ "${1:-}" != "--force" ] && [ "$(cat "$RUN/deployed.stamp" 2>/dev/null)" = "$stamp" ]; then
+    echo "Deployments: up to date (deployments/prefect.yaml unchanged; 'make deploy' forces)"
+    return
+  fi
   prefect work-pool inspect local >/dev/null 2>&1 || prefect work-pool create local --type process >/dev/null
   prefect --no-prompt deploy --all --prefect-file deployments/prefect.yaml >"$RUN/deploy.log" 2>&1 \
     || { tail -n 40 "$RUN/deploy.log" >&2; exit 1; }
+  echo "$stamp" >"$RUN/deployed.stamp"
   echo "Deployed: $(grep -c '^- name:' deployments/prefect.yaml) deployments from deployments/prefect.yaml to work pool 'local'"
 }
 
@@ -93,6 +102,7 @@ stop() {
 }
 
 case "${1:-}" in
-  server|deploy|worker|results|demo|stop) "$1" ;;
+  deploy) deploy --force ;;
+  server|worker|results|demo|stop) "$1" ;;
   *) echo "usage: $0 {server|worker|deploy|demo|results|stop}" >&2; exit 2 ;;
 esac

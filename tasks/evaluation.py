@@ -11,14 +11,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from prefect import get_run_logger, task
 
-from distill.data import DataError, sample_per_class
+from distill.data import DataError, load_images, read_labels, sample_per_class
 from distill.evaluate import EvalConfig, evaluate_set, summarize
 from distill.formats import read_distilled, read_metrics, write_distilled, write_metrics
 from tasks import reports
 from tasks.artifacts import ArtifactRef
-from tasks.datasets import class_counts, load_preprocessor, load_split, preprocessed
+from tasks.datasets import class_counts, load_preprocessor, preprocessed
 from tasks.runtime import task_device
 from tasks.store import ArtifactStore, Staging, store_cache_key_fn
 
@@ -48,12 +50,18 @@ def _subset_key(p: dict[str, Any]) -> tuple[str, str]:
 @task(name="random-real-subset", cache_key_fn=store_cache_key_fn(SUBSET_STAGE, _subset_key), result_serializer="json")
 def random_subset(dataset: ArtifactRef, ipc: int, seed: int, eval: EvalConfig, store: str) -> ArtifactRef:
     """A seeded random real subset at `ipc` images per class, in the distilled-dataset format."""
-    check_ipc(dataset, ipc)
     _, key = _subset_key({"store": store, "ipc": ipc, "seed": seed, "eval": eval, "dataset": dataset})
+    st = ArtifactStore(store)
+    if st.exists(SUBSET_STAGE, key):
+        return ArtifactRef(store=store, stage=SUBSET_STAGE, key=key)
+    check_ipc(dataset, ipc)
     pre = load_preprocessor(dataset)
-    train = load_split(dataset, "train")
-    idx = sample_per_class(train.labels, ipc, seed)
-    picked = train.subset(idx)
+    source = str(dataset.local_dir())
+    labels, _ = read_labels(source, "train")
+    idx = torch.sort(sample_per_class(labels, ipc, seed)).values
+    # Decode only the chosen images: load_images draws the same per-class sample.
+    picked = load_images(source, "train", classes=torch.unique(labels).tolist(), per_class=ipc, seed=seed)
+    assert torch.equal(picked.labels, labels[idx]), "per-class sampling disagrees with load_images"
 
     def write(staging: Staging) -> dict[str, Any]:
         return write_distilled(
@@ -70,7 +78,7 @@ def random_subset(dataset: ArtifactRef, ipc: int, seed: int, eval: EvalConfig, s
             filesystem=staging.fs,
         )
 
-    ArtifactStore(store).publish(SUBSET_STAGE, key, write, config={"ipc": ipc, "eval": eval}, inputs=[dataset.key], seeds={"subset": seed})
+    st.publish(SUBSET_STAGE, key, write, config={"ipc": ipc, "eval": eval}, inputs=[dataset.key], seeds={"subset": seed})
     return ArtifactRef(store=store, stage=SUBSET_STAGE, key=key)
 
 
@@ -102,7 +110,7 @@ def evaluate_distilled(
             syn.pixels, syn.labels, test_x, test_y, eval,
             num_classes=len(names), seed=seed, learned_lr=syn.learned_lr, device=device, progress=progress,
         )
-        row = {"method": method, "setting": setting, "net": eval.net, **row}
+        row = {"method": method, "setting": setting, "net": eval.net, **row, "eval_key": key}
 
         def write(staging: Staging) -> dict[str, Any]:
             write_metrics(staging.file("metrics.parquet"), [row], filesystem=staging.fs)
@@ -115,8 +123,8 @@ def evaluate_distilled(
 
 
 def _metrics_key(p: dict[str, Any]) -> tuple[str, str]:
-    rows = sorted((r["method"], r["setting"], r["seed"], r["test_acc"]) for r in p["rows"])
-    return p["store"], ArtifactStore(p["store"]).key(METRICS_STAGE, {"name": p["name"], "rows": rows})
+    inputs = [r["eval_key"] for r in p["rows"]]
+    return p["store"], ArtifactStore(p["store"]).key(METRICS_STAGE, {"name": p["name"]}, inputs)
 
 
 @task(name="collect-metrics", result_serializer="json")
@@ -136,7 +144,9 @@ def collect_metrics(rows: list[dict[str, Any]], name: str, store: str) -> dict[s
         write_metrics(staging.file("summary.parquet"), summary, filesystem=staging.fs)
         return {"rows": len(rows)}
 
-    art = ArtifactStore(store).publish(METRICS_STAGE, key, write, config={"name": name})
+    art = ArtifactStore(store).publish(
+        METRICS_STAGE, key, write, config={"name": name}, inputs=[r["eval_key"] for r in rows]
+    )
     reports.table(
         summary,
         key=reports.artifact_key(name, "summary"),

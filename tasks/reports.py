@@ -9,7 +9,6 @@ the API.
 from __future__ import annotations
 
 import base64
-import math
 import re
 import time
 from typing import Any, Callable
@@ -21,6 +20,8 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+
+from tasks.tables import fmt
 
 
 def artifact_key(*parts: Any) -> str:
@@ -49,17 +50,11 @@ def prefect_progress(
             return
         last[0] = now
         pct = 100.0 * step / max(total, 1)
-        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
+        shown = ", ".join(f"{k}={fmt(v)}" for k, v in metrics.items())
         update_progress_artifact(artifact_id, progress=pct, description=f"{title}: {shown}")
         logger.info("%s %d/%d %s", title, step, total, shown)
 
     return progress
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}" if math.isfinite(v) else str(v)
-    return str(v)
 
 
 def table(rows: list[dict[str, Any]], *, key: str, description: str) -> None:
@@ -76,13 +71,3 @@ def png_markdown(png: bytes, caption: str) -> str:
     """Markdown that embeds a PNG inline, so plots and image grids render in the Prefect UI."""
     data = base64.b64encode(png).decode("ascii")
     return f"![{caption}](data:image/png;base64,{data})\n"
-
-
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return "_no rows_\n"
-    cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
-    return "\n".join(lines) + "\n"
