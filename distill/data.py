@@ -772,6 +772,33 @@ class DataConfig(BaseModel):
             raise ValueError(f"unknown dataset format {v!r}; valid formats: {', '.join(SOURCE_FORMATS)}")
         return v
 
+    def check(self, *, min_train_per_class: int | None = None) -> dict[str, Any]:
+        """Validate source, splits, classes and caps from the label columns alone (no decoding).
+
+        Runs in well under a second on Tiny-ImageNet, so flows call it before any long stage.
+        `min_train_per_class` is what a later stage will draw per class (e.g. k images per
+        class of a subset); a class with fewer selected train images is refused here.
+        Returns the selected images per class of each split.
+        """
+        counts: dict[str, list[int]] = {}
+        for split, cap in ((self.train_split, self.train_per_class), (self.test_split, self.test_per_class)):
+            labels, names = read_labels(self.source, split, format=self.format)
+            _check_label_range(labels, len(names), f"{self.source} [{split}]")
+            rows = _select_rows(labels, names, self.classes, cap, self.seed)
+            kept = self.classes if self.classes is not None else list(range(len(names)))
+            per_class = torch.bincount(labels[rows], minlength=len(names))[kept].tolist()
+            counts[split] = per_class
+        if min_train_per_class is not None:
+            train = counts[self.train_split]
+            present = [n for n in train if n > 0]
+            if not present or min(present) < min_train_per_class:
+                raise DataError(
+                    f"{min_train_per_class} images per class requested, but the smallest selected class of "
+                    f"{self.source} [{self.train_split}] has {min(present) if present else 0}; "
+                    f"use at most {min(present) if present else 0} or raise train_per_class"
+                )
+        return counts
+
     def load(self, split: str) -> ImageSet:
         """One split with this config's size, classes and per-class cap."""
         cap = self.train_per_class if split == self.train_split else self.test_per_class

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from distill.data import DataConfig
 from distill.evaluate import EvalConfig
 from flows.presets import load_preset, resolve_store
-from tasks.datasets import materialize_dataset
+from tasks.datasets import materialize_dataset, validate_data
 from tasks.evaluation import collect_metrics, evaluate_distilled, random_subset
 from tasks.runtime import Resources, heavy, ray_task_runner
 
@@ -45,6 +45,7 @@ class BaselineConfig(BaseModel):
 def baseline(config: BaselineConfig) -> dict[str, Any]:
     """Random real subset at k images per class, evaluated by N fresh networks (mean and std)."""
     store = resolve_store(config.store)
+    validate_data.submit(config.data, config.ipc).result()
     dataset = materialize_dataset.submit(config.data, store).result()
     subset = random_subset.submit(dataset, config.ipc, config.subset_seed, config.eval, store).result()
     setting = f"ipc{config.ipc}"

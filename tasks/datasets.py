@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from prefect import get_run_logger, task
+from prefect import task
 
 from distill.data import DataConfig, ImageSet, load_images
 from distill.formats import PREPROCESSOR_FILE, read_bytes, write_bytes, write_image_dataset
 from distill.transforms import Preprocessor
 from tasks.artifacts import ArtifactRef
+from tasks.reports import run_logger
 from tasks.store import ArtifactStore, Staging, store_cache_key_fn
 
 STAGE = "dataset"
@@ -47,6 +48,14 @@ def _key_of(parameters: dict[str, Any]) -> tuple[str, str]:
     return parameters["store"], dataset_key(parameters["store"], parameters["data"])
 
 
+@task(name="validate-data", result_serializer="json")
+def validate_data(data: DataConfig, min_train_per_class: int | None = None) -> dict[str, list[int]]:
+    """Check source, splits, classes and per-class counts from labels only, before any long stage."""
+    counts = data.check(min_train_per_class=min_train_per_class)
+    run_logger().info("%s: selected images per class %s", data.source, {k: (min(v), max(v)) for k, v in counts.items()})
+    return counts
+
+
 @task(
     name="materialize-dataset",
     cache_key_fn=store_cache_key_fn(STAGE, _key_of),
@@ -54,7 +63,7 @@ def _key_of(parameters: dict[str, Any]) -> tuple[str, str]:
 )
 def materialize_dataset(data: DataConfig, store: str) -> ArtifactRef:
     """Decode, subset and store a dataset's train and test splits with their preprocessing."""
-    logger = get_run_logger()
+    logger = run_logger()
     st = ArtifactStore(store)
     key = dataset_key(store, data)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from prefect import get_run_logger, task
+from prefect import task
 
 from distill.data import DataError, load_images, read_labels, sample_per_class
 from distill.evaluate import EvalConfig, evaluate_set, summarize
@@ -117,7 +117,7 @@ def evaluate_distilled(
             return {"rows": 1, "test_acc": row["test_acc"]}
 
         st.publish(EVAL_STAGE, key, write, config={"eval": eval, "seed": seed}, inputs=[distilled.key, dataset.key], seeds={"train": seed})
-        get_run_logger().info("%s %s seed %d: test acc %.4f", method, setting, seed, row["test_acc"])
+        reports.run_logger().info("%s %s seed %d: test acc %.4f", method, setting, seed, row["test_acc"])
     art = st.open(EVAL_STAGE, key)
     return read_metrics(art.file("metrics.parquet"), filesystem=art.fs)[0]
 

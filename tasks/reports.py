@@ -13,7 +13,10 @@ import re
 import time
 from typing import Any, Callable
 
+import logging
+
 from prefect import get_run_logger
+from prefect.exceptions import MissingContextError
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -35,11 +38,19 @@ def artifact_key(*parts: Any) -> str:
     return re.sub(r"-{2,}", "-", key)[:100] or "distillery"
 
 
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The Prefect run logger inside a flow or task run, a plain logger when called directly."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("distillery")
+
+
 def prefect_progress(
     title: str, *, key: str | None = None, min_interval_s: float = 2.0
 ) -> Callable[..., None]:
     """A `progress(step, total, **metrics)` callback that updates a Prefect progress artifact."""
-    logger = get_run_logger()
+    logger = run_logger()
     artifact_id = create_progress_artifact(progress=0.0, key=key, description=title)
     last = [0.0]
 
