@@ -358,3 +358,8 @@ def fine_tune(
         tuned, train_x, train_y, cfg, device=device, seed=seed, eval_data=(test_x, test_y), progress=progress
     )
     return _transfer_summary(result, time.perf_counter() - start)
+
+
+# Registers "dsa" in AUGMENTS, so `import distill.train` alone offers it. At the bottom because
+# distill.augment imports register_augment from this module.
+import distill.augment  # noqa: E402,F401

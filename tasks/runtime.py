@@ -37,16 +37,24 @@ class Resources(BaseModel):
     num_cpus: float = Field(1.0, gt=0, description="CPU cores per task (also torch's thread count).")
 
     def resolved_gpus(self) -> float:
-        """The GPU request after resolving 'auto' against the connected Ray cluster."""
-        if self.num_gpus != "auto":
-            if self.num_gpus < 0:
-                raise ValueError(f"num_gpus must be >= 0 or 'auto', got {self.num_gpus}")
-            return float(self.num_gpus)
+        """The GPU request after resolving 'auto' against the connected Ray cluster.
+
+        A GPU request that the cluster cannot satisfy is refused here: Ray would otherwise
+        queue the task as infeasible and the flow would wait forever.
+        """
         import ray
 
-        if not ray.is_initialized():
-            return 0.0
-        return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        cluster_gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+        if self.num_gpus == "auto":
+            return 1.0 if cluster_gpus > 0 else 0.0
+        if self.num_gpus < 0:
+            raise ValueError(f"num_gpus must be >= 0 or 'auto', got {self.num_gpus}")
+        if self.num_gpus > cluster_gpus:
+            raise ValueError(
+                f"tasks request num_gpus={self.num_gpus} but the Ray cluster has {cluster_gpus} GPUs; "
+                "set resources.num_gpus to 0 or 'auto', or connect to a GPU cluster via RAY_ADDRESS"
+            )
+        return float(self.num_gpus)
 
 
 def _forwarded_env() -> dict[str, str]:

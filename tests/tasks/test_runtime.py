@@ -82,3 +82,5 @@ def test_auto_gpus_resolve_against_cluster(ray_logical_gpu):
     assert Resources(num_gpus=0.25).resolved_gpus() == 0.25
     with pytest.raises(ValueError, match="num_gpus"):
         Resources(num_gpus=-1).resolved_gpus()
+    with pytest.raises(ValueError, match="request num_gpus=2.0 but the Ray cluster has 1.0 GPUs"):
+        Resources(num_gpus=2).resolved_gpus()
