@@ -33,8 +33,10 @@ class EvalConfig(BaseModel):
         description="Constructor arguments; MTT's evaluation ConvNet is width 128, depth 3, instance norm.",
     )
     train: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(epochs=1000, batch_size=256, lr=0.01, momentum=0.9, weight_decay=5e-4),
-        description="Training recipe; MTT/DC evaluate with 1000 epochs, lr x0.1 at half.",
+        default_factory=lambda: TrainConfig(
+            epochs=1000, batch_size=256, lr=0.01, momentum=0.9, weight_decay=5e-4, augment="dsa"
+        ),
+        description="Training recipe; MTT/DC evaluate with 1000 epochs, lr x0.1 at half, DSA augmentation.",
     )
     num_models: int = Field(5, ge=1, description="Fresh networks per set; mean and std are over these.")
     use_learned_lr: bool = Field(
