@@ -37,11 +37,9 @@ import torch
 import yaml
 from PIL import Image
 
+from distill.fsio import FORMAT_VERSION, fs_path, read_bytes, read_json, write_bytes, write_json  # noqa: F401
 from distill.transforms import safetensors_bytes
 
-# Bumped when a layout changes; the artifact store hashes it into every key, so a new
-# version never reuses artifacts written in an old layout.
-FORMAT_VERSION = 1
 
 # Like datasets' Parquet builder: row groups of at most 10,000 rows, and fewer when rows
 # are big, so a reader can stream one group at a time in bounded memory.
@@ -64,40 +62,6 @@ class FormatError(ValueError):
     """A dataset file that is unreadable, corrupt, of the wrong kind or version."""
 
 
-# ---------------------------------------------------------------- filesystem helpers
-
-
-def _fs_path(path: str, filesystem: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str]:
-    if filesystem is None:
-        return pafs.LocalFileSystem(), os.path.abspath(path)
-    return filesystem, path
-
-
-def write_bytes(fs: pafs.FileSystem | None, path: str, data: bytes) -> None:
-    """Write a whole small file, creating its parent directory."""
-    fs, path = _fs_path(path, fs)
-    fs.create_dir(posixpath.dirname(path), recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(data)
-
-
-def read_bytes(fs: pafs.FileSystem | None, path: str) -> bytes:
-    """Read a whole small file."""
-    fs, path = _fs_path(path, fs)
-    with fs.open_input_stream(path) as f:
-        return f.read()
-
-
-def write_json(fs: pafs.FileSystem | None, path: str, obj: Any) -> None:
-    """Write `obj` as indented JSON with sorted keys (diff-friendly, stable)."""
-    write_bytes(fs, path, json.dumps(obj, indent=2, sort_keys=True).encode())
-
-
-def read_json(fs: pafs.FileSystem | None, path: str) -> Any:
-    """Read a JSON file written by `write_json`."""
-    return json.loads(read_bytes(fs, path))
-
-
 # ---------------------------------------------------------------- parquet plumbing
 
 
@@ -113,7 +77,7 @@ def _schema_metadata(features: dict, kind: str, extra: dict | None) -> dict[str,
 
 
 def _write_table(table: pa.Table, path: str, filesystem: pafs.FileSystem | None) -> int:
-    fs, path = _fs_path(path, filesystem)
+    fs, path = fs_path(path, filesystem)
     fs.create_dir(posixpath.dirname(path), recursive=True)
     row_bytes = max(1, table.nbytes // max(1, table.num_rows))
     rows = max(1, min(ROW_GROUP_MAX_ROWS, ROW_GROUP_MAX_BYTES // row_bytes))
@@ -125,7 +89,7 @@ def _read_table(
     path: str, filesystem: pafs.FileSystem | None, kind: str, columns: tuple[str, ...]
 ) -> tuple[pa.Table, dict, dict]:
     """Read and validate a file: (table, huggingface features, distillery metadata)."""
-    fs, full = _fs_path(path, filesystem)
+    fs, full = fs_path(path, filesystem)
     try:
         table = pq.read_table(full, filesystem=fs)
     except FileNotFoundError as e:

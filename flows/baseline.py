@@ -45,7 +45,7 @@ class BaselineConfig(BaseModel):
 def baseline(config: BaselineConfig) -> dict[str, Any]:
     """Random real subset at k images per class, evaluated by N fresh networks (mean and std)."""
     store = resolve_store(config.store)
-    validate_data.submit(config.data, config.ipc).result()
+    validate_data(config.data, config.ipc)  # in the flow process: fails fast, before any Ray worker starts
     dataset = materialize_dataset.submit(config.data, store).result()
     subset = random_subset.submit(dataset, config.ipc, config.subset_seed, config.eval, store).result()
     setting = f"ipc{config.ipc}"

@@ -74,6 +74,9 @@ def ray_init_kwargs() -> dict[str, Any]:
         "log_to_driver": True,
     }
     if not os.environ.get("RAY_ADDRESS"):
+        # "local" starts a private instance even when `ray start` left a cluster on this host,
+        # which ray.init() would otherwise join (and then refuse num_cpus).
+        kwargs["address"] = "local"
         kwargs["num_cpus"] = int(os.environ.get("DISTILLERY_RAY_NUM_CPUS", os.cpu_count() or 1))
         if "DISTILLERY_RAY_NUM_GPUS" in os.environ:
             kwargs["num_gpus"] = float(os.environ["DISTILLERY_RAY_NUM_GPUS"])

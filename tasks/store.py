@@ -42,7 +42,7 @@ import fsspec
 import pyarrow.fs as pafs
 from pydantic import BaseModel
 
-from distill.formats import FORMAT_VERSION, read_json, write_json
+from distill.fsio import FORMAT_VERSION, read_json, write_json
 
 __all__ = [
     "FORMAT_VERSION", "SUPPORTED_SCHEMES", "StoreError", "Staging", "Artifact", "ArtifactStore",
