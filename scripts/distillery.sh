@@ -18,6 +18,9 @@ export PREFECT_SERVER_API_HOST=127.0.0.1
 export PREFECT_SERVER_API_PORT=$PORT
 export PREFECT_UI_URL=${PREFECT_UI_URL:-http://127.0.0.1:$PORT}
 export DISTILLERY_STORE=${DISTILLERY_STORE:-$ROOT/artifacts}
+# A local worker may poll often (default 10 s): a scheduled run starts within ~1 s.
+export PREFECT_WORKER_QUERY_SECONDS=${PREFECT_WORKER_QUERY_SECONDS:-1}
+export PREFECT_WORKER_PREFETCH_SECONDS=${PREFECT_WORKER_PREFETCH_SECONDS:-5}
 export PATH=$ROOT/.venv/bin:$PATH
 RUN=$ROOT/.run
 DEMO_DEPLOYMENT=${DISTILLERY_DEMO:-baseline/baseline-cpu}
