@@ -29,6 +29,11 @@ FLOWS: dict[str, dict[str, str]] = {
         "description": "Random real subset at k images per class, evaluated by N fresh networks "
         "(final-epoch test accuracy, mean and std): the honest baseline of every distillation method.",
     },
+    "experts": {
+        "entrypoint": "flows.experts:experts",
+        "description": "Expert trajectories for trajectory matching (one Ray task per expert, resumable), "
+        "with each recipe's final accuracies and a smoothness plot (MTT vs AST).",
+    },
 }
 
 PRESET_NOTES = {

@@ -1,0 +1,204 @@
+"""Stage `experts`: train a pool of expert trajectories, one Ray task per expert.
+
+Each expert trains in a work directory that outlives the task (`<store>/.work/...` for a
+local store, the local cache for a remote one) under a deterministic file name, so a
+crashed or retried task resumes from the expert's last epoch checkpoint. When every expert
+of a set is done, `publish_experts` publishes the set as one artifact: the expert files
+(hard links on a local disk, copies elsewhere), `experts.parquet` with each expert's final
+metrics and smoothness summaries, and `smoothness.png`. The set's key is (stage, expert
+config, dataset key), so every expert task of a finished set is a cache hit.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from distill.experts import ExpertConfig, smoothness, train_expert
+from distill.formats import write_metrics
+from distill.trajectory import TrajectoryReader, expert_file
+from tasks import reports
+from tasks.artifacts import ArtifactRef
+from tasks.datasets import load_preprocessor, preprocessed
+from tasks.runtime import task_device
+from tasks.store import ArtifactStore, Staging, store_cache_key_fn
+
+STAGE = "experts"
+
+
+def set_key(store: str, cfg: ExpertConfig, dataset: ArtifactRef) -> str:
+    return ArtifactStore(store).key(STAGE, cfg, [dataset.key])
+
+
+def _key_of(p: dict[str, Any]) -> tuple[str, str]:
+    return p["store"], set_key(p["store"], p["cfg"], p["dataset"])
+
+
+def work_dir(store: str, key: str) -> Path:
+    """Where a set's experts train: persistent across task retries, outside the published tree."""
+    st = ArtifactStore(store)
+    if st.local:
+        root = Path(st.root) / ".work" / STAGE
+    else:
+        root = Path(os.environ.get("DISTILLERY_CACHE", Path(tempfile.gettempdir()) / "distillery-cache")) / "work" / STAGE
+    path = root / key
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@task(
+    name="train-expert",
+    task_run_name="expert-{cfg.recipe}-{expert_id}",
+    cache_key_fn=store_cache_key_fn(STAGE, _key_of),
+    result_serializer="json",
+    retries=1,
+)
+def train_one_expert(dataset: ArtifactRef, cfg: ExpertConfig, expert_id: int, store: str) -> dict[str, Any]:
+    """Train (or resume, or reuse) one expert of a set; returns its final metrics."""
+    key = set_key(store, cfg, dataset)
+    st = ArtifactStore(store)
+    if st.exists(STAGE, key):
+        art = st.open(STAGE, key, verify=False)
+        return next(r for r in art.manifest["experts"] if r["expert_id"] == expert_id)
+    device = task_device()
+    pre = load_preprocessor(dataset)
+    train_x, train_y, names = preprocessed(dataset, "train", pre)
+    test_x, test_y, _ = preprocessed(dataset, "test", pre)
+    manifest = dataset.open(verify=False).manifest
+    progress = reports.prefect_progress(
+        f"expert {cfg.recipe} #{expert_id}", key=reports.artifact_key("progress", "expert", cfg.recipe, expert_id)
+    )
+    summary = train_expert(
+        cfg, train_x, train_y, test_x, test_y,
+        num_classes=len(names), expert_id=expert_id, out_path=work_dir(store, key) / expert_file(expert_id),
+        dataset_fingerprint=manifest["fingerprints"]["train"], preprocessor_fingerprint=pre.fingerprint(),
+        device=device, progress=progress,
+    )
+    reports.run_logger().info(
+        "expert %s #%d: test acc %.4f after %d epochs (%.0f s%s)", cfg.recipe, expert_id, summary["test_acc"],
+        summary["epochs"], summary["seconds"], f", resumed from epoch {summary['resumed_from']}" if summary["resumed_from"] else "",
+    )
+    summary.pop("path")
+    return summary
+
+
+@task(name="publish-experts", task_run_name="publish-experts-{cfg.recipe}", result_serializer="json")
+def publish_experts(dataset: ArtifactRef, cfg: ExpertConfig, store: str, summaries: list[dict[str, Any]]) -> ArtifactRef:
+    """Publish a finished set: expert files, per-expert metrics and smoothness, a plot."""
+    key = set_key(store, cfg, dataset)
+    st = ArtifactStore(store)
+    if st.exists(STAGE, key):
+        return ArtifactRef(store=store, stage=STAGE, key=key)
+    work = work_dir(store, key)
+    rows = []
+    for s in sorted(summaries, key=lambda r: r["expert_id"]):
+        with TrajectoryReader(work / expert_file(s["expert_id"])) as reader:
+            sm = smoothness(reader)
+        rows.append({**{k: v for k, v in s.items() if k not in ("resumed_from", "reused")}, **_scalars(sm)})
+
+    def write(staging: Staging) -> dict[str, Any]:
+        for s in rows:
+            _place(work / expert_file(s["expert_id"]), staging, expert_file(s["expert_id"]), st.local)
+        write_metrics(staging.file("experts.parquet"), rows, filesystem=staging.fs)
+        with staging.fs.open_output_stream(staging.file("smoothness.png")) as f:
+            f.write(smoothness_png({cfg.recipe: [_curves(work / expert_file(r["expert_id"])) for r in rows]}))
+        return {"rows": len(rows), "experts": rows, "recipe": cfg.expert_recipe()}
+
+    art = st.publish(STAGE, key, write, config=cfg, inputs=[dataset.key], seeds={"experts": cfg.seed})
+    shutil.rmtree(work, ignore_errors=True)
+    return ArtifactRef(store=store, stage=STAGE, key=art.key)
+
+
+@task(name="report-experts", result_serializer="json")
+def report_experts(sets: list[ArtifactRef], name: str) -> list[dict[str, Any]]:
+    """Table of every expert's final accuracy, and MTT-vs-AST smoothness side by side (PNG)."""
+    rows, curves = [], {}
+    for ref in sets:
+        art = ref.open(verify=False)
+        recipe = art.manifest["recipe"]["recipe"]
+        rows += [{"recipe": recipe, **_table_row(r)} for r in art.manifest["experts"]]
+        local = ref.local_dir()
+        curves[recipe] = [_curves(local / expert_file(r["expert_id"])) for r in art.manifest["experts"]]
+    reports.table(rows, key=reports.artifact_key(name, "experts"), description=f"{name}: final accuracy per expert")
+    png = smoothness_png(curves)
+    reports.markdown(
+        "## Expert smoothness\nParameter change per epoch and training loss, mean over experts "
+        "(shaded: min to max). Smoother (AST) experts move at an even pace with a steadily "
+        "falling loss.\n\n" + reports.png_markdown(png, "smoothness") + "\n" + _summary_table(rows),
+        key=reports.artifact_key(name, "smoothness"),
+    )
+    return rows
+
+
+def _place(src: Path, staging: Staging, name: str, local: bool) -> None:
+    """Hard-link on a local store (no second copy of large trajectories), stream-copy elsewhere."""
+    dest = staging.file(name)
+    if local:
+        os.link(src, dest)
+        return
+    with open(src, "rb") as f, staging.fs.open_output_stream(dest) as out:
+        shutil.copyfileobj(f, out, length=1 << 20)
+
+
+def _scalars(sm: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in sm.items() if not isinstance(v, list)}
+
+
+def _table_row(r: dict[str, Any]) -> dict[str, Any]:
+    keys = ("expert_id", "epochs", "train_acc", "test_acc", "mean_param_change", "param_change_cv", "loss_roughness", "seconds")
+    return {k: r.get(k) for k in keys}
+
+
+def _summary_table(rows: list[dict[str, Any]]) -> str:
+    from distill.evaluate import summarize
+    from tasks.tables import markdown_table
+
+    recipes = sorted({r["recipe"] for r in rows})
+    out = []
+    for recipe in recipes:
+        mine = [r for r in rows if r["recipe"] == recipe]
+        entry = {"recipe": recipe, "experts": len(mine)}
+        for k in ("test_acc", "param_change_cv", "loss_roughness"):
+            vals = [r[k] for r in mine if r.get(k) is not None]
+            s = summarize(vals)
+            entry[f"{k} (mean)"], entry[f"{k} (std)"] = s["mean"], s["std"]
+        out.append(entry)
+    return markdown_table(out)
+
+
+def _curves(path: Path) -> dict[str, list[float]]:
+    with TrajectoryReader(path) as reader:
+        sm = smoothness(reader)
+    return {"epochs": sm["epochs"], "param_change": sm["param_change"], "train_loss": sm["train_loss"]}
+
+
+def smoothness_png(curves: dict[str, list[dict[str, list[float]]]]) -> bytes:
+    """Two panels (parameter change per epoch, training loss), one line per recipe."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=110)
+    for recipe, experts in sorted(curves.items()):
+        for ax, metric in zip(axes, ("param_change", "train_loss")):
+            n = min(len(e[metric]) for e in experts)
+            values = np.array([e[metric][:n] for e in experts], dtype=float)
+            epochs = experts[0]["epochs"][:n]
+            line = ax.plot(epochs, values.mean(0), label=f"{recipe} ({len(experts)} experts)")[0]
+            ax.fill_between(epochs, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
+    axes[0].set(title="parameter change per epoch (L2)", xlabel="epoch")
+    axes[1].set(title="training loss (plain CE)", xlabel="epoch")
+    axes[1].legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
