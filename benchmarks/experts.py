@@ -33,7 +33,7 @@ from distill.transforms import Preprocessor  # noqa: E402
 DATA = Path(os.environ.get("DISTILLERY_DATA", REPO.parent / "shared" / "data"))
 
 PRESETS = {
-    # The experts-cpu flow preset's setting: 10k CIFAR-10 images, ConvNet width 32, depth 3.
+    # The experts/cpu flow preset's setting: 10k CIFAR-10 images, ConvNet width 32, depth 3.
     "cpu": {"per_class": 1000, "test_per_class": 200, "width": 32, "depth": 3, "epochs": 2, "experts": 2},
     "tiny": {"per_class": 50, "test_per_class": 20, "width": 8, "depth": 2, "epochs": 2, "experts": 2},
 }

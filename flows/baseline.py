@@ -6,8 +6,8 @@ Parquet and a mean/std table in the Prefect UI. Every distillation method is com
 this flow's number at the same k, under the same evaluation recipe.
 
 Run it:
-    make demo                                   # deploys everything and runs baseline-cpu
-    prefect deployment run baseline/baseline-tiny --watch
+    make demo                                   # deploys everything and runs baseline/cpu
+    prefect deployment run baseline/tiny --watch
     python -m flows.baseline --preset tiny      # in-process, without a deployment
 """
 

@@ -1,7 +1,7 @@
 """Renders `deployments/prefect.yaml` from the flow registry and the preset files.
 
-One deployment per (flow, preset), named `<flow>-<preset>`, on work pool `local`, with the
-preset as its parameters, so `prefect deployment run baseline/baseline-tiny` runs exactly
+One deployment per (flow, preset), named after the preset (`baseline/tiny`), on work pool `local`, with the
+preset as its parameters, so `prefect deployment run baseline/tiny` runs exactly
 what `python -m flows.baseline --preset tiny` runs. A test checks the committed file is
 current.
 
@@ -49,7 +49,7 @@ def render() -> dict[str, Any]:
         for preset, params in presets(flow).items():
             deployments.append(
                 {
-                    "name": f"{flow}-{preset}",
+                    "name": preset,
                     "entrypoint": spec["entrypoint"],
                     "description": f"{spec['description']} Preset '{preset}': {PRESET_NOTES.get(preset, preset)}.",
                     "tags": ["distillery", flow, preset],

@@ -7,7 +7,7 @@ parameter change and training loss per epoch that shows how smooth each recipe's
 trajectories are.
 
 Run it:
-    prefect deployment run experts/experts-tiny --watch
+    prefect deployment run experts/tiny --watch
     python -m flows.experts --preset tiny      # in-process, without a deployment
 """
 

@@ -1,4 +1,4 @@
-"""End to end: `prefect deploy` + a process worker + `prefect deployment run --watch` of baseline-tiny.
+"""End to end: `prefect deploy` + a process worker + `prefect deployment run --watch` of baseline/tiny.
 
 Everything is real: the session's Prefect server, a `prefect worker start` subprocess on a
 process work pool, local Ray inside the flow run, Parquet artifacts on disk. The second run
@@ -58,13 +58,15 @@ def deployed(prefect_server, tmp_path_factory):
     log.close()
 
 
-async def _last_run(name: str):
+async def _last_run(flow: str, name: str):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         ArtifactFilter,
         ArtifactFilterFlowRunId,
         DeploymentFilter,
         DeploymentFilterName,
+        FlowFilter,
+        FlowFilterName,
         FlowRunFilter,
         FlowRunFilterId,
     )
@@ -72,6 +74,7 @@ async def _last_run(name: str):
 
     async with get_client() as client:
         runs = await client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow])),
             deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[name])),
             sort=FlowRunSort.START_TIME_DESC,
             limit=1,
@@ -94,10 +97,10 @@ def _artifacts(store: Path) -> dict[str, list[str]]:
 def test_deployment_run_baseline_tiny(deployed):
     env, store = deployed
     t0 = time.monotonic()
-    _prefect("deployment", "run", "baseline/baseline-tiny", "--watch", env=env)
+    _prefect("deployment", "run", "baseline/tiny", "--watch", env=env)
     first_s = time.monotonic() - t0
 
-    run, task_runs, artifacts = asyncio.run(_last_run("baseline-tiny"))
+    run, task_runs, artifacts = asyncio.run(_last_run("baseline", "tiny"))
     assert run.state.is_completed(), run.state
     names = {t.name.split("-")[0] for t in task_runs}
     assert {"materialize", "random", "evaluate", "collect"} <= names
@@ -116,9 +119,9 @@ def test_deployment_run_baseline_tiny(deployed):
 
     # Second run: same parameters, so every stage is reused from the store / Prefect cache.
     t0 = time.monotonic()
-    _prefect("deployment", "run", "baseline/baseline-tiny", "--watch", env=env)
+    _prefect("deployment", "run", "baseline/tiny", "--watch", env=env)
     second_s = time.monotonic() - t0
-    run2, task_runs2, _ = asyncio.run(_last_run("baseline-tiny"))
+    run2, task_runs2, _ = asyncio.run(_last_run("baseline", "tiny"))
     assert run2.id != run.id and run2.state.is_completed()
     assert _artifacts(store) == stages, "a re-run must not create new artifacts"
     print(f"first run {first_s:.1f}s, second run {second_s:.1f}s")
