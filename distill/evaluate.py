@@ -15,9 +15,9 @@ import time
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from distill.nets import create_net, list_nets
+from distill.nets import create_net, net_arg_problem
 from distill.train import TrainConfig, evaluate, train
 from distill.utils import Progress, resolve_device, seed_everything
 
@@ -43,9 +43,12 @@ class EvalConfig(BaseModel):
         True, description="A distilled set's learned learning rate replaces train.lr (MTT's protocol)."
     )
 
-    def model_post_init(self, _: Any) -> None:
-        if self.net not in list_nets():
-            raise ValueError(f"unknown net {self.net!r}; registered nets: {', '.join(list_nets())}")
+    @model_validator(mode="after")
+    def _net_args_fit(self) -> EvalConfig:
+        problem = net_arg_problem(self.net, self.net_kwargs)
+        if problem:
+            raise ValueError(problem)
+        return self
 
     def recipe(self, learned_lr: float | None = None) -> dict[str, Any]:
         """The recipe as stored with a dataset, with the learning rate actually used."""

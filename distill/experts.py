@@ -30,7 +30,6 @@ Pure: imports neither prefect nor ray.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import math
 import shutil
@@ -44,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from distill.nets import NETS, create_net, flatten_params, param_layout
+from distill.nets import create_net, flatten_params, net_arg_problem, param_layout
 from distill.train import AUGMENTS, evaluate
 from distill.trajectory import (
     Snapshot,
@@ -73,7 +72,6 @@ RECIPES: dict[str, dict[str, Any]] = {
     "sam": {"sam_rho": 0.01},  # FTD: buffer_FTD.py --rho_max 0.01 --rho_min 0.01 on MTT's recipe
 }
 
-_NET_COMMON_ARGS = ("num_classes", "channels", "image_size")
 CHECKPOINT_FORMAT = "expert-checkpoint"
 CHECKPOINT_VERSION = 1
 
@@ -111,12 +109,6 @@ class ExpertConfig(BaseModel, frozen=True, extra="forbid"):
             raise ValueError(f"unknown expert recipe {recipe!r}; known recipes: {', '.join(RECIPES)}")
         return {**RECIPES[recipe], **data}
 
-    @field_validator("net")
-    @classmethod
-    def _known_net(cls, name: str) -> str:
-        if name not in NETS:
-            raise ValueError(f"unknown net {name!r}; registered nets: {', '.join(sorted(NETS))}")
-        return name
 
     @field_validator("augment")
     @classmethod
@@ -133,11 +125,10 @@ class ExpertConfig(BaseModel, frozen=True, extra="forbid"):
         return ramp
 
     @model_validator(mode="after")
-    def _net_kwargs_fit(self) -> ExpertConfig:
-        options = [p for p in inspect.signature(NETS[self.net]).parameters if p not in _NET_COMMON_ARGS]
-        unknown = sorted(set(self.net_kwargs) - set(options))
-        if unknown:
-            raise ValueError(f"net {self.net!r} has no argument(s) {', '.join(unknown)}; valid: {', '.join(options)}")
+    def _net_args_fit(self) -> ExpertConfig:
+        problem = net_arg_problem(self.net, self.net_kwargs)
+        if problem:
+            raise ValueError(problem)
         return self
 
     def lr_at(self, epoch: int) -> float:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import io
 import json
 import numbers
-import os
 import posixpath
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +36,7 @@ import torch
 import yaml
 from PIL import Image
 
-from distill.fsio import FORMAT_VERSION, fs_path, read_bytes, read_json, write_bytes, write_json  # noqa: F401
+from distill.fsio import FORMAT_VERSION, fs_path, read_bytes, write_bytes
 from distill.transforms import safetensors_bytes
 
 
@@ -65,7 +64,8 @@ class FormatError(ValueError):
 # ---------------------------------------------------------------- parquet plumbing
 
 
-def _schema_metadata(features: dict, kind: str, extra: dict | None) -> dict[str, str]:
+def schema_metadata(features: dict, kind: str, extra: dict | None) -> dict[str, str]:
+    """The `huggingface` features and the `distillery` kind/version (+ extra) of a file we write."""
     meta = {"format": kind, "format_version": FORMAT_VERSION}
     clash = set(meta) & set(extra or {})
     if clash:
@@ -76,7 +76,8 @@ def _schema_metadata(features: dict, kind: str, extra: dict | None) -> dict[str,
     }
 
 
-def _write_table(table: pa.Table, path: str, filesystem: pafs.FileSystem | None) -> int:
+def write_table(table: pa.Table, path: str, filesystem: pafs.FileSystem | None) -> int:
+    """Write with bounded row groups (<= 10k rows, <= 64 MiB), creating the parent directory."""
     fs, path = fs_path(path, filesystem)
     fs.create_dir(posixpath.dirname(path), recursive=True)
     row_bytes = max(1, table.nbytes // max(1, table.num_rows))
@@ -85,7 +86,7 @@ def _write_table(table: pa.Table, path: str, filesystem: pafs.FileSystem | None)
     return table.num_rows
 
 
-def _read_table(
+def read_table(
     path: str, filesystem: pafs.FileSystem | None, kind: str, columns: tuple[str, ...]
 ) -> tuple[pa.Table, dict, dict]:
     """Read and validate a file: (table, huggingface features, distillery metadata)."""
@@ -228,8 +229,8 @@ def write_image_dataset(
     features = {"image": {"_type": "Image"}, "label": {"names": list(class_names), "_type": "ClassLabel"}}
     table = pa.table(
         {"image": _image_column(_encode_images(images, image_format)), "label": pa.array(labels.numpy())}
-    ).replace_schema_metadata(_schema_metadata(features, "image", extra_metadata))
-    return _write_table(table, path, filesystem)
+    ).replace_schema_metadata(schema_metadata(features, "image", extra_metadata))
+    return write_table(table, path, filesystem)
 
 
 def _decode_images(path: str, column: pa.ChunkedArray) -> torch.Tensor:
@@ -259,7 +260,7 @@ def read_image_dataset(
     path: str, *, filesystem: pafs.FileSystem | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Decode a (small) image dataset: uint8 images [N, C, H, W], int64 labels, class names."""
-    table, features, _ = _read_table(path, filesystem, "image", ("image", "label"))
+    table, features, _ = read_table(path, filesystem, "image", ("image", "label"))
     labels = _labels(path, table)
     images = _decode_images(path, table.column("image"))
     return images, _as_tensor(labels).long(), _class_names(features, labels)
@@ -443,10 +444,10 @@ def write_distilled(
     )
     schema = pa.schema(
         [pixels_field] + [pa.field(k, v.type) for k, v in columns.items() if k != "pixels"],
-        metadata=_schema_metadata(features, "distilled", meta),
+        metadata=schema_metadata(features, "distilled", meta),
     )
     table = pa.Table.from_arrays(list(columns.values()), schema=schema)
-    _write_table(table, posixpath.join(path_dir, DISTILLED_DATA_FILE), filesystem)
+    write_table(table, posixpath.join(path_dir, DISTILLED_DATA_FILE), filesystem)
     write_bytes(
         filesystem,
         posixpath.join(path_dir, PREPROCESSOR_FILE),
@@ -460,7 +461,7 @@ def write_distilled(
 def read_distilled(path_dir: str, *, filesystem: pafs.FileSystem | None = None) -> DistilledSet:
     """Read a directory written by `write_distilled`."""
     path = posixpath.join(path_dir, DISTILLED_DATA_FILE)
-    table, features, meta = _read_table(path, filesystem, "distilled", ("pixels", "label"))
+    table, features, meta = read_table(path, filesystem, "distilled", ("pixels", "label"))
     if not meta:
         raise FormatError(f"{path}: no `distillery` schema metadata; not a distilled dataset")
     shape = features.get("pixels", {}).get("shape")
@@ -532,11 +533,11 @@ def write_metrics(
         arrow_type, dtype = _value_type(name, values)
         arrays[name] = pa.array(values, arrow_type)
         features[name] = {"dtype": dtype, "_type": "Value"}
-    table = pa.table(arrays).replace_schema_metadata(_schema_metadata(features, "metrics", extra_metadata))
-    return _write_table(table, path, filesystem)
+    table = pa.table(arrays).replace_schema_metadata(schema_metadata(features, "metrics", extra_metadata))
+    return write_table(table, path, filesystem)
 
 
 def read_metrics(path: str, *, filesystem: pafs.FileSystem | None = None) -> list[dict]:
     """Read metric rows back as dicts."""
-    table, _, _ = _read_table(path, filesystem, "metrics", ())
+    table, _, _ = read_table(path, filesystem, "metrics", ())
     return table.to_pylist()

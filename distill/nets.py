@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -44,16 +44,26 @@ def list_nets() -> list[str]:
     return sorted(NETS)
 
 
-def create_net(name: str, *, num_classes: int, channels: int = 3, image_size: int = 32, **kwargs) -> nn.Module:
-    """Build a registered net; `num_classes` is any output dim (KRR-ST regresses 512-d targets)."""
+def net_arg_problem(name: str, kwargs: dict[str, Any]) -> str | None:
+    """Why `create_net(name, **kwargs)` would be refused (unknown net or argument), or None.
+
+    Configs call this at validation time, so a bad net is refused before any data is loaded.
+    """
     if name not in NETS:
-        raise ValueError(f"unknown net {name!r}; registered nets: {', '.join(list_nets())}")
-    builder = NETS[name]
-    options = [p for p in inspect.signature(builder).parameters if p not in _COMMON_ARGS]
+        return f"unknown net {name!r}; registered nets: {', '.join(list_nets())}"
+    options = [p for p in inspect.signature(NETS[name]).parameters if p not in _COMMON_ARGS]
     unknown = sorted(set(kwargs) - set(options))
     if unknown:
-        raise TypeError(f"net {name!r} got unknown argument(s) {', '.join(unknown)}; valid: {', '.join(options)}")
-    return builder(num_classes=num_classes, channels=channels, image_size=image_size, **kwargs)
+        return f"net {name!r} got unknown argument(s) {', '.join(unknown)}; valid: {', '.join(options)}"
+    return None
+
+
+def create_net(name: str, *, num_classes: int, channels: int = 3, image_size: int = 32, **kwargs) -> nn.Module:
+    """Build a registered net; `num_classes` is any output dim (KRR-ST regresses 512-d targets)."""
+    problem = net_arg_problem(name, kwargs)
+    if problem:
+        raise (ValueError if name not in NETS else TypeError)(problem)
+    return NETS[name](num_classes=num_classes, channels=channels, image_size=image_size, **kwargs)
 
 
 def _choose(kind: str, name: str, table: dict[str, Callable]) -> Callable:

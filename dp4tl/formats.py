@@ -18,18 +18,14 @@ Readers raise distill.formats.FormatError naming the file and the problem.
 
 from __future__ import annotations
 
-import json
-import posixpath
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import torch
 
-from distill.formats import FormatError
-from distill.fsio import FORMAT_VERSION, fs_path
+from distill.formats import FormatError, read_table, schema_metadata, write_table
 from dp4tl.selection import ClassSelection
 
 SELECTION_KIND = "selection"
@@ -63,45 +59,10 @@ class KeptSamples:
         )
 
 
-def _metadata(features: dict, kind: str, extra: dict) -> dict[str, str]:
-    clash = {"format", "format_version"} & set(extra)
-    if clash:
-        raise ValueError(f"extra_metadata may not set the reserved keys {sorted(clash)}")
-    return {
-        "huggingface": json.dumps({"info": {"features": features}}),
-        "distillery": json.dumps({"format": kind, "format_version": FORMAT_VERSION, **extra}),
-    }
-
-
-def _write(table: pa.Table, path: str, filesystem: pafs.FileSystem | None) -> int:
-    fs, full = fs_path(path, filesystem)
-    fs.create_dir(posixpath.dirname(full), recursive=True)
-    pq.write_table(table, full, filesystem=fs)
-    return table.num_rows
-
-
 def _read(path: str, filesystem: pafs.FileSystem | None, kind: str, columns: tuple[str, ...]) -> tuple[pa.Table, dict]:
-    fs, full = fs_path(path, filesystem)
-    try:
-        table = pq.read_table(full, filesystem=fs)
-    except FileNotFoundError as e:
-        raise FormatError(f"{path}: no such file") from e
-    except (pa.ArrowException, OSError) as e:
-        raise FormatError(f"{path}: not a readable Parquet file, truncated or corrupt? ({e})") from e
-    try:
-        meta = json.loads((table.schema.metadata or {}).get(b"distillery", b"{}"))
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{path}: `distillery` schema metadata is not valid JSON ({e})") from e
-    if meta.get("format") != kind:
-        raise FormatError(f"{path}: is a {meta.get('format')!r} file, expected {kind!r}")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise FormatError(
-            f"{path}: unsupported format version {meta.get('format_version')!r} "
-            f"(this distillery reads version {FORMAT_VERSION})"
-        )
-    missing = [c for c in columns if c not in table.column_names]
-    if missing:
-        raise FormatError(f"{path}: missing column(s) {missing} for the {kind} format; it has {table.column_names}")
+    table, _, meta = read_table(path, filesystem, kind, columns)
+    if not meta:
+        raise FormatError(f"{path}: no `distillery` schema metadata; not a {kind} file")
     for name in columns:
         if table.column(name).null_count and name != "kept_classes":
             raise FormatError(f"{path}: column {name!r} has {table.column(name).null_count} null entries")
@@ -172,8 +133,8 @@ def write_selection(
         "details": scalars,
         **(extra_metadata or {}),
     }
-    table = pa.table(columns).replace_schema_metadata(_metadata(features, SELECTION_KIND, extra))
-    return _write(table, path, filesystem)
+    table = pa.table(columns).replace_schema_metadata(schema_metadata(features, SELECTION_KIND, extra))
+    return write_table(table, path, filesystem)
 
 
 def read_selection(
@@ -238,7 +199,7 @@ def write_kept(
         "kept": int_list,
     }
     extra = {"num_source_samples": num_source_samples, **(extra_metadata or {})}
-    return _write(table.replace_schema_metadata(_metadata(features, KEPT_KIND, extra)), path, filesystem)
+    return write_table(table.replace_schema_metadata(schema_metadata(features, KEPT_KIND, extra)), path, filesystem)
 
 
 def read_kept(path: str, *, filesystem: pafs.FileSystem | None = None) -> list[KeptSamples]:

@@ -14,7 +14,6 @@ recorded next to every selection (dp4tl.formats).
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 from typing import Any
 
@@ -22,16 +21,15 @@ import safetensors
 import safetensors.torch
 import torch
 import torch.nn as nn
-from pydantic import BaseModel, field_validator, model_validator
+from pydantic import BaseModel, model_validator
 
 from distill.formats import FormatError
 from distill.fsio import read_bytes, write_bytes
-from distill.nets import NETS, create_net
+from distill.nets import create_net, net_arg_problem
 from distill.train import TrainConfig, train
 from distill.utils import Progress
 
 SURROGATE_FORMAT = "distillery.surrogate/1"
-_NET_COMMON_ARGS = ("num_classes", "channels", "image_size")
 
 
 class SurrogateConfig(BaseModel, frozen=True, extra="forbid"):
@@ -47,19 +45,12 @@ class SurrogateConfig(BaseModel, frozen=True, extra="forbid"):
     )
     seed: int = 0  # seeds the weight init and the training batches/augmentation
 
-    @field_validator("net")
-    @classmethod
-    def _known_net(cls, name: str) -> str:
-        if name not in NETS:
-            raise ValueError(f"unknown net {name!r}; registered nets: {', '.join(sorted(NETS))}")
-        return name
 
     @model_validator(mode="after")
-    def _net_kwargs_fit(self) -> SurrogateConfig:
-        options = [p for p in inspect.signature(NETS[self.net]).parameters if p not in _NET_COMMON_ARGS]
-        unknown = sorted(set(self.net_kwargs) - set(options))
-        if unknown:
-            raise ValueError(f"net {self.net!r} has no argument(s) {', '.join(unknown)}; valid: {', '.join(options)}")
+    def _net_args_fit(self) -> SurrogateConfig:
+        problem = net_arg_problem(self.net, self.net_kwargs)
+        if problem:
+            raise ValueError(problem)
         return self
 
 

@@ -18,7 +18,8 @@ import torch
 from prefect import task
 
 from distill.data import DataConfig, ImageSet, load_images
-from distill.formats import PREPROCESSOR_FILE, read_bytes, write_bytes, write_image_dataset
+from distill.formats import PREPROCESSOR_FILE, write_image_dataset
+from distill.fsio import read_bytes, write_bytes
 from distill.transforms import Preprocessor
 from tasks.artifacts import ArtifactRef
 from tasks.reports import run_logger

@@ -102,7 +102,7 @@ def test_recipe_presets_and_overrides():
         ({"recipe": "tesla"}, "unknown expert recipe 'tesla'; known recipes: mtt, ast, sam"),
         ({"augment": "mixup"}, "unknown augment 'mixup'"),
         ({"net": "vit"}, "unknown net 'vit'"),
-        ({"net_kwargs": {"widht": 8}}, "no argument.*widht"),
+        ({"net_kwargs": {"widht": 8}}, "unknown argument.*widht"),
         ({"loss_ramp": [0.5, -1.0]}, "loss_ramp"),
         ({"momentum": 1.0}, "momentum"),
         ({"colour": 1}, "colour"),

@@ -14,16 +14,15 @@ import pytest
 import torch
 import yaml
 
+from distill.fsio import read_json, write_json
 from distill.formats import (
     DISTILLED_DATA_FILE,
     FormatError,
     read_distilled,
     read_image_dataset,
-    read_json,
     read_metrics,
     write_distilled,
     write_image_dataset,
-    write_json,
     write_metrics,
 )
 
