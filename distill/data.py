@@ -772,6 +772,11 @@ class DataConfig(BaseModel):
             raise ValueError(f"unknown dataset format {v!r}; valid formats: {', '.join(SOURCE_FORMATS)}")
         return v
 
+    @property
+    def name(self) -> str:
+        """A short name for reports and artifact keys in the UI: the source's last path part."""
+        return self.source.removeprefix(HUB_PREFIX).rstrip("/").split("/")[-1].removesuffix(".parquet") or "data"
+
     def check(self, *, min_train_per_class: int | None = None) -> dict[str, Any]:
         """Validate source, splits, classes and caps from the label columns alone (no decoding).
 

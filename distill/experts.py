@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from distill.nets import create_net, flatten_params, net_arg_problem, param_layout
-from distill.train import AUGMENTS, evaluate
+from distill.train import AUGMENTS, check_finite_losses, evaluate
 from distill.trajectory import (
     Snapshot,
     TrajectoryReader,
@@ -244,13 +244,7 @@ def _train_epoch(
         gps.append(gp.detach() * len(idx))
         correct += (out.detach().argmax(1) == yb).sum()
     losses = torch.stack(losses)
-    finite = torch.isfinite(losses)
-    if not bool(finite.all()):
-        bad = int((~finite).nonzero()[0]) + 1
-        raise FloatingPointError(
-            f"expert {expert_id}: non-finite training loss at epoch {epoch}/{cfg.epochs}, step {bad}/{len(losses)} "
-            f"(recipe {cfg.recipe!r}, lr {lr}); lower the lr or check the inputs for inf/nan"
-        )
+    check_finite_losses(losses, f"epoch {epoch}/{cfg.epochs} of expert {expert_id}", f"recipe {cfg.recipe!r}, lr {lr}")
     return {
         "loss": losses.sum().item() / n,
         "train_loss": torch.stack(ces).sum().item() / n,

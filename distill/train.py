@@ -167,6 +167,20 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def check_finite_losses(step_losses: torch.Tensor, where: str, settings: str) -> None:
+    """Raise FloatingPointError naming the first non-finite step of an epoch's per-step losses.
+
+    Checked once per epoch on the device (one sync), not after every step.
+    """
+    finite = torch.isfinite(step_losses)
+    if not bool(finite.all()):
+        bad = int((~finite).nonzero()[0]) + 1
+        raise FloatingPointError(
+            f"non-finite training loss at {where}, step {bad}/{len(step_losses)} "
+            f"({settings}); lower the lr or check the inputs for inf/nan"
+        )
+
+
 def train(
     net: nn.Module,
     x: torch.Tensor,
@@ -224,13 +238,7 @@ def train(
             step_losses.append(loss.detach() * len(idx))
             correct += (out.detach().argmax(1) == labels[idx]).sum()
         step_losses = torch.stack(step_losses)
-        finite = torch.isfinite(step_losses)
-        if not bool(finite.all()):
-            bad = int((~finite).nonzero()[0]) + 1
-            raise FloatingPointError(
-                f"non-finite training loss at epoch {epoch}/{cfg.epochs}, step {bad}/{steps_per_epoch} "
-                f"(lr={cfg.lr}, optimizer={cfg.optimizer}); lower the lr or check the inputs for inf/nan"
-            )
+        check_finite_losses(step_losses, f"epoch {epoch}/{cfg.epochs}", f"lr={cfg.lr}, optimizer={cfg.optimizer}")
         record = {"epoch": epoch, "loss": step_losses.sum().item() / n, "train_acc": correct.item() / n}
         if eval_data is not None and (epoch == cfg.epochs or (cfg.eval_every and epoch % cfg.eval_every == 0)):
             metrics = evaluate(net, *eval_data, device=dev)

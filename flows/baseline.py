@@ -55,13 +55,9 @@ def baseline(config: BaselineConfig) -> dict[str, Any]:
             for seed in range(config.eval.num_models)
         ]
     rows = [r.result() for r in runs]
-    result = collect_metrics.submit(rows, f"baseline-{_data_name(config.data)}-{setting}", store).result()
+    result = collect_metrics.submit(rows, f"baseline-{config.data.name}-{setting}", store).result()
     print(json.dumps({"summary": result["summary"], "metrics": result["metrics_uri"], "subset": subset.uri}, indent=1))
     return {**result, "subset_uri": subset.uri, "dataset_uri": dataset.uri}
-
-
-def _data_name(data: DataConfig) -> str:
-    return data.source.rstrip("/").split("/")[-1].removesuffix(".parquet") or "data"
 
 
 def main() -> None:

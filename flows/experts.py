@@ -62,8 +62,7 @@ def experts(config: ExpertsConfig) -> list[dict[str, Any]]:
             runs = [train_one_expert.submit(dataset, cfg, i, store) for i in range(cfg.num_experts)]
             pending.append((cfg, runs))
     sets = [publish_experts.submit(dataset, cfg, store, [r.result() for r in runs]).result() for cfg, runs in pending]
-    name = f"experts-{config.data.source.rstrip('/').split('/')[-1]}"
-    rows = report_experts.submit(sets, name).result()
+    rows = report_experts.submit(sets, f"experts-{config.data.name}").result()
     print({cfg.recipe: ref.uri for (cfg, _), ref in zip(pending, sets)})
     return rows
 

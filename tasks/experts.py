@@ -96,18 +96,19 @@ def publish_experts(dataset: ArtifactRef, cfg: ExpertConfig, store: str, summari
     if st.exists(STAGE, key):
         return ArtifactRef(store=store, stage=STAGE, key=key)
     work = work_dir(store, key)
-    rows = []
+    rows, curves = [], []
     for s in sorted(summaries, key=lambda r: r["expert_id"]):
         with TrajectoryReader(work / expert_file(s["expert_id"])) as reader:
             sm = smoothness(reader)
         rows.append({**{k: v for k, v in s.items() if k not in ("resumed_from", "reused")}, **_scalars(sm)})
+        curves.append(_curves_of(sm))
 
     def write(staging: Staging) -> dict[str, Any]:
         for s in rows:
             _place(work / expert_file(s["expert_id"]), staging, expert_file(s["expert_id"]), st.local)
         write_metrics(staging.file("experts.parquet"), rows, filesystem=staging.fs)
         with staging.fs.open_output_stream(staging.file("smoothness.png")) as f:
-            f.write(smoothness_png({cfg.recipe: [_curves(work / expert_file(r["expert_id"])) for r in rows]}))
+            f.write(smoothness_png({cfg.recipe: curves}))
         return {"rows": len(rows), "experts": rows, "recipe": cfg.expert_recipe()}
 
     art = st.publish(STAGE, key, write, config=cfg, inputs=[dataset.key], seeds={"experts": cfg.seed})
@@ -172,10 +173,13 @@ def _summary_table(rows: list[dict[str, Any]]) -> str:
     return markdown_table(out)
 
 
+def _curves_of(sm: dict[str, Any]) -> dict[str, list[float]]:
+    return {k: sm[k] for k in ("epochs", "param_change", "train_loss")}
+
+
 def _curves(path: Path) -> dict[str, list[float]]:
     with TrajectoryReader(path) as reader:
-        sm = smoothness(reader)
-    return {"epochs": sm["epochs"], "param_change": sm["param_change"], "train_loss": sm["train_loss"]}
+        return _curves_of(smoothness(reader))
 
 
 def smoothness_png(curves: dict[str, list[dict[str, list[float]]]]) -> bytes:

@@ -66,6 +66,14 @@ def _healthy(url: str) -> bool:
 
 
 @pytest.fixture(scope="session")
+def hf_datasets(tmp_path_factory):
+    """`datasets`, offline (set above), caching under a temporary directory."""
+    datasets = pytest.importorskip("datasets")
+    datasets.disable_progress_bars()
+    return datasets, str(tmp_path_factory.mktemp("hf-cache"))
+
+
+@pytest.fixture(scope="session")
 def prefect_server():
     """A real Prefect server (SQLite in a temp PREFECT_HOME) for the whole test session."""
     api = os.environ["PREFECT_API_URL"]

@@ -213,7 +213,7 @@ def test_a_finished_expert_is_not_retrained(tmp_path):
 def test_non_finite_loss_names_expert_epoch_and_step(tmp_path):
     x, y = TRAIN[0].clone(), TRAIN[1]
     x[0, 0, 0, 0] = float("nan")
-    with pytest.raises(FloatingPointError, match=r"expert 4: non-finite training loss at epoch 1/4, step 1/1"):
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss at epoch 1/4 of expert 4, step 1/1"):
         train_expert(_cfg(augment="none"), x, y, *TEST, num_classes=NUM_CLASSES, expert_id=4,
                      out_path=tmp_path / expert_file(4))
     assert not (tmp_path / expert_file(4)).exists()

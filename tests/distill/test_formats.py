@@ -29,16 +29,6 @@ from distill.formats import (
 CLASSES = ["airplane", "automobile", "bird"]
 
 
-@pytest.fixture(scope="module")
-def hf_datasets(tmp_path_factory):
-    """`datasets`, offline, caching under a temporary directory."""
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    datasets = pytest.importorskip("datasets")
-    datasets.disable_progress_bars()
-    return datasets, str(tmp_path_factory.mktemp("hf-cache"))
-
-
 def _images(n: int = 12, c: int = 3, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, 256, (n, c, size, size), dtype=torch.uint8, generator=g), torch.arange(n) % len(CLASSES)

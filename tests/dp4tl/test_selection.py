@@ -6,7 +6,6 @@ Inputs are built so the right answer is known: a fake surrogate whose logits are
 
 from __future__ import annotations
 
-import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -244,16 +243,6 @@ def test_feature_mapping_group_arguments_are_exclusive():
 
 
 # ---------------------------------------------------------------- formats
-
-
-@pytest.fixture(scope="module")
-def hf_datasets(tmp_path_factory):
-    """`datasets`, offline, caching under a temporary directory."""
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    datasets = pytest.importorskip("datasets")
-    datasets.disable_progress_bars()
-    return datasets, str(tmp_path_factory.mktemp("hf-cache"))
 
 
 FEATURES = {"layer": "penultimate", "resolution": 32, "augmentation": "none"}
