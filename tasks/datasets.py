@@ -106,6 +106,12 @@ def load_preprocessor(ref: ArtifactRef) -> Preprocessor:
     return Preprocessor.from_bytes(read_bytes(art.fs, art.file(PREPROCESSOR_FILE)), where=art.uri)
 
 
+def data_config(ref: ArtifactRef) -> dict[str, Any] | None:
+    """The DataConfig a dataset artifact was materialized from (recorded in distilled sets' provenance,
+    so `python -m distill.train_on` rebuilds the same real test split from the artifact alone)."""
+    return ref.open(verify=False).manifest.get("config", {}).get("data")
+
+
 def class_counts(ref: ArtifactRef, split: str = "train") -> list[int]:
     """Images per class of a materialized split, from the manifest (no decoding)."""
     return ref.open(verify=False).manifest["class_counts"][split]

@@ -20,7 +20,7 @@ from distill.evaluate import EvalConfig, evaluate_set, summarize
 from distill.formats import read_distilled, read_metrics, write_distilled, write_metrics
 from tasks import reports
 from tasks.artifacts import ArtifactRef
-from tasks.datasets import class_counts, load_preprocessor, preprocessed
+from tasks.datasets import class_counts, data_config, load_preprocessor, preprocessed
 from tasks.runtime import task_device
 from tasks.store import ArtifactStore, Staging, store_cache_key_fn
 
@@ -73,7 +73,7 @@ def random_subset(dataset: ArtifactRef, ipc: int, seed: int, eval: EvalConfig, s
             preprocessor_tensors=pre.state_dict(),
             recipe=eval.recipe(),
             method="random-real",
-            provenance={"dataset": dataset.uri, "ipc": ipc, "seed": seed, "indices": idx.tolist()},
+            provenance={"dataset": dataset.uri, "data": data_config(dataset), "ipc": ipc, "seed": seed, "indices": idx.tolist()},
             previews=picked.images,
             filesystem=staging.fs,
         )

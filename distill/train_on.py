@@ -1,0 +1,154 @@
+"""Train networks on any distilled or pruned artifact, the way it was made to be trained on.
+
+    python -m distill.train_on artifacts/random-real/<key> --data ../shared/data/cifar10
+    python -m distill.train_on ARTIFACT --arch resnet18 --seeds 0 1 2 --out metrics.parquet
+    python -m distill.train_on user/distilled-cifar10        # a hub dataset repository
+
+What the artifact carries decides the recipe: its pixels are already in the model's input
+space, real test images go through the stored normalization or ZCA, the learned lr replaces
+the recipe's lr, and the loss follows the labels: cross-entropy on hard labels, soft
+cross-entropy on soft labels, or, for a regression-target set (KRR-ST), MSE pretraining
+followed by a linear probe and a full fine-tune on the real data's train split. `--arch`
+trains another architecture under the same recipe (cross-architecture generalization).
+Accuracy is the final epoch's, per seed, with mean and std; the last line is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+import torch
+
+from distill.data import DataError
+from distill.downstream import DistilledDataset, load_distilled
+from distill.evaluate import EvalConfig, evaluate_set, summarize
+from distill.nets import create_net, list_nets, net_arg_problem
+from distill.train import TrainConfig, fine_tune, linear_probe, train
+from distill.utils import resolve_device, seed_everything
+
+# Transfer recipe of a regression-target set whose artifact records none: the shared
+# linear-probe / fine-tune protocol of the transfer stages (final-epoch accuracy).
+_DEFAULT_TRANSFER = {
+    "linear_probe": TrainConfig(epochs=100, batch_size=256, lr=0.1, momentum=0.9, weight_decay=0.0,
+                                schedule="cosine", augment="none"),
+    "fine_tune": TrainConfig(epochs=30, batch_size=128, lr=0.01, momentum=0.9, weight_decay=5e-4,
+                             schedule="cosine", augment="flip_crop"),
+}
+
+
+def _net(ds: DistilledDataset, arch: str | None, net_kwargs: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
+    name, kwargs = ds.net
+    if arch is not None and arch != name:
+        name, kwargs = arch, {}
+    if net_kwargs is not None:
+        kwargs = net_kwargs
+    problem = net_arg_problem(name, kwargs)
+    if problem:
+        raise DataError(problem)
+    return name, kwargs
+
+
+def _transfer_configs(ds: DistilledDataset, epochs: int | None) -> dict[str, TrainConfig]:
+    stored = ds.recipe.get("transfer") or {}
+    cfgs = {k: TrainConfig(**stored[k]) if k in stored else v for k, v in _DEFAULT_TRANSFER.items()}
+    return {k: c.model_copy(update={"epochs": epochs}) if epochs else c for k, c in cfgs.items()}
+
+
+def train_labelled(
+    ds: DistilledDataset, test: tuple[torch.Tensor, torch.Tensor], *, net: str, net_kwargs: dict[str, Any],
+    seed: int, epochs: int | None, device: torch.device,
+) -> dict[str, Any]:
+    """One fresh network on a labelled set (hard or soft labels), tested on the real test split."""
+    train_cfg = ds.train_config(**({"epochs": epochs} if epochs else {}))
+    cfg = EvalConfig(net=net, net_kwargs=net_kwargs, train=train_cfg, num_models=1, use_learned_lr=False)
+    row = evaluate_set(ds.pixels, ds.y, *test, cfg, num_classes=len(ds.class_names), seed=seed, device=str(device))
+    return {"net": net, **row}
+
+
+def train_targets(
+    ds: DistilledDataset, source: str | None, *, net: str, net_kwargs: dict[str, Any],
+    seed: int, epochs: int | None, device: torch.device,
+) -> dict[str, Any]:
+    """Pretrain on (images, targets) by MSE, then linear probe and fine-tune on the real target task."""
+    assert ds.targets is not None
+    seed_everything(seed)
+    backbone = create_net(net, num_classes=ds.targets.shape[1], channels=ds.pixels.shape[1],
+                          image_size=ds.pixels.shape[-1], **net_kwargs)
+    pre_cfg = ds.train_config(**({"epochs": epochs} if epochs else {}))
+    start = time.perf_counter()
+    train(backbone, ds.pixels, ds.targets, pre_cfg, device=device, seed=seed)
+    pretrain_s = time.perf_counter() - start
+    train_x, train_y = ds.real_split("train", source)
+    test_x, test_y = ds.real_split("test", source)
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    transfer = _transfer_configs(ds, None)
+    probe = linear_probe(backbone, train_x, train_y, test_x, test_y, transfer["linear_probe"], device=device, seed=seed)
+    tuned = fine_tune(backbone, train_x, train_y, test_x, test_y, transfer["fine_tune"],
+                      num_classes=num_classes, device=device, seed=seed)
+    return {
+        "net": net, "seed": seed, "pretrain_images": len(ds), "pretrain_seconds": round(pretrain_s, 3),
+        "linear_probe_acc": probe["test_acc"], "fine_tune_acc": tuned["test_acc"],
+        "test_acc": tuned["test_acc"], "device": str(device),
+    }
+
+
+def run(
+    artifact: str, *, data: str | None = None, arch: str | None = None, net_kwargs: dict[str, Any] | None = None,
+    seeds: list[int] = (0,), epochs: int | None = None, device: str | None = None,
+) -> dict[str, Any]:
+    """Train one network per seed on `artifact`; returns per-seed rows and the summary."""
+    ds = load_distilled(artifact)
+    net, kwargs = _net(ds, arch, net_kwargs)
+    dev = resolve_device(device)
+    ds.data_config(data)  # fails now, not after training, when no real data can be found
+    rows = []
+    if ds.kind == "targets":
+        rows = [train_targets(ds, data, net=net, net_kwargs=kwargs, seed=s, epochs=epochs, device=dev) for s in seeds]
+    else:
+        test = ds.test_set(data)
+        rows = [train_labelled(ds, test, net=net, net_kwargs=kwargs, seed=s, epochs=epochs, device=dev) for s in seeds]
+    summary: dict[str, Any] = {"artifact": artifact, "method": ds.method, "kind": ds.kind, "net": net,
+                               "images": len(ds), "classes": len(ds.class_names)}
+    for metric in ("test_acc", "linear_probe_acc", "fine_tune_acc"):
+        if metric in rows[0]:
+            s = summarize([r[metric] for r in rows])
+            summary |= {f"{metric}_mean": s["mean"], f"{metric}_std": s["std"]}
+    summary["seeds"] = list(seeds)
+    return {"rows": rows, "summary": summary}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("artifact", help="artifact folder (distilled or image-dataset format) or hub repo owner/name")
+    parser.add_argument("--data", help="real dataset the set was made from (for its test split); default: recorded")
+    parser.add_argument("--arch", help=f"train another architecture; one of {', '.join(list_nets())}")
+    parser.add_argument("--net-kwargs", type=json.loads, help='constructor kwargs as JSON, e.g. \'{"width": 64}\'')
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one fresh network per seed")
+    parser.add_argument("--epochs", type=int, help="override the recipe's epochs (e.g. a quick check)")
+    parser.add_argument("--device", default="auto", help='"auto", "cpu", "cuda" or "cuda:N"')
+    parser.add_argument("--out", help="also write the per-seed rows as a metrics Parquet file")
+    args = parser.parse_args(argv)
+    if args.arch is not None and args.arch not in list_nets():
+        parser.error(f"unknown architecture {args.arch!r}; valid: {', '.join(list_nets())}")
+    try:
+        result = run(args.artifact, data=args.data, arch=args.arch, net_kwargs=args.net_kwargs,
+                     seeds=args.seeds, epochs=args.epochs, device=args.device)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for row in result["rows"]:
+        print(json.dumps(row))
+    if args.out:
+        from distill.formats import write_metrics
+
+        write_metrics(args.out, [{**r, "artifact": args.artifact} for r in result["rows"]])
+    print(json.dumps(result["summary"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Downstream use: load_distilled reads everything a set needs; train_on reproduces the pipeline's accuracy."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill.data import DataError
+from distill.downstream import load_distilled
+from distill.formats import read_metrics, write_distilled, write_image_dataset
+from distill.train_on import run
+from distill.transforms import Preprocessor
+from tests.conftest import data_path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _write_set(path: Path, *, soft: bool = False, targets: bool = False, lr: float | None = 0.02) -> Preprocessor:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8, generator=g)
+    pre = Preprocessor.fit(images)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    write_distilled(
+        str(path),
+        pixels=pre(images),
+        labels=labels,
+        class_names=["a", "b", "c"],
+        preprocessor_config=pre.config(),
+        preprocessor_tensors=pre.state_dict(),
+        recipe={"net": "convnet", "net_kwargs": {"width": 8, "depth": 1},
+                "train": {"epochs": 7, "lr": 0.5, "augment": "none", "loss": "ce"}},
+        method="test",
+        provenance={"data": {"source": "somewhere", "image_size": 8, "classes": [3, 4, 5]}},
+        soft_labels=torch.softmax(torch.randn(6, 3, generator=g), 1) if soft else None,
+        targets=torch.randn(6, 4, generator=g) if targets else None,
+        learned_lr=lr,
+    )
+    return pre
+
+
+@pytest.mark.parametrize(
+    ("soft", "targets", "kind", "loss", "ydim"),
+    [(False, False, "labels", "ce", 0), (True, False, "soft_labels", "soft_ce", 3), (False, True, "targets", "mse", 4)],
+)
+def test_load_distilled_carries_kind_loss_lr_and_transform(tmp_path, soft, targets, kind, loss, ydim):
+    pre = _write_set(tmp_path / "set", soft=soft, targets=targets)
+    ds = load_distilled(tmp_path / "set")
+    assert ds.kind == kind and len(ds) == 6
+    x, y = ds[1]
+    assert x.shape == (3, 8, 8) and (y.shape == (ydim,) if ydim else y.ndim == 0)
+    cfg = ds.train_config()
+    assert cfg.loss == loss and cfg.lr == 0.02 and cfg.epochs == 7  # learned lr beats the recipe's 0.5
+    assert ds.preprocessor.fingerprint() == pre.fingerprint()
+    assert ds.net == ("convnet", {"width": 8, "depth": 1})
+    # the recorded DataConfig comes back, with the source replaced where the user's copy lives
+    assert ds.data_config("/elsewhere").classes == [3, 4, 5] and ds.data_config("/elsewhere").source == "/elsewhere"
+
+
+def test_recipe_lr_is_used_when_no_lr_was_learned(tmp_path):
+    _write_set(tmp_path / "set", lr=None)
+    assert load_distilled(tmp_path / "set").train_config().lr == 0.5
+
+
+def test_image_dataset_folder_loads_with_its_preprocessor(tmp_path):
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    write_image_dataset(str(tmp_path / "train.parquet"), images, torch.tensor([0, 1, 0, 1]), ["x", "y"])
+    pre = Preprocessor.standard([0.5] * 3, [0.25] * 3)
+    pre.save(tmp_path / "preprocessor.safetensors")
+    ds = load_distilled(tmp_path)
+    assert ds.kind == "labels" and ds.class_names == ["x", "y"]
+    torch.testing.assert_close(ds.pixels, pre(images))
+
+
+def test_not_a_dataset_and_unknown_paths_are_clear_errors(tmp_path):
+    with pytest.raises(DataError, match="neither a distilled dataset"):
+        load_distilled(tmp_path)
+    with pytest.raises(DataError, match="no such folder"):
+        load_distilled(tmp_path / "missing")
+
+
+def test_hub_name_offline_fails_fast_with_a_clear_message(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(DataError, match="could not fetch hub dataset 'nobody/no-such-set'"):
+        load_distilled("nobody/no-such-set")
+    assert time.perf_counter() - start < 10
+
+
+def test_a_set_without_recorded_data_needs_data(tmp_path):
+    _write_set(tmp_path / "set")
+    meta_free = load_distilled(tmp_path / "set")
+    meta_free.provenance = {}
+    with pytest.raises(DataError, match="pass the real data's location"):
+        meta_free.data_config()
+
+
+def test_train_on_refuses_unknown_arch_listing_valid_ones(tmp_path):
+    _write_set(tmp_path / "set")
+    proc = subprocess.run(
+        [sys.executable, "-m", "distill.train_on", str(tmp_path / "set"), "--arch", "vgg11"],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert proc.returncode == 2 and "unknown architecture 'vgg11'; valid: convnet" in proc.stderr
+
+
+def test_train_on_matches_classes_by_name_and_trains_another_arch():
+    cifar = data_path("cifar10")
+    from distill.data import DataConfig
+
+    real = DataConfig(source=str(cifar), classes=[3, 5], train_per_class=4, test_per_class=10).load("train")
+    pre = Preprocessor.fit(real.images)
+    out = ROOT / ".pytest_cache" / "train_on_set"
+    shutil.rmtree(out, ignore_errors=True)
+    # labels renumbered 0/1 = cat/dog: the test split must be relabelled by name, not by id
+    write_distilled(
+        str(out), pixels=pre(real.images), labels=real.labels, class_names=real.class_names,
+        preprocessor_config=pre.config(), preprocessor_tensors=pre.state_dict(),
+        recipe={"net": "convnet", "net_kwargs": {"width": 8, "depth": 2},
+                "train": {"epochs": 2, "batch_size": 8, "augment": "none"}},
+        method="test", provenance={"data": {"source": str(cifar), "classes": [3, 5], "test_per_class": 10}},
+    )
+    result = run(str(out), arch="resnet18", seeds=[0, 1])
+    assert result["summary"]["net"] == "resnet18" and len(result["rows"]) == 2
+    assert all(0.0 <= r["test_acc"] <= 1.0 and r["train_images"] == 8 for r in result["rows"])
+
+
+@pytest.mark.integration
+def test_a_copied_artifact_alone_reproduces_the_reported_accuracy(prefect_server, tmp_path):
+    """The baseline flow reports per-seed accuracies; its artifact folder, copied elsewhere with
+    nothing else, trains to the same accuracies through `python -m distill.train_on`."""
+    cifar = data_path("cifar10")
+    from flows.baseline import BaselineConfig, baseline
+    from flows.presets import load_preset
+
+    params = load_preset("baseline", "tiny")
+    params["data"]["source"] = str(cifar)
+    result = baseline(BaselineConfig(**{**params, "store": str(tmp_path / "store")}))
+    reported = {r["seed"]: r["test_acc"] for r in read_metrics(result["metrics_uri"] + "/metrics.parquet")}
+    copy = tmp_path / "elsewhere" / "my-set"
+    shutil.copytree(result["subset_uri"], copy)
+    shutil.rmtree(tmp_path / "store")  # nothing of the pipeline is left but the copy
+    proc = subprocess.run(
+        [sys.executable, "-m", "distill.train_on", str(copy), "--seeds", *map(str, sorted(reported))],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "DISTILLERY_DEVICE": "cpu"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")][:-1]
+    assert sorted(r["seed"] for r in rows) == sorted(reported)
+    for row in rows:
+        # measured: identical on CPU; the margin is for thread-count float noise on other machines
+        assert abs(row["test_acc"] - reported[row["seed"]]) <= 0.05, (row, reported)
