@@ -30,7 +30,9 @@ import os
 import platform
 import posixpath
 import re
+import resource
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -113,6 +115,11 @@ class Artifact:
 
     def local_path(self) -> str | None:
         return self.path if isinstance(self.fs, pafs.LocalFileSystem) else None
+
+
+def _peak_rss_mb() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(rss / (2**20 if sys.platform == "darwin" else 1024), 1)
 
 
 def _sha256(fs: pafs.FileSystem, path: str) -> str:
@@ -293,6 +300,9 @@ class ArtifactStore:
             "git_revision": _git_revision(),
             "seeds": _jsonable(seeds),
             "wall_time_s": round(wall_time_s, 3),
+            # The writing process's high-water mark (a Ray worker's spans the tasks it ran before):
+            # an upper bound on the stage's own memory, cheap enough to record for every artifact.
+            "peak_rss_mb": _peak_rss_mb(),
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
 
