@@ -2,6 +2,10 @@
 # Creates .venv and installs the project with its test extras. torch and torchvision are
 # pinned (pyproject.toml) and installed first, on their own, so pip resolves the pinned
 # wheels instead of pulling a different CUDA build through another package's range.
+# System packages the tests drive (headless Chromium for the UI test, PostgreSQL for the
+# Postgres-backed Prefect server test) are apt-installed when missing, only as root with
+# apt-get; otherwise a note says what to install (those tests then skip with the reason).
+# DISTILLERY_SKIP_APT=1 turns the apt step off.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
@@ -11,5 +15,24 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 .venv/bin/python -m pip install --upgrade --quiet pip
 .venv/bin/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
 .venv/bin/python -m pip install --quiet -e ".[test]"
+
+# Debian packages whose programs are missing (a failed apt step is a note, not an install failure)
+apt_missing=()
+command -v chromium >/dev/null || command -v chromium-browser >/dev/null || apt_missing+=(chromium)
+command -v chromedriver >/dev/null || apt_missing+=(chromium-driver)
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || apt_missing+=(postgresql)
+if [ ${#apt_missing[@]} -gt 0 ]; then
+    if [ "${DISTILLERY_SKIP_APT:-0}" != 1 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "apt-get install ${apt_missing[*]} (UI browser test, Postgres-backed Prefect server test)"
+        export DEBIAN_FRONTEND=noninteractive
+        if ! { apt-get update -qq >/dev/null && \
+               apt-get install -y -qq --no-install-recommends "${apt_missing[@]}" >/dev/null; }; then
+            echo "note: apt-get install ${apt_missing[*]} failed: the tests that need them will skip"
+        fi
+    else
+        echo "note: ${apt_missing[*]} not installed (needs root and apt-get): the UI browser test and" \
+             "the PostgreSQL scale-out test will skip; install them with your package manager"
+    fi
+fi
 touch .venv/.installed
 echo "installed distillery into .venv"
