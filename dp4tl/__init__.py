@@ -7,6 +7,8 @@ DP4TL (Zhang et al., NeurIPS 2023; methods brief section 1) keeps the source cla
 - `dp4tl.selection`: ClassSelection, label mapping, feature mapping (labels or K-means), SELECTORS.
 - `dp4tl.baselines`: random class pruning (registered "random"), MODERATE data-wise selection.
 - `dp4tl.formats`: the selection and kept-samples Parquet files.
+- `dp4tl.methods`: pruning methods by name (lm, fm, random, lm_bottom, moderate, ...), ratio and
+  input-size checks, SelectionConfig (methods x ratios x seeds) used by the `prune` flows.
 
 Never imports prefect or ray (it depends on `distill` only).
 """

@@ -34,6 +34,16 @@ FLOWS: dict[str, dict[str, str]] = {
         "description": "Expert trajectories for trajectory matching (one Ray task per expert, resumable), "
         "with each recipe's final accuracies and a smoothness plot (MTT vs AST).",
     },
+    "prune": {
+        "entrypoint": "flows.prune:prune",
+        "description": "DP4TL source pruning, selection only: surrogate, label/feature mapping and baselines, "
+        "per-class votes and ranks (selection Parquet), kept samples per ratio, top/bottom class table.",
+    },
+    "prune-eval": {
+        "entrypoint": "flows.prune:prune_eval",
+        "description": "DP4TL source pruning with its evidence: pretrain on each pruned source, transfer to the "
+        "target (linear probe, fine-tune) vs full source and no pretraining; accuracy table and plot.",
+    },
 }
 
 PRESET_NOTES = {

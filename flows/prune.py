@@ -1,0 +1,159 @@
+"""Flows `prune` and `prune-eval`: DP4TL source pruning for transfer learning, and its evidence.
+
+`prune` (selection only): source and target datasets -> surrogate trained on the full source (or
+your weights) -> one selection per (method, seed): per-class votes and ranks (selection Parquet)
+and the kept source samples per pruning ratio -> a table of the top and bottom source classes.
+
+`prune-eval` (selection + pretrain + transfer): the same, then for every (method, ratio, seed)
+the pruned source is materialized, a fresh network pretrains on it for a fixed epoch budget and
+transfers to the target by linear probe and full fine-tune (one Ray task each), next to
+full-source pretraining and no pretraining -> accuracy table and a plot of target accuracy vs
+pruning ratio per method.
+
+Run it:
+    prefect deployment run 'prune-eval/cpu' --watch     # Tiny-ImageNet-200 (32 px) -> CIFAR-10
+    python -m flows.prune --preset tiny                 # selection only, in-process
+    python -m flows.prune --flow prune-eval --preset tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from prefect import flow
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from distill.data import DataConfig, DataError
+from dp4tl.methods import SelectionConfig, check_ratio
+from dp4tl.surrogate import SurrogateConfig
+from flows.presets import load_preset, resolve_store
+from tasks.artifacts import ArtifactRef
+from tasks.datasets import materialize_dataset, validate_data
+from tasks.prune import materialize_pruned, report_selection, select, surrogate
+from tasks.runtime import Resources, heavy, ray_task_runner
+from tasks.transfer import FULL, SCRATCH, PretrainConfig, TransferConfig, pretrain_transfer, report_transfer
+
+
+class PruneConfig(BaseModel):
+    """Parameters of the `prune` flow (a validated form in the Prefect UI)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    source: DataConfig = Field(description="The many-class source dataset to prune (e.g. Tiny-ImageNet-200).")
+    target: DataConfig = Field(description="The downstream task; its train split drives the selection.")
+    surrogate: SurrogateConfig = Field(default_factory=SurrogateConfig, description="Surrogate net and recipe.")
+    surrogate_weights: str | None = Field(
+        None, description="Your surrogate weights (safetensors from dp4tl.surrogate.save_surrogate) instead of "
+        "training one; the head must have one output per source class.",
+    )
+    selection: SelectionConfig = Field(default_factory=SelectionConfig, description="Methods, ratios and seeds.")
+    top_classes: int = Field(10, ge=1, description="Top and bottom source classes shown per method.")
+    resources: Resources = Field(default_factory=Resources, description="Ray resources per heavy task.")
+    store: str | None = Field(None, description="Artifact store URI; default $DISTILLERY_STORE or ./artifacts.")
+
+    @model_validator(mode="after")
+    def _sizes_fit(self) -> PruneConfig:
+        s, t = self.source.image_size, self.target.image_size
+        if s is not None and t is not None and s != t and not self.selection.resize_target:
+            raise ValueError(
+                f"source images are {s} px but target images {t} px, and selection.resize_target is false; "
+                "set both image_size to one value or allow resizing"
+            )
+        return self
+
+
+class PruneEvalConfig(PruneConfig):
+    """Parameters of the `prune-eval` flow: `prune`'s, plus how each pruned source is pretrained and judged."""
+
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="Same epoch budget for every arm.")
+    transfer: TransferConfig = Field(default_factory=TransferConfig, description="Linear probe and fine-tune recipes.")
+    full_source: bool = Field(True, description="Also pretrain on the whole source (the arm to match).")
+    no_pretraining: bool = Field(True, description="Also transfer from a randomly initialized net (the floor).")
+
+
+def _check_against_data(config: PruneConfig) -> None:
+    """Refuse, before any training, settings the data cannot satisfy (from labels only)."""
+    source = validate_data(config.source)
+    target = validate_data(config.target)
+    present = [n for n in source[config.source.train_split] if n > 0]
+    if sum(target[config.target.train_split]) == 0:
+        raise DataError(f"the target's {config.target.train_split!r} split selects no images ({config.target.source})")
+    for ratio in config.selection.ratios:
+        check_ratio(ratio, len(present))
+    k = config.selection.k_clusters or len(present)
+    if "fm_kmeans" in config.selection.methods and k > sum(present):
+        raise ValueError(f"k_clusters={k} is larger than the {sum(present)} source samples; lower it")
+
+
+def _select_all(config: PruneConfig, store: str) -> tuple[ArtifactRef, ArtifactRef, dict[tuple[str, int], ArtifactRef]]:
+    _check_against_data(config)  # in the flow process: fails fast, before any Ray worker starts
+    source_f = materialize_dataset.submit(config.source, store)
+    target_f = materialize_dataset.submit(config.target, store)
+    source, target = source_f.result(), target_f.result()
+    with heavy(config.resources):
+        sur = surrogate.submit(source, config.surrogate, store, config.surrogate_weights).result()
+        futures = {
+            (m, s): select.submit(source, target, sur, m, s, config.selection, store)
+            for m in config.selection.methods
+            for s in config.selection.seeds
+        }
+    selections = {k: f.result() for k, f in futures.items()}
+    name = f"prune-{config.source.name}-to-{config.target.name}"
+    report_selection(list(selections.values()), name, config.top_classes)
+    return source, target, selections
+
+
+@flow(name="prune", task_runner=ray_task_runner(), log_prints=True)
+def prune(config: PruneConfig) -> dict[str, Any]:
+    """Select the source classes (or samples) each method keeps, per ratio and seed; no pretraining."""
+    store = resolve_store(config.store)
+    source, target, selections = _select_all(config, store)
+    out = {f"{m}/seed{s}": ref.uri for (m, s), ref in selections.items()}
+    print(json.dumps(out, indent=1))
+    return {"source_uri": source.uri, "target_uri": target.uri, "selections": out}
+
+
+@flow(name="prune-eval", task_runner=ray_task_runner(), log_prints=True)
+def prune_eval(config: PruneEvalConfig) -> dict[str, Any]:
+    """Selection, then pretrain on every pruned source and transfer to the target; accuracy table and plot."""
+    store = resolve_store(config.store)
+    source, target, selections = _select_all(config, store)
+    sel = config.selection
+    # Cheap (row copies, no decoding), so in the flow process: no Ray round trip per view.
+    pruned = {
+        (m, r, s): materialize_pruned(source, selections[(m, s)], r, store)
+        for m in sel.methods for r in sel.ratios for s in sel.seeds
+    }
+    with heavy(config.resources):
+        runs = [
+            pretrain_transfer.submit(ref, target, config.pretrain, config.transfer, s, store, m, r)
+            for (m, r, s), ref in pruned.items()
+        ]
+        for s in sel.seeds:
+            if config.full_source:
+                runs.append(pretrain_transfer.submit(source, target, config.pretrain, config.transfer, s, store, FULL, 0.0))
+            if config.no_pretraining:
+                runs.append(pretrain_transfer.submit(None, target, config.pretrain, config.transfer, s, store, SCRATCH, 0.0))
+    rows = [r.result() for r in runs]
+    name = f"prune-eval-{config.source.name}-to-{config.target.name}"
+    result = report_transfer(rows, name, store)
+    print(json.dumps({"summary": result["summary"], "metrics": result["metrics_uri"]}, indent=1))
+    return {**result, "rows": rows, "selections": {f"{m}/seed{s}": ref.uri for (m, s), ref in selections.items()}}
+
+
+FLOWS = {"prune": (prune, PruneConfig), "prune-eval": (prune_eval, PruneEvalConfig)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--flow", choices=sorted(FLOWS), default="prune")
+    parser.add_argument("--preset", default="tiny", help="preset in deployments/presets/<flow>.yaml")
+    args = parser.parse_args()
+    fn, cfg = FLOWS[args.flow]
+    fn(cfg(**load_preset(args.flow, args.preset)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,369 @@
+"""Stages `pretrain`, `transfer` and `transfer-metrics`: pretrain on a source, transfer to a target.
+
+Generic, for every stage that asks "how good is this (pruned, distilled) source for pretraining?":
+
+- `pretrain_weights`: a fresh network trained on any image-dataset artifact (stage `dataset`,
+  `pruned`, ...) for a fixed epoch budget; weights as safetensors, with images seen and wall
+  time in the manifest. The head keeps every source class, pruned or not (DP4TL, brief 1.2).
+- `transfer_eval`: the pretrained backbone (or a fresh one: the no-pretraining arm) on a target
+  dataset artifact, by linear probe (frozen features, fresh linear head) and full fine-tune (fresh
+  head, all weights), both with distill.train and final-epoch test accuracy.
+- `pretrain_transfer`: both in one Ray task, the unit a flow fans out per (method, ratio, seed).
+- `report_transfer`: metrics Parquet, a mean/std table and a plot of target accuracy vs pruning
+  ratio per method, with the full-source and no-pretraining arms as reference lines.
+
+Target images are resized to the pretrained input size when they differ (per-channel
+normalization does not depend on the size; a ZCA-whitened target of another size is refused).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from typing import Any, Literal
+
+import safetensors.torch
+import torch
+import torch.nn as nn
+from prefect import task
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from distill.data import DataError, resize_uint8
+from distill.evaluate import summarize
+from distill.formats import write_metrics
+from distill.fsio import read_bytes
+from distill.nets import create_net, net_arg_problem
+from distill.train import TrainConfig, evaluate, fine_tune, linear_probe, train
+from tasks import reports
+from tasks.artifacts import ArtifactRef
+from tasks.datasets import load_preprocessor, load_split, preprocessed
+from tasks.runtime import task_device
+from tasks.store import ArtifactStore, Staging, store_cache_key_fn
+
+PRETRAIN_STAGE = "pretrain"
+TRANSFER_STAGE = "transfer"
+METRICS_STAGE = "metrics"
+WEIGHTS_FILE = "weights.safetensors"
+FULL, SCRATCH = "full", "scratch"  # the comparison arms: the whole source, and no pretraining at all
+
+
+def run_progress(title: str, key: str):
+    """A Prefect progress callback inside a flow or task run; None when called as a plain function."""
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    if FlowRunContext.get() is None and TaskRunContext.get() is None:
+        return None
+    return reports.prefect_progress(title, key=key)
+
+
+class PretrainConfig(BaseModel):
+    """Pretraining on a (pruned) source: the same fixed epoch budget for every arm, so fewer images = less time."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    net: str = Field("convnet", description="Registered network (distill.nets); DP4TL pretrains ResNet-18/50.")
+    net_kwargs: dict[str, Any] = Field(default_factory=lambda: {"width": 32, "depth": 3})
+    # DP4TL: 16 epochs, SGD lr 0.5 per 1024 images, momentum 0.9, wd 5e-5 (brief 1.2); scaled to
+    # lr 0.05 per 256 with cosine decay for a few CPU epochs.
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(
+            epochs=5, batch_size=256, lr=0.05, momentum=0.9, weight_decay=5e-5, schedule="cosine", augment="flip_crop"
+        )
+    )
+
+    @model_validator(mode="after")
+    def _net_args_fit(self) -> PretrainConfig:
+        problem = net_arg_problem(self.net, self.net_kwargs)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+class TransferConfig(BaseModel):
+    """How a pretrained backbone is judged on the target: linear probe and full fine-tune (DP4TL's lp / ff)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    modes: list[Literal["linear_probe", "fine_tune"]] = Field(
+        default_factory=lambda: ["linear_probe", "fine_tune"], min_length=1
+    )
+    # DP4TL lp: Adam lr 0.01, wd 0, 50 epochs, batch 128, cosine, no augmentation (brief 1.2).
+    linear_probe: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(
+            epochs=50, batch_size=128, lr=0.01, optimizer="adam", weight_decay=0.0, schedule="cosine", augment="none"
+        )
+    )
+    # DP4TL ff: Adam lr 1e-4, 200 epochs, batch 128, cosine, crop and flip (brief 1.2).
+    fine_tune: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(
+            epochs=200, batch_size=128, lr=1e-4, optimizer="adam", weight_decay=0.0, schedule="cosine",
+            augment="flip_crop",
+        )
+    )
+
+
+# ---------------------------------------------------------------- pretraining
+
+
+def pretrain_key(store: str, dataset: ArtifactRef, cfg: PretrainConfig, seed: int) -> str:
+    return ArtifactStore(store).key(PRETRAIN_STAGE, {"pretrain": cfg, "seed": seed}, [dataset.key])
+
+
+def _build(cfg: PretrainConfig, num_classes: int, shape: list[int], seed: int) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return create_net(cfg.net, num_classes=num_classes, channels=shape[0], image_size=shape[-1], **cfg.net_kwargs)
+
+
+def pretrain_weights(
+    dataset: ArtifactRef, cfg: PretrainConfig, seed: int, store: str, label: str = "", device: str | None = None
+) -> ArtifactRef:
+    """Pretrain a fresh net on `dataset` (or reuse the stored one); publishes weights and cost."""
+    key = pretrain_key(store, dataset, cfg, seed)
+    st = ArtifactStore(store)
+    if not st.exists(PRETRAIN_STAGE, key):
+        info = dataset.open(verify=False).manifest
+        names, shape = info["class_names"], info["image_shape"]
+        pre = load_preprocessor(dataset)
+        x, y, _ = preprocessed(dataset, "train", pre)
+        test_x, test_y, _ = preprocessed(dataset, "test", pre)
+        net = _build(cfg, len(names), shape, seed)
+        progress = run_progress(
+            f"pretrain {label or dataset.key} seed {seed} ({len(y)} images)",
+            reports.artifact_key("progress", "pretrain", label, "seed", seed),
+        )
+        result = train(net, x, y, cfg.train, device=device, seed=seed, progress=progress)
+        source_test = evaluate(net, test_x, test_y, device=device) if len(test_y) else {"acc": float("nan")}
+        meta = {"net": cfg.net, "net_kwargs": json.dumps(cfg.net_kwargs), "num_classes": str(len(names)),
+                "image_shape": json.dumps(shape)}
+
+        def write(staging: Staging) -> dict[str, Any]:
+            state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+            with staging.fs.open_output_stream(staging.file(WEIGHTS_FILE)) as f:
+                f.write(safetensors.torch.save(state, metadata=meta))
+            return {
+                "rows": {"train": int(len(y))},
+                "num_classes": len(names),
+                "image_shape": shape,
+                "train_images": int(len(y)),
+                "images_seen": int(len(y)) * cfg.train.epochs,
+                "pretrain_seconds": round(result.seconds, 3),
+                "pretrain_train_acc": result.final["train_acc"],
+                "pretrain_source_test_acc": source_test["acc"],
+                "device": str(next(net.parameters()).device),
+                "label": label,
+            }
+
+        st.publish(PRETRAIN_STAGE, key, write, config={"pretrain": cfg}, inputs=[dataset.key], seeds={"train": seed})
+        reports.run_logger().info("pretrained %s seed %d on %d images in %.1f s", label, seed, len(y), result.seconds)
+    return ArtifactRef(store=store, stage=PRETRAIN_STAGE, key=key)
+
+
+def load_pretrained(ref: ArtifactRef) -> tuple[nn.Module, dict[str, Any]]:
+    """The stored pretrained net (CPU, eval mode) and its manifest."""
+    art = ref.open(verify=False)
+    info = art.manifest
+    cfg = PretrainConfig(**info["config"]["pretrain"])
+    net = _build(cfg, info["num_classes"], info["image_shape"], 0)
+    net.load_state_dict(safetensors.torch.load(read_bytes(art.fs, art.file(WEIGHTS_FILE))))
+    return net.eval(), info
+
+
+# ---------------------------------------------------------------- transfer
+
+
+def transfer_key(
+    store: str, pretrained: ArtifactRef | None, target: ArtifactRef, pretrain: PretrainConfig, cfg: TransferConfig,
+    seed: int,
+) -> str:
+    upstream = [pretrained.key if pretrained is not None else SCRATCH, target.key]
+    # The no-pretraining arm depends on the architecture; a pretrained one is named by its key.
+    arch = pretrain if pretrained is None else None
+    return ArtifactStore(store).key(TRANSFER_STAGE, {"transfer": cfg, "seed": seed, "scratch_net": arch}, upstream)
+
+
+def target_tensors(target: ArtifactRef, shape: list[int]) -> tuple[torch.Tensor, ...]:
+    """Target train/test in model input space at the backbone's input size: (train_x, train_y, test_x, test_y)."""
+    pre = load_preprocessor(target)
+    out = []
+    for split in ("train", "test"):
+        images = load_split(target, split)
+        if len(images) == 0:
+            raise DataError(f"the target's {split} split is empty ({target.uri})")
+        x = images.images
+        if list(x.shape[1:]) != list(shape):
+            if pre.kind == "zca" or x.shape[1] != shape[0]:
+                raise DataError(
+                    f"target images are {list(x.shape[1:])} but the backbone takes {list(shape)}, and a "
+                    f"{pre.kind} preprocessing cannot be resized; set the target's image_size to {shape[-1]}"
+                )
+            x = resize_uint8(x, shape[-1])
+        out += [pre(x), images.labels]
+    return tuple(out)
+
+
+def transfer_eval(
+    pretrained: ArtifactRef | None, target: ArtifactRef, pretrain: PretrainConfig, cfg: TransferConfig, seed: int,
+    store: str, label: str = "", device: str | None = None,
+) -> dict[str, Any]:
+    """Linear probe and fine-tune of a pretrained (or, with None, a fresh) backbone on the target."""
+    key = transfer_key(store, pretrained, target, pretrain, cfg, seed)
+    st = ArtifactStore(store)
+    if not st.exists(TRANSFER_STAGE, key):
+        names = target.open(verify=False).manifest["class_names"]
+        if pretrained is None:
+            shape = target.open(verify=False).manifest["image_shape"]
+            net, info = _build(pretrain, len(names), shape, seed), {"images_seen": 0, "pretrain_seconds": 0.0}
+        else:
+            net, info = load_pretrained(pretrained)
+            shape = info["image_shape"]
+        train_x, train_y, test_x, test_y = target_tensors(target, shape)
+        row: dict[str, Any] = {}
+        for mode in cfg.modes:
+            progress = run_progress(f"{mode} {label} seed {seed}", reports.artifact_key("progress", mode, label, "seed", seed))
+            if mode == "linear_probe":
+                r = linear_probe(net, train_x, train_y, test_x, test_y, cfg.linear_probe,
+                                 device=device, seed=seed, progress=progress)
+            else:
+                r = fine_tune(net, train_x, train_y, test_x, test_y, cfg.fine_tune,
+                              num_classes=len(names), device=device, seed=seed, progress=progress)
+            prefix = "lp" if mode == "linear_probe" else "ft"
+            row.update({f"{prefix}_acc": r["test_acc"], f"{prefix}_train_acc": r["train_acc"],
+                        f"{prefix}_seconds": round(r["seconds"], 3)})
+        row.update({
+            "train_images": int(info.get("train_images", 0)),
+            "images_seen": int(info["images_seen"]),
+            "pretrain_seconds": float(info["pretrain_seconds"]),
+            "target_train_images": int(len(train_y)),
+        })
+
+        def write(staging: Staging) -> dict[str, Any]:
+            write_metrics(staging.file("metrics.parquet"), [row], filesystem=staging.fs)
+            return {"rows": 1, "metrics": row}
+
+        inputs = [pretrained.key if pretrained is not None else SCRATCH, target.key]
+        st.publish(TRANSFER_STAGE, key, write, config={"transfer": cfg}, inputs=inputs, seeds={"transfer": seed})
+        reports.run_logger().info("transfer %s seed %d: %s", label, seed, {k: v for k, v in row.items() if k.endswith("acc")})
+    return {**st.manifest(TRANSFER_STAGE, key)["metrics"], "transfer_key": key}
+
+
+def _pt_key_of(p: dict[str, Any]) -> tuple[str, str]:
+    pre = None if p["source"] is None else ArtifactRef(
+        store=p["store"], stage=PRETRAIN_STAGE, key=pretrain_key(p["store"], p["source"], p["pretrain"], p["seed"])
+    )
+    return p["store"], transfer_key(p["store"], pre, p["target"], p["pretrain"], p["transfer"], p["seed"])
+
+
+@task(
+    name="pretrain-transfer",
+    task_run_name="pretrain-transfer-{method}-{ratio}-seed{seed}",
+    cache_key_fn=store_cache_key_fn(TRANSFER_STAGE, _pt_key_of),
+    result_serializer="json",
+    retries=1,
+)
+def pretrain_transfer(
+    source: ArtifactRef | None, target: ArtifactRef, pretrain: PretrainConfig, transfer: TransferConfig, seed: int,
+    store: str, method: str, ratio: float,
+) -> dict[str, Any]:
+    """One Ray task: pretrain on `source` (None: no pretraining), then transfer to `target`; one metrics row."""
+    device = task_device()
+    label = f"{method}-{ratio}" if method not in (FULL, SCRATCH) else method
+    pre = None if source is None else pretrain_weights(source, pretrain, seed, store, label, device)
+    row = transfer_eval(pre, target, pretrain, transfer, seed, store, label, device)
+    return {"method": method, "ratio": float(ratio), "seed": seed, **row,
+            "source": source.uri if source is not None else None}
+
+
+# ---------------------------------------------------------------- report
+
+
+ACCURACIES = (("lp_acc", "linear probe"), ("ft_acc", "fine-tune"))
+
+
+def summarize_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and std over seeds per (method, ratio) of both accuracies, pretraining time and images seen."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["ratio"]), []).append(r)
+    full = [r["pretrain_seconds"] for r in rows if r["method"] == FULL]
+    full_s = sum(full) / len(full) if full else float("nan")
+    out = []
+    for (method, ratio), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        entry: dict[str, Any] = {"method": method, "ratio": ratio, "seeds": len(rs)}
+        for k, _ in ACCURACIES:
+            vals = [r[k] for r in rs if r.get(k) is not None]
+            if vals:
+                s = summarize(vals)
+                entry[f"{k}_mean"], entry[f"{k}_std"] = s["mean"], s["std"]
+        secs = sum(r["pretrain_seconds"] for r in rs) / len(rs)
+        entry["pretrain_seconds"] = secs
+        entry["pretrain_time_vs_full"] = secs / full_s if full_s and not math.isnan(full_s) else float("nan")
+        entry["train_images"] = rs[0]["train_images"]
+        entry["images_seen"] = rs[0]["images_seen"]
+        out.append(entry)
+    return out
+
+
+def accuracy_plot(summary: list[dict[str, Any]]) -> bytes:
+    """Target accuracy vs pruning ratio, one line per method, full source and scratch as dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [(k, t) for k, t in ACCURACIES if any(f"{k}_mean" in s for s in summary)]
+    fig, axes = plt.subplots(1, len(modes), figsize=(4.6 * len(modes), 3.6), dpi=110, squeeze=False)
+    methods = sorted({s["method"] for s in summary} - {FULL, SCRATCH})
+    for ax, (k, title) in zip(axes[0], modes):
+        for method in methods:
+            pts = sorted((s["ratio"], s[f"{k}_mean"], s[f"{k}_std"]) for s in summary if s["method"] == method)
+            if pts:
+                xs, ys, es = zip(*pts)
+                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=method)
+        for arm, style in ((FULL, "--"), (SCRATCH, ":")):
+            ref = [s for s in summary if s["method"] == arm and f"{k}_mean" in s]
+            if ref:
+                ax.axhline(ref[0][f"{k}_mean"], color="k", linestyle=style, label=f"{arm} source" if arm == FULL else "no pretraining")
+        ax.set(title=f"target {title} accuracy", xlabel="fraction of source classes pruned", ylabel="test accuracy")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _metrics_key(p: dict[str, Any]) -> tuple[str, str]:
+    inputs = sorted(r["transfer_key"] for r in p["rows"])
+    return p["store"], ArtifactStore(p["store"]).key(METRICS_STAGE, {"name": p["name"]}, inputs)
+
+
+@task(name="report-transfer", result_serializer="json")
+def report_transfer(rows: list[dict[str, Any]], name: str, store: str) -> dict[str, Any]:
+    """Metrics and summary Parquet, the accuracy table and the accuracy-vs-ratio plot (PNG, also in the UI)."""
+    _, key = _metrics_key({"rows": rows, "name": name, "store": store})
+    summary = summarize_rows(rows)
+    png = accuracy_plot(summary)
+    # write_metrics wants flat scalars; the summary is already flat, the rows too.
+    st = ArtifactStore(store)
+
+    def write(staging: Staging) -> dict[str, Any]:
+        write_metrics(staging.file("metrics.parquet"), rows, filesystem=staging.fs)
+        write_metrics(staging.file("summary.parquet"), summary, filesystem=staging.fs)
+        with staging.fs.open_output_stream(staging.file("accuracy.png")) as f:
+            f.write(png)
+        return {"rows": len(rows), "summary": summary}
+
+    art = st.publish(METRICS_STAGE, key, write, config={"name": name}, inputs=sorted(r["transfer_key"] for r in rows))
+    reports.table(summary, key=reports.artifact_key(name, "summary"),
+                  description=f"{name}: target accuracy (final epoch), mean and std over seeds. Metrics: {art.uri}")
+    from tasks.tables import markdown_table
+
+    reports.markdown(
+        "## Target accuracy vs pruning ratio\nMean and std over seeds; dashed: full-source pretraining, "
+        "dotted: no pretraining.\n\n" + reports.png_markdown(png, "accuracy vs ratio") + "\n" + markdown_table(summary),
+        key=reports.artifact_key(name, "plot"),
+    )
+    return {"summary": summary, "metrics_uri": art.uri}
+
