@@ -34,6 +34,11 @@ FLOWS: dict[str, dict[str, str]] = {
         "description": "Expert trajectories for trajectory matching (one Ray task per expert, resumable), "
         "with each recipe's final accuracies and a smoothness plot (MTT vs AST).",
     },
+    "distill-tm": {
+        "entrypoint": "flows.distill_tm:distill_tm_flow",
+        "description": "Trajectory-matching distillation (MTT with the AST switches, unrolled or constant memory, "
+        "resumable), evaluated beside the random real subset at the same images per class across architectures.",
+    },
     "prune": {
         "entrypoint": "flows.prune:prune",
         "description": "DP4TL source pruning, selection only: surrogate, label/feature mapping and baselines, "

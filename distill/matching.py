@@ -1,0 +1,637 @@
+"""Trajectory-matching distillation: MTT (Cazenavette et al. 2022) with AST's improvements.
+
+A few synthetic images per class are learned so that a student trained on them for
+`syn_steps` SGD steps, starting from an expert snapshot at a random epoch, lands where the
+expert was `expert_epochs` epochs later:
+
+    L = ||theta_N - theta*_{t+M}||^2 / ||theta_0 - theta*_{t+M}||^2
+
+The student runs on a flat parameter vector (`torch.func.functional_call` on views of it),
+every inner step sees a DSA-augmented minibatch of the synthetic images, and the inner
+learning rate is learned too. Images and lr are updated by SGD with momentum 0.5 (MTT).
+
+AST's changes are config switches, all off by default (MTT):
+  init="representative"  K-means on an expert's logits per class, the real image nearest each
+                         centre; works at 1 image per class (AST's code returns none there).
+  balance_loss           inner CE x log5(t - h + 8) for late starts, / log5(h - t + 8) for
+                         early ones (h = max_start_epoch // 2).
+  intermediate_loss      also match theta at inner step (N // M) * i to the expert epoch t + i,
+                         weight 1 ("constant") or i / M ("adaptive").
+  weight_perturb         conv weights of the student's start w <- w + s * d * w, d ~ N(0, I)
+                         scaled to unit Frobenius norm (AST: s = 1).
+  student_momentum       inner steps b = mu * b + g, theta -= lr * b (AST: 0.9, like its experts).
+
+Memory modes (MEMORY_MODES), both exact:
+  unrolled  backprop through the whole inner loop (MTT); the graph of every step is kept, so
+            memory grows linearly with syn_steps.
+  constant  reverse-mode accumulation by hand (the adjoint of the inner loop). A forward pass
+            without a graph stores only the flat parameter vectors theta_0..theta_N; then, step
+            by step in reverse, one inner step is recomputed with a graph (same batch, same
+            replayed DSA parameters) and a Hessian-vector product carries the adjoint back:
+                u_k      = thetabar_{k+1} + mu * u_{k+1}        (u_N = 0)
+                vtilde_k = -lr * u_k                            (adjoint of the step's gradient g_k)
+                thetabar_k = thetabar_{k+1} + H_k vtilde_k + dL/dtheta_k (matching terms)
+                imagesbar += (d g_k / d images)^T vtilde_k,     lrbar -= g_k . u_k
+            Every term of the unrolled gradient is kept (cross-step terms included, unlike
+            TESLA's code), so the two modes agree to rounding (tests check float64 to 1e-9).
+            Memory: one inner step's double-backward graph plus (N + 1) parameter vectors,
+            i.e. 4 bytes x num_params x (N + 1) (1.3 MB x 81 for MTT's CIFAR ConvNet at N=80),
+            against the unrolled graph of N steps of activations. Time: about one extra
+            forward/backward per step.
+
+Long runs survive: with a `work_dir`, a checkpoint (images, lr, both momentum buffers, the
+RNG state, iteration, current image lr, loss curve) is written every `checkpoint_every`
+iterations, and a restarted run with the same config resumes from it and gives the same
+result as an uninterrupted run. A non-finite loss or a learning rate that is no longer
+positive stops the run with a clear error, or (on_divergence="rollback") returns to the last
+checkpoint with the image lr multiplied by rollback_factor.
+
+    from distill.matching import MatchConfig, match_trajectories
+    result = match_trajectories(MatchConfig(ipc=1, iterations=200), TrajectorySet(dir), x, y, num_classes=10)
+
+Pure: imports neither prefect nor ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from distill.augment import DSAConfig, DSAParams, apply_params, sample_params
+from distill.nets import create_net, unflatten_params
+from distill.trajectory import TrajectorySet, atomic_file, layout_from_json
+from distill.utils import Progress, resolve_device
+
+CHECKPOINT_FORMAT = "matching-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+class MatchingError(ValueError):
+    """Inputs that cannot be distilled (bad ipc, mismatched expert set, too-short trajectories)."""
+
+
+class MatchingDiverged(FloatingPointError):
+    """The matching loss stopped being finite or the learned lr stopped being positive."""
+
+
+# ---------------------------------------------------------------- config
+
+
+class MatchConfig(BaseModel, frozen=True, extra="forbid"):
+    """Trajectory matching. Defaults: MTT's distill.py CLI defaults, AST switches off."""
+
+    ipc: int = Field(1, ge=1)  # synthetic images per class
+    iterations: int = Field(5000, ge=1)  # outer updates of images and lr (MTT Iteration 5000)
+    syn_steps: int = Field(20, ge=1)  # N: student SGD steps per iteration (MTT CLI 20; table 10-80)
+    expert_epochs: int = Field(3, ge=1)  # M: target = expert snapshot M epochs after the start
+    # start epoch drawn uniformly from 0..max_start_epoch inclusive (MTT's randint excludes T+,
+    # so MTT's T+ = 20 is 19 here); needs max_start_epoch + expert_epochs <= stored epochs
+    max_start_epoch: int = Field(19, ge=0)
+    lr_img: float = Field(1000.0, gt=0)  # image SGD lr; MTT tunes it on a 10^n grid (100 .. 1e5)
+    lr_lr: float = Field(1e-5, ge=0)  # SGD lr of the learned student lr; 0 freezes it
+    lr_init: float = Field(0.01, gt=0)  # alpha_0, the student lr to start from (MTT lr_teacher)
+    momentum_img: float = Field(0.5, ge=0, lt=1)  # MTT: SGD momentum 0.5 for images and lr
+    momentum_lr: float = Field(0.5, ge=0, lt=1)
+    batch_syn: int | None = Field(None, ge=1)  # images per inner step; None = all (MTT default)
+    dsa: DSAConfig | None = DSAConfig()  # inner-loop augmentation (MTT: DSA); None = none
+    init: str = "real"  # an INITS name: real, noise, representative (AST)
+    balance_loss: bool = False  # AST --balance_loss
+    intermediate_loss: Literal["none", "constant", "adaptive"] = "none"  # AST --agg_middle_loss / adaptive
+    weight_perturb: float = Field(0.0, ge=0)  # AST --weight_perturb uses 1.0; 0 = off
+    student_momentum: float = Field(0.0, ge=0, lt=1)  # AST 0.9 (its experts use momentum 0.9)
+    memory: str = "unrolled"  # a MEMORY_MODES name: unrolled (MTT) or constant (exact, O(1) graphs)
+    checkpoint_every: int = Field(50, ge=1)  # iterations between checkpoints (needs a work_dir)
+    on_divergence: Literal["stop", "rollback"] = "stop"
+    rollback_factor: float = Field(0.5, gt=0, lt=1)  # image lr multiplier per rollback
+    max_rollbacks: int = Field(3, ge=0)  # then stop with an error after all
+    seed: int = 0  # images init, expert/epoch draws, batches, DSA, perturbations
+
+    @field_validator("init")
+    @classmethod
+    def _known_init(cls, name: str) -> str:
+        if name not in INITS:
+            raise ValueError(f"unknown init {name!r}; valid: {', '.join(INITS)}")
+        return name
+
+    @field_validator("memory")
+    @classmethod
+    def _known_memory(cls, name: str) -> str:
+        if name not in MEMORY_MODES:
+            raise ValueError(f"unknown memory mode {name!r}; valid: {', '.join(MEMORY_MODES)}")
+        return name
+
+    @model_validator(mode="after")
+    def _intermediate_fits(self) -> MatchConfig:
+        if self.intermediate_loss != "none" and self.syn_steps < self.expert_epochs:
+            raise ValueError(
+                f"intermediate_loss={self.intermediate_loss!r} matches at steps (syn_steps // expert_epochs) * i; "
+                f"needs syn_steps >= expert_epochs, got {self.syn_steps} < {self.expert_epochs}"
+            )
+        return self
+
+    def identity(self) -> dict:
+        """What a run's result depends on: every field but how long it runs and how often it saves.
+
+        iterations is left out, so a finished run can be extended by resuming with more.
+        """
+        return self.model_dump(mode="json", exclude={"iterations", "checkpoint_every"})
+
+
+# ---------------------------------------------------------------- checks (before any long computation)
+
+
+def check_ipc(class_counts: list[int], ipc: int, class_names: list[str] | None = None) -> None:
+    """Refuse ipc larger than a class (each class needs ipc distinct real images to start from)."""
+    names = class_names or [str(c) for c in range(len(class_counts))]
+    short = [(names[c], n) for c, n in enumerate(class_counts) if n < ipc]
+    if short:
+        detail = ", ".join(f"{name!r} has {n}" for name, n in short[:5])
+        raise MatchingError(f"ipc={ipc} images per class is larger than a class: {detail}; lower ipc")
+
+
+def check_experts(
+    meta: dict,
+    last_epoch: int,
+    cfg: MatchConfig,
+    *,
+    num_classes: int,
+    image_shape: tuple[int, int, int] | list[int],
+    dataset_fingerprint: str | None = None,
+    preprocessor_fingerprint: str | None = None,
+    net: str | None = None,
+    net_kwargs: dict | None = None,
+) -> None:
+    """Refuse an expert set made for another dataset, preprocessing (ZCA), model or length."""
+    problems = []
+    if dataset_fingerprint is not None and meta.get("dataset_fingerprint") != dataset_fingerprint:
+        problems.append(
+            f"it was trained on another dataset (fingerprint {meta.get('dataset_fingerprint')!r}, "
+            f"this dataset is {dataset_fingerprint!r})"
+        )
+    if preprocessor_fingerprint is not None and meta.get("preprocessor_fingerprint") != preprocessor_fingerprint:
+        problems.append(
+            f"it was trained with another preprocessing, e.g. the other ZCA setting (fingerprint "
+            f"{meta.get('preprocessor_fingerprint')!r}, this one is {preprocessor_fingerprint!r})"
+        )
+    if net is not None and (meta.get("net") != net or (net_kwargs is not None and meta.get("net_kwargs") != net_kwargs)):
+        problems.append(f"it is for model {meta.get('net')!r} {meta.get('net_kwargs')}, not {net!r} {net_kwargs}")
+    channels, size = int(image_shape[0]), int(image_shape[-1])
+    if (meta.get("num_classes"), meta.get("channels"), meta.get("image_size")) != (num_classes, channels, size):
+        problems.append(
+            f"it is for {meta.get('num_classes')} classes of {meta.get('channels')}x{meta.get('image_size')} px "
+            f"images, the data has {num_classes} classes of {channels}x{size} px"
+        )
+    if problems:
+        raise MatchingError("expert set refused: " + "; ".join(problems))
+    if cfg.max_start_epoch + cfg.expert_epochs > last_epoch:
+        raise MatchingError(
+            f"max_start_epoch + expert_epochs = {cfg.max_start_epoch} + {cfg.expert_epochs} = "
+            f"{cfg.max_start_epoch + cfg.expert_epochs} is beyond the stored trajectories (last epoch "
+            f"{last_epoch}); lower them or train longer experts"
+        )
+
+
+# ---------------------------------------------------------------- the student
+
+
+class Student:
+    """The expert's net evaluated at a flat parameter vector (differentiable w.r.t. it, twice)."""
+
+    def __init__(self, meta: dict, device: torch.device, dtype: torch.dtype = torch.float32):
+        self.layout = layout_from_json(meta["layout"])
+        net = create_net(meta["net"], num_classes=meta["num_classes"], channels=meta["channels"],
+                         image_size=meta["image_size"], **meta["net_kwargs"])
+        self.net = net.to(device=device, dtype=dtype)
+        names = [name for name, _ in self.layout]
+        if names != [name for name, _ in self.net.named_parameters()]:
+            raise MatchingError(f"the expert layout does not match a fresh {meta['net']!r}; retrain the experts")
+        # Buffers (BatchNorm running stats) are not in trajectories; the student keeps the fresh
+        # net's, used in training mode, i.e. batch statistics, as the experts trained.
+        self.buffers = dict(self.net.named_buffers())
+
+    def __call__(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        params = unflatten_params(theta, self.layout)
+        return torch.func.functional_call(self.net, {**params, **self.buffers}, (x,))
+
+
+# ---------------------------------------------------------------- one iteration's problem
+
+
+@dataclass
+class Segment:
+    """Everything one matching iteration needs, drawn up front so both memory modes replay it."""
+
+    start: torch.Tensor  # theta_0 (perturbed when weight_perturb > 0); constant
+    targets: list[tuple[int, torch.Tensor, float]]  # (inner step, expert snapshot, weight)
+    plan: list[tuple[torch.Tensor, DSAParams | None]]  # per inner step: image indices, DSA draw
+    scale: float = 1.0  # balanced-loss CE multiplier
+    momentum: float = 0.0  # student momentum
+    expert_id: int = 0
+    start_epoch: int = 0
+
+
+def _inner_grad(student: Student, theta: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
+                step: tuple[torch.Tensor, DSAParams | None], scale: float, create_graph: bool) -> torch.Tensor:
+    idx, aug = step
+    x = images[idx]
+    if aug is not None:
+        x = apply_params(x, aug)
+    ce = F.cross_entropy(student(theta, x), labels[idx])
+    (g,) = torch.autograd.grad(ce * scale if scale != 1.0 else ce, theta, create_graph=create_graph)
+    return g
+
+
+def _match_term(theta: torch.Tensor, start: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (theta - target).pow(2).sum() / (start - target).pow(2).sum()
+
+
+def _unrolled(student: Student, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor,
+              seg: Segment) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """MTT: keep every inner step's graph, backprop once through all of them."""
+    weights = {step: (target, w) for step, target, w in seg.targets}
+    theta = seg.start.detach().clone().requires_grad_(True)
+    velocity, loss = None, torch.zeros((), dtype=theta.dtype, device=theta.device)
+    for k, step in enumerate(seg.plan):
+        g = _inner_grad(student, theta, images, labels, step, seg.scale, create_graph=True)
+        velocity = g if velocity is None else seg.momentum * velocity + g
+        theta = theta - lr * velocity
+        if k + 1 in weights:
+            target, w = weights[k + 1]
+            loss = loss + w * _match_term(theta, seg.start, target)
+    grad_images, grad_lr = torch.autograd.grad(loss, [images, lr])
+    return float(loss.detach()), grad_images, grad_lr
+
+
+def _constant(student: Student, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor,
+              seg: Segment) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Exact adjoint of the inner loop, one step's graph at a time (see the module docstring)."""
+    alpha, mu = lr.detach(), seg.momentum
+    fixed = images.detach()
+    thetas = [seg.start.detach()]
+    velocity = None
+    for step in seg.plan:
+        theta = thetas[-1].clone().requires_grad_(True)
+        g = _inner_grad(student, theta, fixed, labels, step, seg.scale, create_graph=False)
+        velocity = g if velocity is None else mu * velocity + g
+        thetas.append((thetas[-1] - alpha * velocity).detach())
+    loss = torch.zeros((), dtype=alpha.dtype, device=alpha.device)
+    direct: dict[int, torch.Tensor] = {}
+    for step_index, target, w in seg.targets:
+        theta = thetas[step_index].clone().requires_grad_(True)
+        term = w * _match_term(theta, seg.start, target)
+        (direct[step_index],) = torch.autograd.grad(term, theta)
+        loss = loss + term.detach()
+    n = len(seg.plan)
+    theta_bar = direct.get(n, torch.zeros_like(seg.start))
+    u = torch.zeros_like(seg.start)
+    grad_images = torch.zeros_like(images)
+    grad_lr = torch.zeros_like(alpha)
+    for k in reversed(range(n)):
+        u = theta_bar + mu * u
+        theta = thetas[k].clone().requires_grad_(True)
+        g = _inner_grad(student, theta, images, labels, seg.plan[k], seg.scale, create_graph=True)
+        hv_theta, hv_images = torch.autograd.grad(g, [theta, images], grad_outputs=-alpha * u)
+        grad_lr = grad_lr - (g.detach() * u).sum()
+        grad_images = grad_images + hv_images
+        theta_bar = theta_bar + hv_theta
+        if k in direct and k > 0:
+            theta_bar = theta_bar + direct[k]
+        del g, hv_theta, hv_images
+    return float(loss), grad_images, grad_lr.reshape(lr.shape)
+
+
+# name -> fn(student, images (leaf, requires grad), labels, lr (leaf), segment) -> (loss, d images, d lr)
+MEMORY_MODES: dict[str, Callable[..., tuple[float, torch.Tensor, torch.Tensor]]] = {
+    "unrolled": _unrolled,
+    "constant": _constant,
+}
+
+
+def matching_grad(mode: str, student: Student, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor,
+                  seg: Segment) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """The matching loss and its gradients w.r.t. the images and the lr, in a MEMORY_MODES mode."""
+    if mode not in MEMORY_MODES:
+        raise ValueError(f"unknown memory mode {mode!r}; valid: {', '.join(MEMORY_MODES)}")
+    images = images.detach().requires_grad_(True)
+    lr = lr.detach().requires_grad_(True)
+    return MEMORY_MODES[mode](student, images, labels, lr, seg)
+
+
+def balance_scale(start_epoch: int, max_start_epoch: int) -> float:
+    """AST's balanced inner loss: CE x log5(t - h + 8) if t >= h, else / log5(h - t + 8); h = T+ // 2."""
+    h = max_start_epoch // 2
+    if start_epoch >= h:
+        return math.log(start_epoch - h + 8, 5)
+    return 1.0 / math.log(h - start_epoch + 8, 5)
+
+
+def _perturb(theta: torch.Tensor, layout: list, scale: float, generator: torch.Generator) -> torch.Tensor:
+    """AST: every 4-D (conv) weight w <- w + scale * d * w, d ~ N(0, I) with ||d||_F = 1."""
+    pieces, offset = [], 0
+    for _, shape in layout:
+        size = math.prod(shape)
+        w = theta[offset : offset + size]
+        if len(shape) == 4:
+            d = torch.randn(size, generator=generator, dtype=torch.float64)
+            d = (d / d.norm()).to(theta.dtype).to(theta.device)
+            w = w + scale * d * w
+        pieces.append(w)
+        offset += size
+    return torch.cat(pieces)
+
+
+def sample_segment(cfg: MatchConfig, experts: TrajectorySet, n_images: int, generator: torch.Generator,
+                   device: torch.device, dtype: torch.dtype = torch.float32) -> Segment:
+    """Draw one iteration: expert, start epoch, targets, perturbation, batches and DSA parameters."""
+    start, target, expert_id, start_epoch = experts.random_segment(generator, cfg.max_start_epoch, cfg.expert_epochs)
+    move = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    start, target = move(start), move(target)
+    n, m = cfg.syn_steps, cfg.expert_epochs
+    targets = [(n, target, 1.0)]
+    if cfg.intermediate_loss != "none":
+        reader = experts.reader(experts.expert_ids.index(expert_id))
+        for i in range(1, m):
+            weight = 1.0 if cfg.intermediate_loss == "constant" else i / m
+            targets.append(((n // m) * i, move(reader.snapshot(start_epoch + i)), weight))
+    if cfg.weight_perturb > 0:
+        start = _perturb(start, layout_from_json(experts.meta["layout"]), cfg.weight_perturb, generator)
+    batch = min(cfg.batch_syn or n_images, n_images)
+    plan, chunks = [], []
+    for _ in range(n):
+        if not chunks:
+            chunks = list(torch.randperm(n_images, generator=generator).split(batch))
+        idx = chunks.pop(0)
+        aug = sample_params(len(idx), cfg.dsa, generator).to(device) if cfg.dsa is not None else None
+        plan.append((idx.to(device), aug))
+    scale = balance_scale(start_epoch, cfg.max_start_epoch) if cfg.balance_loss else 1.0
+    return Segment(start, sorted(targets, key=lambda t: t[0]), plan, scale, cfg.student_momentum, expert_id, start_epoch)
+
+
+# ---------------------------------------------------------------- initialization
+
+
+def _class_indices(labels: torch.Tensor, num_classes: int) -> list[torch.Tensor]:
+    return [torch.nonzero(labels == c).flatten() for c in range(num_classes)]
+
+
+def _init_real(cfg, experts, x, y, num_classes, generator, device) -> torch.Tensor:
+    """MTT pix_init real: ipc random real images of each class."""
+    picks = [idx[torch.randperm(len(idx), generator=generator)[: cfg.ipc]] for idx in _class_indices(y, num_classes)]
+    return x[torch.cat(picks)].clone()
+
+
+def _init_noise(cfg, experts, x, y, num_classes, generator, device) -> torch.Tensor:
+    """MTT pix_init noise: standard normal pixels (in model input space)."""
+    return torch.randn(num_classes * cfg.ipc, *x.shape[1:], generator=generator)
+
+
+@torch.no_grad()
+def _init_representative(cfg, experts, x, y, num_classes, generator, device) -> torch.Tensor:
+    """AST pix_init avg: per class, K-means (k = ipc) on a trained expert's logits; the real image
+    nearest each centre. k = ipc (AST fixes 10 clusters and takes ipc // 10 per cluster, which is
+    empty at ipc 1); with k = 1 it is the image whose logits are closest to the class mean."""
+    from sklearn.cluster import KMeans  # deferred: ~1 s import only this init needs
+
+    i = int(torch.randint(len(experts), (), generator=generator))
+    reader = experts.reader(i)
+    student = Student(experts.meta, device)
+    theta = reader.snapshot(reader.last_epoch).to(device)
+    picks = []
+    for c, idx in enumerate(_class_indices(y, num_classes)):
+        logits = torch.cat([student(theta, x[b].to(device)).cpu() for b in idx.split(1024)]).double()
+        km = KMeans(n_clusters=cfg.ipc, n_init=10, random_state=cfg.seed).fit(logits.numpy())
+        centres = torch.from_numpy(km.cluster_centers_)
+        dist = torch.cdist(centres, logits)
+        chosen: list[int] = []
+        for row in dist:
+            order = torch.argsort(row)
+            chosen.append(int(next(j for j in order.tolist() if j not in chosen)))
+        picks.append(idx[torch.tensor(chosen)])
+    return x[torch.cat(picks)].clone()
+
+
+# name -> fn(cfg, experts, train_x, train_y, num_classes, generator, device) -> images [C*ipc, ...] class-major
+INITS: dict[str, Callable[..., torch.Tensor]] = {
+    "real": _init_real,
+    "noise": _init_noise,
+    "representative": _init_representative,
+}
+
+
+# ---------------------------------------------------------------- state and checkpoints
+
+
+@dataclass
+class _State:
+    iteration: int
+    images: torch.Tensor
+    lr: torch.Tensor  # 0-d
+    buf_images: torch.Tensor
+    buf_lr: torch.Tensor
+    rng: torch.Tensor  # CPU generator state
+    lr_img: float
+    rollbacks: int = 0
+    losses: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    start_epochs: list[int] = field(default_factory=list)
+
+    def copy(self) -> _State:
+        return replace(self, images=self.images.clone(), lr=self.lr.clone(), buf_images=self.buf_images.clone(),
+                       buf_lr=self.buf_lr.clone(), rng=self.rng.clone(), losses=list(self.losses),
+                       lrs=list(self.lrs), start_epochs=list(self.start_epochs))
+
+
+class _Checkpoint:
+    """state.json (commit point: iteration, identity, curves) + state-IIIIII.safetensors (tensors)."""
+
+    def __init__(self, directory: str | Path, identity: dict):
+        self.dir = Path(directory)
+        self.identity = identity
+
+    def save(self, state: _State) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        name = f"state-{state.iteration:06d}.safetensors"
+        tensors = {"images": state.images, "lr": state.lr.reshape(1), "buf_images": state.buf_images,
+                   "buf_lr": state.buf_lr.reshape(1), "rng": state.rng}
+        with atomic_file(self.dir / name) as f:
+            f.write(safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+        record = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "iteration": state.iteration,
+                  "state_file": name, "identity": self.identity, "lr_img": state.lr_img, "rollbacks": state.rollbacks,
+                  "losses": state.losses, "lrs": state.lrs, "start_epochs": state.start_epochs}
+        with atomic_file(self.dir / "state.json") as f:
+            f.write(json.dumps(record).encode())
+        for old in self.dir.glob("state-*.safetensors"):
+            if old.name != name:
+                old.unlink()
+
+    def restore(self, device: torch.device, dtype: torch.dtype) -> _State | None:
+        path = self.dir / "state.json"
+        if not path.exists():
+            return None
+        record = json.loads(path.read_text())
+        if record.get("format") != CHECKPOINT_FORMAT or record.get("format_version") != CHECKPOINT_VERSION:
+            raise MatchingError(f"{path}: not a matching checkpoint of version {CHECKPOINT_VERSION}; delete {self.dir}")
+        stored = record["identity"]
+        diffs = [k for k in sorted(set(stored) | set(self.identity)) if stored.get(k) != self.identity.get(k)]
+        if diffs:
+            detail = "; ".join(f"{k}: stored {_brief(stored.get(k))}, requested {_brief(self.identity.get(k))}"
+                               for k in diffs[:3])
+            raise MatchingError(f"checkpoint {self.dir} belongs to another run ({detail}); delete it or use another work_dir")
+        t = safetensors.torch.load_file(str(self.dir / record["state_file"]))
+        dev = lambda v: v.to(device=device, dtype=dtype)  # noqa: E731
+        return _State(record["iteration"], dev(t["images"]), dev(t["lr"]).reshape(()), dev(t["buf_images"]),
+                      dev(t["buf_lr"]).reshape(()), t["rng"], record["lr_img"], record["rollbacks"],
+                      record["losses"], record["lrs"], record["start_epochs"])
+
+
+def _brief(value: Any, limit: int = 100) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _tensor_digest(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(json.dumps([list(t.shape), str(t.dtype)]).encode())
+        h.update(t.detach().cpu().contiguous().numpy().data)
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- the loop
+
+
+@dataclass
+class MatchResult:
+    images: torch.Tensor  # float32 [num_classes * ipc, C, H, W], model input space, class-major
+    labels: torch.Tensor  # int64, class-major: [0]*ipc + [1]*ipc + ...
+    lr: float  # the learned student lr: train on the images with it
+    losses: list[float]  # matching loss per iteration
+    lrs: list[float]  # learned lr after each iteration
+    start_epochs: list[int]  # expert start epoch drawn per iteration
+    seconds: float
+    resumed_from: int | None
+    rollbacks: int
+    init_images: torch.Tensor | None = None  # the starting images (None when resumed)
+
+
+def match_trajectories(
+    cfg: MatchConfig,
+    experts: TrajectorySet,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    *,
+    num_classes: int,
+    work_dir: str | Path | None = None,
+    device: str | torch.device | None = None,
+    progress: Progress | None = None,
+    dataset_fingerprint: str | None = None,
+    preprocessor_fingerprint: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> MatchResult:
+    """Distill (train_x, train_y) into cfg.ipc images per class by matching `experts`' trajectories.
+
+    train_x: float images in model input space (normalized or ZCA'd, as the experts saw them).
+    work_dir: where checkpoints go; a run restarted with the same arguments resumes there.
+    progress(iteration, iterations, loss=, lr=, start_epoch=, expert=, lr_img=) after every
+    iteration (after its checkpoint, when one is due).
+    Raises MatchingError on bad inputs (before any distillation) and MatchingDiverged when the
+    loss or lr goes bad and on_divergence="stop" (or the rollbacks are used up).
+    """
+    t0 = time.perf_counter()
+    if train_x.dim() != 4 or train_x.shape[0] != train_y.shape[0]:
+        raise MatchingError(f"need images [N, C, H, W] and N labels; got {tuple(train_x.shape)}, {tuple(train_y.shape)}")
+    counts = torch.bincount(train_y.long(), minlength=num_classes).tolist()
+    if len(counts) > num_classes:
+        raise MatchingError(f"labels go up to {len(counts) - 1} but num_classes is {num_classes}")
+    check_ipc(counts, cfg.ipc)
+    check_experts(experts.meta, experts.last_epoch, cfg, num_classes=num_classes, image_shape=tuple(train_x.shape[1:]),
+                  dataset_fingerprint=dataset_fingerprint, preprocessor_fingerprint=preprocessor_fingerprint)
+    dev = resolve_device(device)
+    student = Student(experts.meta, dev, dtype)
+    labels = torch.arange(num_classes).repeat_interleave(cfg.ipc).to(dev)
+    identity = {
+        "config": cfg.identity(),
+        "experts": {"ids": experts.expert_ids, "layout": experts.meta["layout"],
+                    "recipe": experts.meta.get("recipe"), "dataset": experts.meta.get("dataset_fingerprint")},
+        "data": dataset_fingerprint or _tensor_digest(train_x, train_y),
+        "dtype": str(dtype),
+    }
+    checkpoint = _Checkpoint(work_dir, json.loads(json.dumps(identity))) if work_dir is not None else None
+    state = checkpoint.restore(dev, dtype) if checkpoint else None
+    resumed_from = state.iteration if state else None
+    init_images = None
+    if state is None:
+        generator = torch.Generator().manual_seed(cfg.seed)
+        images = INITS[cfg.init](cfg, experts, train_x, train_y.long(), num_classes, generator, dev)
+        images = images.to(device=dev, dtype=dtype)
+        init_images = images.detach().cpu().float().clone()
+        lr = torch.tensor(cfg.lr_init, device=dev, dtype=dtype)
+        state = _State(0, images, lr, torch.zeros_like(images), torch.zeros_like(lr), generator.get_state(), cfg.lr_img)
+        if checkpoint:
+            checkpoint.save(state)
+    last_good = state.copy()
+    generator = torch.Generator()
+    generator.set_state(state.rng)
+
+    while state.iteration < cfg.iterations:
+        it = state.iteration + 1
+        seg = sample_segment(cfg, experts, len(state.images), generator, dev, dtype)
+        loss, g_images, g_lr = matching_grad(cfg.memory, student, state.images, labels, state.lr, seg)
+        with torch.no_grad():
+            buf_images = cfg.momentum_img * state.buf_images + g_images
+            buf_lr = cfg.momentum_lr * state.buf_lr + g_lr
+            images = state.images - state.lr_img * buf_images
+            lr = state.lr - cfg.lr_lr * buf_lr
+        problem = _divergence(loss, g_images, float(lr))
+        if problem:
+            if cfg.on_divergence == "stop" or state.rollbacks >= cfg.max_rollbacks:
+                tried = f" after {state.rollbacks} rollback(s)" if cfg.on_divergence == "rollback" else ""
+                raise MatchingDiverged(
+                    f"trajectory matching diverged at iteration {it}/{cfg.iterations}{tried}: {problem} "
+                    f"(image lr {state.lr_img:g}, lr_lr {cfg.lr_lr:g}, expert {seg.expert_id}, start epoch "
+                    f"{seg.start_epoch}); lower lr_img or lr_lr, or set on_divergence='rollback'"
+                )
+            rollbacks, lr_img = state.rollbacks + 1, state.lr_img * cfg.rollback_factor
+            state = replace(last_good.copy(), rollbacks=rollbacks, lr_img=lr_img)
+            generator.set_state(state.rng)
+            continue
+        state.images, state.lr, state.buf_images, state.buf_lr = images, lr, buf_images, buf_lr
+        state.iteration = it
+        state.losses.append(loss)
+        state.lrs.append(float(lr))
+        state.start_epochs.append(seg.start_epoch)
+        state.rng = generator.get_state()
+        if it % cfg.checkpoint_every == 0 or it == cfg.iterations:
+            if checkpoint:
+                checkpoint.save(state)
+            last_good = state.copy()
+        if progress is not None:
+            progress(it, cfg.iterations, loss=loss, lr=float(lr), start_epoch=seg.start_epoch,
+                     expert=seg.expert_id, lr_img=state.lr_img)
+
+    return MatchResult(
+        images=state.images.detach().cpu().float(), labels=labels.cpu(), lr=float(state.lr),
+        losses=state.losses, lrs=state.lrs, start_epochs=state.start_epochs,
+        seconds=time.perf_counter() - t0, resumed_from=resumed_from, rollbacks=state.rollbacks,
+        init_images=init_images,
+    )
+
+
+def _divergence(loss: float, g_images: torch.Tensor, lr: float) -> str | None:
+    if not math.isfinite(loss):
+        return f"the matching loss is {loss}"
+    if not bool(torch.isfinite(g_images).all()):
+        return "the image gradient has non-finite values"
+    if not math.isfinite(lr) or lr <= 0:
+        return f"the learned student lr became {lr:g} (must stay positive)"
+    return None

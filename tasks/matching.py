@@ -1,0 +1,198 @@
+"""Stage `distill-tm`: trajectory-matching distillation of a dataset from a published expert set.
+
+One Ray task per distilled set. The distillation checkpoints into a work directory that
+outlives the task (`<store>/.work/distill-tm/<run key>`, keyed by what the images depend
+on: match config, expert set, dataset), so a crashed or retried task resumes where it
+stopped, and a finished run is kept there (a few images and the loss curve) so publishing
+the same images with another evaluation recipe costs nothing. The artifact is the
+distilled-dataset format (exact float pixels, 8-bit previews through the inverse
+preprocessing, learned lr, evaluation recipe, preprocessor, provenance with the expert
+set's key) plus `loss.parquet` (the matching-loss curve); an image grid and the loss curve
+appear in the Prefect UI as markdown artifacts.
+
+Before anything long, the expert set is checked against the dataset: a set trained on
+another dataset, with another preprocessing (ZCA on/off), for another model, or too short
+for `max_start_epoch + expert_epochs` is refused.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from distill.evaluate import EvalConfig
+from distill.formats import write_distilled, write_metrics
+from distill.matching import MatchConfig, MatchResult, check_experts, check_ipc, match_trajectories
+from distill.trajectory import TrajectorySet
+from distill.transforms import Preprocessor
+from tasks import reports
+from tasks.artifacts import ArtifactRef
+from tasks.datasets import class_counts, load_preprocessor, preprocessed
+from tasks.runtime import task_device
+from tasks.store import ArtifactStore, Staging, store_cache_key_fn
+
+STAGE = "distill-tm"
+
+
+def run_key(store: str, cfg: MatchConfig, experts: ArtifactRef, dataset: ArtifactRef) -> str:
+    """What the images depend on (no iterations: a longer run resumes a shorter one's work dir)."""
+    return ArtifactStore(store).key(STAGE + "-run", cfg.identity(), [experts.key, dataset.key])
+
+
+def distilled_key(store: str, cfg: MatchConfig, experts: ArtifactRef, dataset: ArtifactRef, eval: EvalConfig) -> str:
+    return ArtifactStore(store).key(STAGE, {"match": cfg, "eval": eval}, [experts.key, dataset.key])
+
+
+def _key_of(p: dict[str, Any]) -> tuple[str, str]:
+    return p["store"], distilled_key(p["store"], p["cfg"], p["experts"], p["dataset"], p["eval"])
+
+
+def work_dir(store: str, key: str) -> Path:
+    """Persistent across task retries, outside the published tree (as tasks.experts.work_dir)."""
+    st = ArtifactStore(store)
+    if st.local:
+        root = Path(st.root) / ".work" / STAGE
+    else:
+        root = Path(os.environ.get("DISTILLERY_CACHE", Path(tempfile.gettempdir()) / "distillery-cache")) / "work" / STAGE
+    return root / key
+
+
+def check_expert_set(
+    cfg: MatchConfig, experts: ArtifactRef, dataset: ArtifactRef, *, net: str | None = None,
+    net_kwargs: dict | None = None, pre: Preprocessor | None = None,
+) -> TrajectorySet:
+    """Open the expert set and refuse it unless it was made for this dataset, preprocessing and model."""
+    manifest = dataset.open(verify=False).manifest
+    check_ipc(class_counts(dataset, "train"), cfg.ipc, manifest["class_names"])
+    pre = pre or load_preprocessor(dataset)
+    trajectories = TrajectorySet(experts.local_dir())
+    check_experts(
+        trajectories.meta, trajectories.last_epoch, cfg,
+        num_classes=len(manifest["class_names"]), image_shape=manifest["image_shape"],
+        dataset_fingerprint=manifest["fingerprints"]["train"], preprocessor_fingerprint=pre.fingerprint(),
+        net=net, net_kwargs=net_kwargs,
+    )
+    return trajectories
+
+
+def method_name(cfg: MatchConfig) -> str:
+    """'mtt' with every AST switch off, else 'ast' (the label in tables and artifact keys)."""
+    ast = (cfg.init == "representative" or cfg.balance_loss or cfg.intermediate_loss != "none"
+           or cfg.weight_perturb > 0 or cfg.student_momentum > 0)
+    return "ast" if ast else "mtt"
+
+
+@task(
+    name="distill-tm",
+    task_run_name="distill-tm-ipc{cfg.ipc}",
+    cache_key_fn=store_cache_key_fn(STAGE, _key_of),
+    result_serializer="json",
+    retries=1,
+)
+def distill_tm(
+    dataset: ArtifactRef, experts: ArtifactRef, cfg: MatchConfig, eval: EvalConfig, store: str, label: str
+) -> ArtifactRef:
+    """Distill `dataset` by matching `experts`' trajectories (resumable) and publish the set."""
+    key = distilled_key(store, cfg, experts, dataset, eval)
+    st = ArtifactStore(store)
+    if st.exists(STAGE, key):
+        return ArtifactRef(store=store, stage=STAGE, key=key)
+    pre = load_preprocessor(dataset)
+    trajectories = check_expert_set(cfg, experts, dataset, pre=pre)
+    manifest = dataset.open(verify=False).manifest
+    train_x, train_y, names = preprocessed(dataset, "train", pre)
+    progress = reports.prefect_progress(f"distill {label}", key=reports.artifact_key("progress", "distill-tm", label))
+    result = match_trajectories(
+        cfg, trajectories, train_x, train_y, num_classes=len(names),
+        work_dir=work_dir(store, run_key(store, cfg, experts, dataset)), device=task_device(), progress=progress,
+        dataset_fingerprint=manifest["fingerprints"]["train"], preprocessor_fingerprint=pre.fingerprint(),
+    )
+    previews = pre.to_uint8(result.images)
+    provenance = {
+        "dataset": dataset.uri, "dataset_key": dataset.key, "experts": experts.uri, "experts_key": experts.key,
+        "expert_recipe": trajectories.meta.get("recipe"), "expert_ids": trajectories.expert_ids,
+        "match": cfg.model_dump(mode="json"), "method": method_name(cfg), "iterations": len(result.losses),
+        "final_loss": result.losses[-1] if result.losses else None, "rollbacks": result.rollbacks,
+        "seconds": round(result.seconds, 1), "resumed_from": result.resumed_from,
+    }
+
+    def write(staging: Staging) -> dict[str, Any]:
+        info = write_distilled(
+            staging.path, pixels=result.images, labels=result.labels, class_names=names,
+            preprocessor_config=pre.config(), preprocessor_tensors=pre.state_dict(),
+            recipe=eval.recipe(result.lr), method=f"tm-{method_name(cfg)}", provenance=provenance,
+            previews=previews, learned_lr=result.lr, filesystem=staging.fs,
+        )
+        rows = [{"iteration": i + 1, "loss": loss, "lr": lr, "start_epoch": s}
+                for i, (loss, lr, s) in enumerate(zip(result.losses, result.lrs, result.start_epochs))]
+        write_metrics(staging.file("loss.parquet"), rows, filesystem=staging.fs)
+        return {**info, "learned_lr": result.lr, "final_loss": provenance["final_loss"]}
+
+    st.publish(STAGE, key, write, config={"match": cfg, "eval": eval}, inputs=[experts.key, dataset.key],
+               seeds={"match": cfg.seed})
+    _report(result, previews, names, label)
+    reports.run_logger().info(
+        "distilled %s: %d images, learned lr %.5g, loss %.4f -> %.4f in %.0f s%s", label, len(result.images),
+        result.lr, result.losses[0], result.losses[-1], result.seconds,
+        f" (resumed from iteration {result.resumed_from})" if result.resumed_from else "",
+    )
+    return ArtifactRef(store=store, stage=STAGE, key=key)
+
+
+def _report(result: MatchResult, previews, names: list[str], label: str) -> None:
+    reports.markdown(
+        f"## Distilled images ({label})\nOne row per class ({', '.join(names[:10])}{'...' if len(names) > 10 else ''}), "
+        f"learned lr {result.lr:.5g}.\n\n" + reports.png_markdown(image_grid_png(previews, result.labels), "images")
+        + "\n## Matching loss\n" + reports.png_markdown(loss_curve_png(result.losses), "matching loss"),
+        key=reports.artifact_key("distill-tm", label),
+        description=f"distill-tm {label}: synthetic images and matching-loss curve",
+    )
+
+
+def image_grid_png(previews, labels, max_classes: int = 20, max_per_class: int = 10) -> bytes:
+    """uint8 [N, C, H, W] previews as a grid: a row per class (at most 20), at most 10 per row."""
+    import torch
+    from PIL import Image
+
+    rows = []
+    classes = torch.unique(labels).tolist()[:max_classes]
+    per_class = min(max_per_class, max(int((labels == c).sum()) for c in classes))
+    for c in classes:
+        imgs = previews[labels == c][:per_class]
+        pad = torch.zeros((per_class - len(imgs), *imgs.shape[1:]), dtype=imgs.dtype)
+        rows.append(torch.cat(list(torch.cat([imgs, pad]).permute(0, 2, 3, 1)), dim=1))  # [H, per_class*W, C]
+    grid = torch.cat(rows, 0)  # [rows*H, per_class*W, C]
+    if grid.shape[-1] == 1:
+        grid = grid.expand(-1, -1, 3)
+    scale = max(1, 256 // max(grid.shape[0], grid.shape[1] // 4, 1))
+    image = Image.fromarray(grid.contiguous().numpy()).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def loss_curve_png(losses: list[float]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3), dpi=110)
+    ax.plot(range(1, len(losses) + 1), losses, lw=0.8, alpha=0.5, label="per iteration")
+    window = max(1, len(losses) // 20)
+    if window > 1:
+        smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+                  for i in range(len(losses))]
+        ax.plot(range(1, len(losses) + 1), smooth, lw=1.5, label=f"mean of {window}")
+    ax.set(xlabel="iteration", ylabel="normalized matching loss")
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
