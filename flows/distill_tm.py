@@ -103,12 +103,8 @@ def _expert_set(config: DistillTMConfig, dataset: ArtifactRef, store: str) -> Ar
     return publish_experts.submit(dataset, cfg, store, [r.result() for r in runs]).result()
 
 
-@flow(name="distill-tm", task_runner=ray_task_runner(), log_prints=True)
-def distill_tm_flow(config: DistillTMConfig) -> dict[str, Any]:
-    """Distill by trajectory matching, evaluate beside the random real baseline, report mean/std."""
-    store = resolve_store(config.store)
-    validate_data(config.data, max(m.ipc for m in config.distill))  # fails fast: ipc larger than a class
-    dataset = materialize_dataset.submit(config.data, store).result()
+def run_tm(dataset: ArtifactRef, config: DistillTMConfig, store: str, name: str) -> dict[str, Any]:
+    """Experts, distilled sets and the comparison table for a materialized dataset (inside a flow)."""
     experts = _expert_set(config, dataset, store)
     for m in config.distill:  # a mismatched or too-short expert set is refused before any distillation
         check_expert_set(m, experts, dataset, net=config.experts.net, net_kwargs=config.experts.net_kwargs)
@@ -130,11 +126,21 @@ def distill_tm_flow(config: DistillTMConfig) -> dict[str, Any]:
                 runs += [evaluate_distilled.submit(subset, dataset, ev, s, store, "random-real", f"ipc{ipc}/{ev.net}")
                          for s in range(ev.num_models)]
     rows = [r.result() for r in runs]
-    result = collect_metrics.submit(rows, f"distill-tm-{config.data.name}", store).result()
-    uris = {name: ref.uri for name, ref in distilled.items()}
-    print(json.dumps({"summary": result["summary"], "metrics": result["metrics_uri"], "distilled": uris,
-                      "experts": experts.uri}, indent=1))
-    return {**result, "distilled": uris, "experts_uri": experts.uri, "dataset_uri": dataset.uri}
+    result = collect_metrics.submit(rows, name, store).result()
+    return {**result, "distilled": {n: ref.uri for n, ref in distilled.items()}, "distilled_refs": distilled,
+            "experts": experts, "experts_uri": experts.uri, "dataset_uri": dataset.uri}
+
+
+@flow(name="distill-tm", task_runner=ray_task_runner(), log_prints=True)
+def distill_tm_flow(config: DistillTMConfig) -> dict[str, Any]:
+    """Distill by trajectory matching, evaluate beside the random real baseline, report mean/std."""
+    store = resolve_store(config.store)
+    validate_data(config.data, max(m.ipc for m in config.distill))  # fails fast: ipc larger than a class
+    dataset = materialize_dataset.submit(config.data, store).result()
+    result = run_tm(dataset, config, store, f"distill-tm-{config.data.name}")
+    print(json.dumps({"summary": result["summary"], "metrics": result["metrics_uri"], "distilled": result["distilled"],
+                      "experts": result["experts_uri"]}, indent=1))
+    return {k: v for k, v in result.items() if k not in ("distilled_refs", "experts")}
 
 
 def main() -> None:
