@@ -34,6 +34,12 @@ FLOWS: dict[str, dict[str, str]] = {
         "description": "Expert trajectories for trajectory matching (one Ray task per expert, resumable), "
         "with each recipe's final accuracies and a smoothness plot (MTT vs AST).",
     },
+    "distill-krr": {
+        "entrypoint": "flows.distill_krr:distill_krr",
+        "description": "Self-supervised dataset distillation (KRR-ST): a Barlow Twins teacher on the source, "
+        "a distilled set of images with learned target representations, and target accuracy (linear probe, "
+        "fine-tune; mean and std over seeds) of KRR-ST against its baselines.",
+    },
     "distill-tm": {
         "entrypoint": "flows.distill_tm:distill_tm_flow",
         "description": "Trajectory-matching distillation (MTT with the AST switches, unrolled or constant memory, "

@@ -1,0 +1,313 @@
+"""Self-supervised teacher for KRR-ST: Barlow Twins on an unlabelled source.
+
+KRR-ST distills the representations of a self-supervised teacher; its reference repository
+downloads a Barlow Twins ResNet-18 and has no code to train one (methods brief 3.1, 3.5.4),
+so this module trains it:
+
+  two views   each image is augmented twice, independently (DSA families applied all in turn:
+              colour, crop, flip, scale by default; batched and seeded, distill.augment)
+  projector   backbone.embed -> [Linear -> BatchNorm1d -> ReLU] * (k-1) -> Linear (Zbontar et al.)
+  loss        C = z1n^T z2n / N, the cross-correlation of the batch-standardized projections;
+              sum_i (1 - C_ii)^2 + off_diagonal_weight * sum_{i != j} C_ij^2
+
+The teacher's representation is `backbone.embed(x)` (the projector is thrown away, as in Barlow
+Twins). Inputs are in the model input space of distill.transforms.Preprocessor (normalized
+floats), the same space KRR-ST's synthetic images live in.
+
+Training is resumable: after every epoch the backbone, projector, optimizer and generator state
+go to `<out_dir>/ckpt/` (safetensors + a JSON commit record); a restarted run with the same
+config continues from the last epoch and ends bit-identical to an uninterrupted one. The
+result is `<out_dir>/teacher.safetensors`: the backbone's weights, with the net, its arguments
+and the config in the safetensors metadata, so `load_teacher` rebuilds it anywhere.
+Pure: imports neither prefect nor ray.
+
+    python -c "from distill.ssl import SSLConfig; print(SSLConfig())"
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+import torch.nn as nn
+from pydantic import BaseModel, Field, model_validator
+
+from distill.augment import DSAConfig, dsa
+from distill.experts import _optimizer_join, _optimizer_split
+from distill.nets import create_net, net_arg_problem
+from distill.train import check_finite_losses
+from distill.trajectory import atomic_file
+from distill.utils import Progress, resolve_device
+
+TEACHER_FILE = "teacher.safetensors"
+TEACHER_FORMAT = "distillery.ssl-teacher/1"
+CHECKPOINT_FORMAT = "distillery.checkpoint/1"
+
+
+class SSLConfig(BaseModel, frozen=True, extra="forbid"):
+    """How the Barlow Twins teacher is trained. Defaults: a CPU-sized teacher (brief 3.6)."""
+
+    net: str = "convnet_bn"  # a distill.nets name; the paper's teacher is "resnet18" (512-d)
+    # convnet_bn at 32 px with 4 blocks: a 2x2x256 map, i.e. 1024-d representations
+    net_kwargs: dict[str, Any] = {"widths": [32, 64, 128, 256]}
+    projector: list[int] = Field(default_factory=lambda: [1024, 1024], min_length=1)  # BT uses 8192 x 3
+    # lambda of the off-diagonal term; Barlow Twins uses 5e-3 with an 8192-d projector
+    off_diagonal_weight: float = Field(5e-3, ge=0)
+    epochs: int = Field(20, ge=1)  # full passes over the source
+    batch_size: int = Field(256, ge=2)  # images per step (two views each); correlations need >= 2
+    lr: float = Field(1e-3, gt=0)  # AdamW peak lr, cosine to 0 (BT's LARS is for batch 2048 on GPUs)
+    weight_decay: float = Field(1e-5, ge=0)  # BT 1.5e-6 with LARS; a little more for small data
+    # view augmentation: every family in turn (mode "all"), per-sample parameters; cutout and
+    # rotate are left out as BT's views are crops, flips and colour changes
+    augment: DSAConfig = DSAConfig(strategy="color_crop_flip_scale", mode="all")
+    seed: int = 0  # init, batch order and views
+
+    @model_validator(mode="after")
+    def _net_args_fit(self) -> SSLConfig:
+        problem = net_arg_problem(self.net, self.net_kwargs)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+# ---------------------------------------------------------------- the loss
+
+
+def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, off_diagonal_weight: float, eps: float = 1e-5) -> torch.Tensor:
+    """Barlow Twins loss of two views' projections [N, D] (standardized over the batch, as BN1d without affine)."""
+    if z1.shape != z2.shape or z1.dim() != 2 or z1.shape[0] < 2:
+        raise ValueError(f"need two [N>=2, D] projections of one shape; got {tuple(z1.shape)} and {tuple(z2.shape)}")
+
+    def standardize(z: torch.Tensor) -> torch.Tensor:
+        return (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + eps)
+
+    c = standardize(z1).T @ standardize(z2) / z1.shape[0]
+    diag = torch.diagonal(c)
+    on = (1 - diag).pow(2).sum()
+    off = c.pow(2).sum() - diag.pow(2).sum()
+    return on + off_diagonal_weight * off
+
+
+class Projector(nn.Module):
+    """[Linear -> BN1d -> ReLU] for every hidden size, then a bias-free Linear (Barlow Twins)."""
+
+    def __init__(self, in_dim: int, sizes: list[int]):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for size in sizes[:-1]:
+            layers += [nn.Linear(in_dim, size, bias=False), nn.BatchNorm1d(size), nn.ReLU()]
+            in_dim = size
+        layers.append(nn.Linear(in_dim, sizes[-1], bias=False))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+# ---------------------------------------------------------------- checkpoints (shared with distill.krr)
+
+
+class Checkpoint:
+    """Resume state in a directory: `state-<step>.safetensors` plus `state.json`, written last (the commit)."""
+
+    def __init__(self, directory: str | Path, identity: dict):
+        self.dir = Path(directory)
+        self.identity = json.loads(json.dumps(identity))  # JSON values, so stored and fresh compare equal
+
+    def save(self, step: int, tensors: dict[str, torch.Tensor], record: dict) -> None:
+        name = f"state-{step:07d}.safetensors"
+        with atomic_file(self.dir / name) as f:
+            f.write(safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+        full = {"format": CHECKPOINT_FORMAT, "step": step, "state_file": name, "identity": self.identity, **record}
+        with atomic_file(self.dir / "state.json") as f:
+            f.write(json.dumps(full, sort_keys=True).encode())
+        for old in self.dir.glob("state-*.safetensors"):
+            if old.name != name:
+                old.unlink()
+
+    def load(self) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """(tensors, record) of the last commit, or None; refuses a checkpoint of another configuration."""
+        path = self.dir / "state.json"
+        if not path.exists():
+            return None
+        record = json.loads(path.read_text())
+        if record.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path}: not a {CHECKPOINT_FORMAT} checkpoint; delete {self.dir}")
+        stored = record["identity"]
+        diffs = [k for k in sorted(set(stored) | set(self.identity)) if stored.get(k) != self.identity.get(k)]
+        if diffs:
+            detail = "; ".join(f"{k}: stored {stored.get(k)!r}, requested {self.identity.get(k)!r}" for k in diffs[:3])
+            raise ValueError(f"checkpoint {self.dir} was made with a different configuration ({detail}); delete it")
+        return safetensors.torch.load_file(str(self.dir / record["state_file"])), record
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def module_tensors(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in module.state_dict().items()}
+
+
+def load_module_tensors(prefix: str, module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    module.load_state_dict({k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
+
+
+def optimizer_tensors(prefix: str, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, rest = _optimizer_split(optimizer)
+    return {f"{prefix}.{k}": v for k, v in tensors.items()}, rest
+
+
+def load_optimizer_tensors(prefix: str, optimizer: torch.optim.Optimizer, tensors: dict, rest: dict) -> None:
+    mine = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+    optimizer.load_state_dict(_optimizer_join(mine, rest))
+
+
+def derived_seed(*parts: Any) -> int:
+    """A 63-bit seed from any parts (seed, purpose, index): independent, reproducible streams."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+# ---------------------------------------------------------------- teacher training
+
+
+def _build(cfg: SSLConfig, channels: int, image_size: int) -> tuple[nn.Module, Projector]:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derived_seed(cfg.seed, "ssl-init"))
+        backbone = create_net(cfg.net, num_classes=1, channels=channels, image_size=image_size, **cfg.net_kwargs)
+        projector = Projector(backbone.feature_dim, list(cfg.projector))
+    return backbone, projector
+
+
+def _teacher_metadata(cfg: SSLConfig, backbone: nn.Module, channels: int, image_size: int, extra: dict) -> dict[str, str]:
+    meta = {
+        "format": TEACHER_FORMAT, "net": cfg.net, "net_kwargs": cfg.net_kwargs, "channels": channels,
+        "image_size": image_size, "feature_dim": backbone.feature_dim, "config": cfg.model_dump(mode="json"), **extra,
+    }
+    return {"distillery": json.dumps(meta, sort_keys=True)}
+
+
+def train_teacher(
+    cfg: SSLConfig,
+    images: torch.Tensor,
+    *,
+    out_dir: str | Path,
+    dataset_fingerprint: str = "",
+    device: str | torch.device | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Train a Barlow Twins teacher on float images [N, C, H, W] (model input space); write teacher.safetensors.
+
+    Resumes from `<out_dir>/ckpt` when present; returns at once when the teacher exists.
+    progress(epoch, epochs, loss=...) after every saved epoch. Returns {"path", "feature_dim",
+    "epochs", "loss", "history", "seconds", "resumed_from", "reused", "fingerprint"}.
+    """
+    start = time.perf_counter()
+    if images.dim() != 4 or not images.is_floating_point():
+        raise ValueError(f"teacher training needs float images [N, C, H, W]; got {images.dtype} {tuple(images.shape)}")
+    if images.shape[0] < 2:
+        raise ValueError(f"Barlow Twins needs at least 2 images (batch correlations); got {images.shape[0]}")
+    out_dir = Path(out_dir)
+    channels, image_size = images.shape[1], images.shape[-1]
+    identity = {"config": cfg.model_dump(mode="json"), "dataset": dataset_fingerprint, "n": images.shape[0],
+                "shape": list(images.shape[1:])}
+    final = out_dir / TEACHER_FILE
+    if final.exists():
+        meta = teacher_metadata(final)
+        if meta.get("identity") != json.loads(json.dumps(identity)):
+            raise ValueError(f"{final} holds a teacher of another configuration or dataset; delete it")
+        return {"path": str(final), "feature_dim": meta["feature_dim"], "epochs": cfg.epochs, "loss": meta["loss"],
+                "history": meta["history"], "seconds": time.perf_counter() - start, "resumed_from": None,
+                "reused": True, "fingerprint": teacher_fingerprint(final)}
+
+    dev = resolve_device(device)
+    backbone, projector = _build(cfg, channels, image_size)
+    model = nn.ModuleDict({"backbone": backbone, "projector": projector}).to(dev)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(derived_seed(cfg.seed, "ssl-data"))
+    n = images.shape[0]
+    batch = min(cfg.batch_size, n)
+    steps_per_epoch = n // batch  # drop the ragged last batch: tiny batches make noisy correlations
+    total = cfg.epochs * steps_per_epoch
+    checkpoint = Checkpoint(out_dir / "ckpt", identity)
+    history: list[dict] = []
+    first_epoch = 1
+    state = checkpoint.load()
+    resumed_from = None
+    if state is not None:
+        tensors, record = state
+        load_module_tensors("model", model, tensors)
+        load_optimizer_tensors("optim", optimizer, tensors, record["optimizer"])
+        generator.set_state(tensors["rng"])
+        history, resumed_from = record["history"], record["step"]
+        first_epoch = resumed_from + 1
+
+    x = images.to(dev, torch.float32)
+    for epoch in range(first_epoch, cfg.epochs + 1):
+        model.train()
+        order = torch.randperm(n, generator=generator).to(dev)
+        losses = []
+        for s in range(steps_per_epoch):
+            step = (epoch - 1) * steps_per_epoch + s
+            for group in optimizer.param_groups:  # a function of the step only, so a resumed run agrees
+                group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            xb = x[order[s * batch : (s + 1) * batch]]
+            v1, v2 = dsa(xb, cfg.augment, generator=generator), dsa(xb, cfg.augment, generator=generator)
+            z1, z2 = projector(backbone.embed(v1)), projector(backbone.embed(v2))
+            loss = barlow_twins_loss(z1, z2, cfg.off_diagonal_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+        losses_t = torch.stack(losses)
+        check_finite_losses(losses_t, f"Barlow Twins epoch {epoch}/{cfg.epochs}", f"lr={cfg.lr}")
+        history.append({"epoch": epoch, "loss": losses_t.mean().item()})
+        tensors = module_tensors("model", model)
+        optim_tensors, optim_rest = optimizer_tensors("optim", optimizer)
+        checkpoint.save(epoch, {**tensors, **optim_tensors, "rng": generator.get_state()},
+                        {"optimizer": optim_rest, "history": history})
+        if progress is not None:
+            progress(epoch, cfg.epochs, loss=history[-1]["loss"])
+
+    backbone.cpu().eval()
+    extra = {"identity": identity, "loss": history[-1]["loss"], "history": history}
+    with atomic_file(final) as f:
+        f.write(safetensors.torch.save(
+            {k: v.contiguous() for k, v in backbone.state_dict().items()},
+            metadata=_teacher_metadata(cfg, backbone, channels, image_size, extra),
+        ))
+    checkpoint.remove()
+    return {"path": str(final), "feature_dim": backbone.feature_dim, "epochs": cfg.epochs,
+            "loss": history[-1]["loss"], "history": history, "seconds": time.perf_counter() - start,
+            "resumed_from": resumed_from, "reused": False, "fingerprint": teacher_fingerprint(final)}
+
+
+def teacher_metadata(path: str | Path) -> dict:
+    """The `distillery` metadata of a teacher file (net, net_kwargs, feature_dim, config, history)."""
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("distillery", "{}"))
+    if meta.get("format") != TEACHER_FORMAT:
+        raise ValueError(f"{path}: not a distillery teacher ({TEACHER_FORMAT}); got format {meta.get('format')!r}")
+    return meta
+
+
+def load_teacher(path: str | Path) -> nn.Module:
+    """Rebuild a teacher backbone from teacher.safetensors, in eval mode; its representation is `.embed(x)`."""
+    meta = teacher_metadata(path)
+    net = create_net(meta["net"], num_classes=1, channels=meta["channels"], image_size=meta["image_size"],
+                     **meta["net_kwargs"])
+    net.load_state_dict(safetensors.torch.load_file(str(path)))
+    return net.eval()
+
+
+def teacher_fingerprint(path: str | Path) -> str:
+    """sha256 (16 hex) of the teacher file: names the teacher in distilled sets' provenance."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
