@@ -45,6 +45,12 @@ FLOWS: dict[str, dict[str, str]] = {
         "description": "Trajectory-matching distillation (MTT with the AST switches, unrolled or constant memory, "
         "resumable), evaluated beside the random real subset at the same images per class across architectures.",
     },
+    "pipeline": {
+        "entrypoint": "flows.pipeline:pipeline",
+        "description": "The whole pipeline for a (source, target) pair: DP4TL pruning -> Barlow Twins teacher -> "
+        "KRR-ST -> pretrain -> transfer, beside experts -> trajectory matching on the target; one report of "
+        "accuracy, wall time, peak memory and data size of every path and its baselines.",
+    },
     "prune": {
         "entrypoint": "flows.prune:prune",
         "description": "DP4TL source pruning, selection only: surrogate, label/feature mapping and baselines, "

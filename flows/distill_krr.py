@@ -83,7 +83,7 @@ def run_krr(source: ArtifactRef, target: ArtifactRef, config: DistillKRRConfig, 
     rows = [r.result() for r in runs]
     grid.result()
     result = report_metrics.submit(rows, name, store).result()
-    return {**result, "teacher_uri": teacher.uri, "distilled_uri": distilled.uri}
+    return {**result, "teacher_uri": teacher.uri, "distilled_uri": distilled.uri, "teacher": teacher, "distilled": distilled}
 
 
 @flow(name="distill-krr", task_runner=ray_task_runner(), log_prints=True)

@@ -120,15 +120,17 @@ def run_tm(dataset: ArtifactRef, config: DistillTMConfig, store: str, name: str)
                 setting = f"ipc{m.ipc}/{ev.net}"
                 runs += [evaluate_distilled.submit(distilled[label(m)], dataset, ev, s, store, f"tm-{method_name(m)}",
                                                    setting) for s in range(ev.num_models)]
+        subsets = {}
         for ipc in sorted({m.ipc for m in config.distill}):
             for ev in config.eval:
-                subset = random_subset.submit(dataset, ipc, config.subset_seed, ev, store).result()
+                subset = subsets[f"ipc{ipc}/{ev.net}"] = random_subset.submit(
+                    dataset, ipc, config.subset_seed, ev, store).result()
                 runs += [evaluate_distilled.submit(subset, dataset, ev, s, store, "random-real", f"ipc{ipc}/{ev.net}")
                          for s in range(ev.num_models)]
     rows = [r.result() for r in runs]
     result = collect_metrics.submit(rows, name, store).result()
     return {**result, "distilled": {n: ref.uri for n, ref in distilled.items()}, "distilled_refs": distilled,
-            "experts": experts, "experts_uri": experts.uri, "dataset_uri": dataset.uri}
+            "subset_refs": subsets, "experts": experts, "experts_uri": experts.uri, "dataset_uri": dataset.uri}
 
 
 @flow(name="distill-tm", task_runner=ray_task_runner(), log_prints=True)
@@ -140,7 +142,7 @@ def distill_tm_flow(config: DistillTMConfig) -> dict[str, Any]:
     result = run_tm(dataset, config, store, f"distill-tm-{config.data.name}")
     print(json.dumps({"summary": result["summary"], "metrics": result["metrics_uri"], "distilled": result["distilled"],
                       "experts": result["experts_uri"]}, indent=1))
-    return {k: v for k, v in result.items() if k not in ("distilled_refs", "experts")}
+    return {k: v for k, v in result.items() if k not in ("distilled_refs", "subset_refs", "experts")}
 
 
 def main() -> None:

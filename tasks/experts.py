@@ -109,7 +109,9 @@ def publish_experts(dataset: ArtifactRef, cfg: ExpertConfig, store: str, summari
         write_metrics(staging.file("experts.parquet"), rows, filesystem=staging.fs)
         with staging.fs.open_output_stream(staging.file("smoothness.png")) as f:
             f.write(smoothness_png({cfg.recipe: curves}))
-        return {"rows": len(rows), "experts": rows, "recipe": cfg.expert_recipe()}
+        # the experts trained in their own tasks: the set's cost is their summed training time
+        compute_s = round(sum(float(r.get("seconds") or 0.0) for r in rows), 3)
+        return {"rows": len(rows), "experts": rows, "recipe": cfg.expert_recipe(), "compute_s": compute_s}
 
     art = st.publish(STAGE, key, write, config=cfg, inputs=[dataset.key], seeds={"experts": cfg.seed})
     shutil.rmtree(work, ignore_errors=True)

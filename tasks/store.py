@@ -117,6 +117,17 @@ class Artifact:
         return self.path if isinstance(self.fs, pafs.LocalFileSystem) else None
 
 
+def _task_elapsed_s() -> float | None:
+    """Seconds since the current Prefect task run started; None outside a task run."""
+    try:
+        from prefect.context import TaskRunContext
+    except ImportError:  # pragma: no cover - prefect is a dependency of the tasks layer
+        return None
+    ctx = TaskRunContext.get()
+    start = ctx.task_run.start_time if ctx is not None else None
+    return round((datetime.now(timezone.utc) - start).total_seconds(), 3) if start is not None else None
+
+
 def _peak_rss_mb() -> float:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return round(rss / (2**20 if sys.platform == "darwin" else 1024), 1)
@@ -303,6 +314,9 @@ class ArtifactStore:
             # The writing process's high-water mark (a Ray worker's spans the tasks it ran before):
             # an upper bound on the stage's own memory, cheap enough to record for every artifact.
             "peak_rss_mb": _peak_rss_mb(),
+            # Most stages compute before they publish, so `wall_time_s` (the write alone) understates
+            # their cost; the Prefect task run that publishes spans compute and write.
+            "task_s": _task_elapsed_s(),
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
 

@@ -1,0 +1,146 @@
+"""Benchmark: the whole `pipeline` flow, cold (empty store) and warm (everything cached), with peak memory.
+
+    .venv/bin/python benchmarks/pipeline.py --preset cpu     # goal: cold < 15 min, warm < 1 min on 2 cores
+    .venv/bin/python benchmarks/pipeline.py --preset tiny    # about a minute
+
+It starts a private Prefect server (SQLite in a temporary PREFECT_HOME, free loopback port)
+and an empty artifact store, runs `python -m flows.pipeline --preset P` twice against them
+and samples the resident memory of the whole process tree (flow process, Ray's GCS, raylet
+and workers) every 0.2 s. The accuracy table is the pipeline's own final report. The last
+line of output is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _healthy(api: str) -> bool:
+    try:
+        urllib.request.urlopen(api + "/health", timeout=2)
+        return True
+    except OSError:
+        return False
+
+
+class TreeMemory:
+    """Peak summed RSS of a process and all its descendants, sampled in a thread."""
+
+    def __init__(self, pid: int, interval: float = 0.2) -> None:
+        self.root, self.interval, self.peak = psutil.Process(pid), interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                procs = [self.root, *self.root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                return
+            total = 0
+            for p in procs:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            self._stop.wait(self.interval)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def run_flow(preset: str, env: dict[str, str]) -> tuple[float, int, dict]:
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.pipeline", "--preset", preset],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    mem = TreeMemory(proc.pid)
+    out, _ = proc.communicate()
+    seconds = time.perf_counter() - start
+    peak = mem.stop()
+    if proc.returncode != 0:
+        sys.exit(f"pipeline --preset {preset} failed ({proc.returncode}):\n{out[-4000:]}")
+    last = [line for line in out.splitlines() if line.startswith("{")]
+    return seconds, peak, json.loads(last[-1]) if last else {}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=["tiny", "cpu", "paper"], default="cpu")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary store and Prefect home")
+    args = parser.parse_args()
+    state = Path(tempfile.mkdtemp(prefix="distillery-bench-pipeline-"))
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(state / "prefect"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "DISTILLERY_STORE": str(state / "artifacts"),
+        "DISTILLERY_CACHE": str(state / "cache"),
+        "HF_HUB_OFFLINE": "1",
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not _healthy(api):
+            if server.poll() is not None or time.monotonic() > deadline:
+                sys.exit("the Prefect server did not start")
+            time.sleep(0.5)
+        cold_s, cold_peak, report = run_flow(args.preset, env)
+        print(f"cold run: {cold_s:.1f} s, peak {cold_peak / 2**20:.0f} MiB", flush=True)
+        warm_s, warm_peak, _ = run_flow(args.preset, env)
+        print(f"warm run: {warm_s:.1f} s, peak {warm_peak / 2**20:.0f} MiB", flush=True)
+        store_bytes = sum(f.stat().st_size for f in (state / "artifacts").rglob("*") if f.is_file())
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(30)
+        if not args.keep:
+            shutil.rmtree(state, ignore_errors=True)
+    print(json.dumps({
+        "benchmark": "pipeline",
+        "preset": args.preset,
+        "cold_s": round(cold_s, 1),
+        "warm_s": round(warm_s, 1),
+        "peak_rss_mib_cold": round(cold_peak / 2**20, 1),
+        "peak_rss_mib_warm": round(warm_peak / 2**20, 1),
+        "store_mib": round(store_bytes / 2**20, 2),
+        "goal_cold_under_15_min": cold_s < 900,
+        "goal_warm_under_1_min": warm_s < 60,
+        "results": report.get("results", report),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,264 @@
+"""Flow `pipeline`: curate data for a target task end to end, every stage cached, one final report.
+
+Two paths for a (source, target) pair, side by side:
+
+1. transfer path: prune the source for the target (DP4TL) -> train a self-supervised teacher
+   on the pruned source -> distill it with KRR-ST -> pretrain a fresh network on the
+   distilled set -> transfer to the target (linear probe, fine-tune), next to KRR-ST's
+   baselines (no pretraining, random real images with teacher targets or labels, the teacher);
+2. target path: expert trajectories on the target -> trajectory matching (MTT/AST) -> train
+   fresh networks on the distilled target, next to the random real subset at the same size.
+
+Every stage is a task keyed by its content address, so a re-run, or a run that changes only
+a downstream parameter, reuses what is done. The final report (table + bar plot in the UI,
+Parquet in the store) lists the accuracy, wall time, peak memory and data size of every path
+and baseline, plus notes that explain the run (resized targets, how many source classes the
+target actually maps onto).
+
+Run it:
+    make demo                                            # pipeline/cpu through a deployment
+    prefect deployment run pipeline/cpu --watch
+    python -m flows.pipeline --preset tiny               # in-process, without a deployment
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from prefect import flow
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from distill.data import DataConfig, DataError
+from distill.evaluate import EvalConfig
+from distill.experts import ExpertConfig
+from distill.krr import METHODS as KRR_METHODS
+from distill.krr import KRRConfig
+from distill.krr import TransferConfig as KRRTransferConfig
+from distill.matching import MatchConfig
+from distill.ssl import SSLConfig
+from dp4tl.methods import SelectionConfig, check_ratio, get_method, num_kept_classes
+from dp4tl.surrogate import SurrogateConfig
+from flows.distill_krr import DistillKRRConfig, run_krr
+from flows.distill_tm import DistillTMConfig, run_tm
+from flows.presets import load_preset, resolve_store
+from tasks.artifacts import ArtifactRef
+from tasks.datasets import materialize_dataset, validate_data
+from tasks.pipeline import chain_cost, data_bytes, report_pipeline, selection_note
+from tasks.prune import materialize_pruned, report_selection, select, surrogate
+from tasks.runtime import Resources, heavy, ray_task_runner
+
+
+class PruneStage(BaseModel):
+    """DP4TL as the pipeline's first stage: one method at one ratio (prune-eval compares them)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    method: str = Field("lm", description="Pruning method (dp4tl.methods): lm, lm_soft, fm, fm_kmeans, random, ...")
+    ratio: float = Field(0.5, description="Fraction of source classes pruned, in (0, 1).")
+    seed: int = Field(0, description="Seed of the selection (random methods, K-means).")
+    surrogate: SurrogateConfig = Field(default_factory=SurrogateConfig, description="Surrogate trained on the full source.")
+    surrogate_weights: str | None = Field(None, description="Your surrogate weights (safetensors) instead of training one.")
+    k_clusters: int | None = Field(None, ge=1, description="fm_kmeans groups; default the number of source classes.")
+
+    @model_validator(mode="after")
+    def _valid(self) -> PruneStage:
+        get_method(self.method)
+        check_ratio(self.ratio)
+        return self
+
+    def selection(self) -> SelectionConfig:
+        return SelectionConfig(methods=[self.method], ratios=[self.ratio], seeds=[self.seed], k_clusters=self.k_clusters)
+
+
+class KRRStage(BaseModel):
+    """Teacher, KRR-ST distillation and the transfer comparison on the pruned source."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    teacher: SSLConfig = Field(default_factory=SSLConfig, description="Barlow Twins teacher on the pruned source.")
+    krr: KRRConfig = Field(default_factory=KRRConfig, description="KRR-ST distillation of the pruned source.")
+    transfer: KRRTransferConfig = Field(default_factory=KRRTransferConfig, description="Pretrain + transfer recipe.")
+    methods: list[str] = Field(default_factory=lambda: list(KRR_METHODS), min_length=1,
+                               description=f"KRR-ST and its baselines: any of {', '.join(KRR_METHODS)}.")
+    seeds: int = Field(3, ge=1, description="Seeds per method (mean and std over these).")
+
+
+class TMStage(BaseModel):
+    """Experts and trajectory matching on the target, evaluated beside the random real subset."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    data: DataConfig | None = Field(
+        None, description="The target as trajectory matching reads it (e.g. 32 px with ZCA, as MTT); default: `target`."
+    )
+    experts: ExpertConfig = Field(description="Expert trajectories on the target.")
+    distill: list[MatchConfig] = Field(min_length=1, description="One distilled target per entry (ipc, switches).")
+    eval: list[EvalConfig] = Field(min_length=1, description="Evaluation recipe per architecture.")
+    subset_seed: int = Field(0, description="Seed of the random real subsets.")
+
+
+class PipelineConfig(BaseModel):
+    """Parameters of the `pipeline` flow (a validated form in the Prefect UI)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    source: DataConfig = Field(description="The large source to prune and distill for pretraining (Tiny-ImageNet).")
+    target: DataConfig = Field(description="The downstream task (CIFAR-10): drives the pruning, judges every path.")
+    prune: PruneStage = Field(default_factory=PruneStage, description="DP4TL source pruning.")
+    krr: KRRStage | None = Field(default_factory=KRRStage, description="Transfer path; null skips it.")
+    tm: TMStage | None = Field(None, description="Target path (experts + trajectory matching); null skips it.")
+    resources: Resources = Field(default_factory=Resources, description="Ray resources per heavy task.")
+    store: str | None = Field(None, description="Artifact store URI; default $DISTILLERY_STORE or ./artifacts.")
+
+    @model_validator(mode="after")
+    def _stages_agree(self) -> PipelineConfig:
+        if self.krr is None and self.tm is None:
+            raise ValueError("both paths are switched off (krr and tm are null); enable at least one")
+        if self.krr is not None:
+            if self.source.zca or self.target.zca:
+                raise ValueError("the transfer path (KRR-ST) works on normalized images; set zca: false on source "
+                                 "and target (ZCA is a trajectory-matching option: set it on tm.data)")
+            if not self.krr.methods or "krr-st" not in self.krr.methods:
+                raise ValueError(f"krr.methods must include 'krr-st' (the distilled set); got {self.krr.methods}")
+        if self.tm is not None:
+            for m in self.tm.distill:
+                if m.max_start_epoch + m.expert_epochs > self.tm.experts.epochs:
+                    raise ValueError(
+                        f"tm.distill ipc {m.ipc}: max_start_epoch + expert_epochs = "
+                        f"{m.max_start_epoch + m.expert_epochs} exceeds tm.experts.epochs = {self.tm.experts.epochs}"
+                    )
+        return self
+
+    def transfer_target(self) -> tuple[DataConfig, str | None]:
+        """The target as the transfer path sees it: at the source's image size (and a note when resized)."""
+        s, t = self.source.image_size, self.target.image_size
+        if s == t:
+            return self.target, None
+        note = (f"target images resized from {t if t is not None else 'native'} px to the source's {s} px for the "
+                "transfer path (pruning and pretraining share one input size); the target path keeps its own size")
+        return self.target.model_copy(update={"image_size": s}), note
+
+
+def check_plan(config: PipelineConfig) -> None:
+    """Refuse, from label columns alone and before any stage runs, settings the data cannot satisfy."""
+    source = validate_data(config.source)[config.source.train_split]
+    target = validate_data(config.target)[config.target.train_split]
+    if sum(target) == 0:
+        raise DataError(f"the target's {config.target.train_split!r} split selects no images ({config.target.source})")
+    classes = [n for n in source if n > 0]
+    check_ratio(config.prune.ratio, len(classes))
+    if config.krr is not None:
+        # the smallest possible pruned source: the kept classes are the smallest ones
+        kept = num_kept_classes(config.prune.ratio, len(classes))
+        least = sum(sorted(classes)[:kept])
+        if config.krr.krr.num_images > least:
+            raise ValueError(
+                f"krr.krr.num_images={config.krr.krr.num_images} synthetic images, but pruning {config.prune.ratio} of "
+                f"{len(classes)} source classes may leave only {least} images; lower num_images or the ratio"
+            )
+    if config.tm is not None:
+        validate_data(config.tm.data or config.target, max(m.ipc for m in config.tm.distill))
+
+
+def _krr_rows(result: dict[str, Any], chain: list[ArtifactRef], teacher: ArtifactRef, distilled: ArtifactRef,
+              pruned: ArtifactRef) -> list[dict[str, Any]]:
+    made_from = {  # what each compared arm's pretraining data cost to produce
+        "krr-st": chain + [teacher, distilled], "random-real-targets": chain + [teacher],
+        "random-real-ce": chain, "teacher": chain + [teacher], "no-pretrain": [],
+    }
+    rows = []
+    for s in result["summary"]:
+        method = s["method"]
+        data = {"krr-st": data_bytes(distilled, ("data/",)), "no-pretrain": 0, "teacher": data_bytes(pruned)}
+        rows.append({
+            "path": "prune -> KRR-ST -> transfer", "method": method, "kind": "method" if method == "krr-st" else "baseline",
+            "linear_probe_acc_mean": s.get("linear_acc_mean"), "linear_probe_acc_std": s.get("linear_acc_std"),
+            "fine_tune_acc_mean": s.get("finetune_acc_mean"), "fine_tune_acc_std": s.get("finetune_acc_std"),
+            "test_acc_mean": None, "test_acc_std": None, "seeds": s["seeds"],
+            "data_mib": round(data.get(method, data_bytes(distilled, ("data/",))) / 2**20, 3),
+            **chain_cost(made_from.get(method, chain)),
+        })
+    return rows
+
+
+def _tm_rows(result: dict[str, Any], target: ArtifactRef) -> list[dict[str, Any]]:
+    rows = []
+    for s in result["summary"]:
+        ipc = s["setting"].split("/")[0]  # settings read "ipc<k>/<net>"
+        # distilled sets are labelled "<method>-ipc<k>"; random real subsets by their setting
+        made = result["distilled_refs"].get(f"{s['method'].removeprefix('tm-')}-{ipc}")
+        chain = [target, result["experts"], made] if made is not None else [target, result["subset_refs"][s["setting"]]]
+        rows.append({
+            "path": f"experts -> TM on target ({s['setting']})", "method": s["method"],
+            "kind": "method" if made is not None else "baseline",
+            "linear_probe_acc_mean": None, "linear_probe_acc_std": None, "fine_tune_acc_mean": None,
+            "fine_tune_acc_std": None, "test_acc_mean": s["test_acc_mean"], "test_acc_std": s["test_acc_std"],
+            "seeds": s["seeds"], "data_mib": round(data_bytes(chain[-1], ("data/",)) / 2**20, 3),
+            **chain_cost(chain),
+        })
+    return rows
+
+
+@flow(name="pipeline", task_runner=ray_task_runner(), log_prints=True)
+def pipeline(config: PipelineConfig) -> dict[str, Any]:
+    """Prune -> teacher -> KRR-ST -> pretrain -> transfer, and experts -> TM on the target; one report."""
+    store = resolve_store(config.store)
+    check_plan(config)  # in the flow process: a conflict fails here, before any stage starts
+    transfer_target, resize_note = config.transfer_target()
+    notes = [resize_note] if resize_note else []
+    name = f"pipeline-{config.source.name}-to-{config.target.name}"
+    rows: list[dict[str, Any]] = []
+    inputs: list[str] = []
+
+    source_f = materialize_dataset.submit(config.source, store)
+    target_f = materialize_dataset.submit(transfer_target, store)
+    tm_data = (config.tm.data or config.target) if config.tm is not None else None
+    tm_target_f = materialize_dataset.submit(tm_data, store) if tm_data is not None else None
+    source, target = source_f.result(), target_f.result()
+
+    if config.krr is not None:
+        sel = config.prune.selection()
+        with heavy(config.resources):
+            sur = surrogate.submit(source, config.prune.surrogate, store, config.prune.surrogate_weights).result()
+            selection = select.submit(source, target, sur, config.prune.method, config.prune.seed, sel, store).result()
+        report_selection([selection], f"{name}-selection", 10)
+        pruned = materialize_pruned(source, selection, config.prune.ratio, store)
+        notes.append(selection_note(selection, config.prune.ratio))
+        krr_cfg = DistillKRRConfig(
+            source=config.source, target=transfer_target, teacher=config.krr.teacher, krr=config.krr.krr,
+            transfer=config.krr.transfer, methods=config.krr.methods, seeds=config.krr.seeds,
+            resources=config.resources, store=store,
+        )
+        krr = run_krr(pruned, target, krr_cfg, store, f"{name}-krr-st")
+        rows += _krr_rows(krr, [source, sur, selection, pruned], krr["teacher"], krr["distilled"], pruned)
+        inputs.append(krr["metrics_uri"].rsplit("/", 1)[-1])
+
+    if config.tm is not None:
+        assert tm_target_f is not None
+        tm_target = tm_target_f.result()
+        tm_cfg = DistillTMConfig(
+            data=tm_data, experts=config.tm.experts, distill=config.tm.distill, eval=config.tm.eval,
+            subset_seed=config.tm.subset_seed, resources=config.resources, store=store,
+        )
+        tm = run_tm(tm_target, tm_cfg, store, f"{name}-tm")
+        rows += _tm_rows(tm, tm_target)
+        inputs.append(tm["metrics_uri"].rsplit("/", 1)[-1])
+
+    report = report_pipeline.submit(rows, notes, name, store, inputs).result()
+    print("\n".join(notes) + f"\nreport: {report['report_uri']}")
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny", help="preset in deployments/presets/pipeline.yaml")
+    args = parser.parse_args()
+    report = pipeline(PipelineConfig(**load_preset("pipeline", args.preset)))
+    # the last line of output: the report as JSON (benchmarks/pipeline.py reads it)
+    print(json.dumps({"results": report["rows"], "notes": report["notes"], "report": report["report_uri"]}, default=str))
+
+
+if __name__ == "__main__":
+    main()
