@@ -1,7 +1,7 @@
 """Command line helpers around the artifact store.
 
-    python -m flows.cli results            # newest metrics summary table in the store
-    python -m flows.cli results --all      # every metrics artifact, newest last
+    python -m flows.cli results            # newest pipeline report or metrics summary in the store
+    python -m flows.cli results --all      # every one of them, newest last
 """
 
 from __future__ import annotations
@@ -14,22 +14,26 @@ from tasks.store import ArtifactStore
 from tasks.tables import markdown_table
 
 
-# tasks.evaluation.METRICS_STAGE; not imported (nor torch, via distill.formats), so this CLI
+# stage -> its table file: tasks.evaluation/tasks.transfer (metrics), tasks.krr (krr-metrics) and
+# tasks.pipeline (pipeline-report); not imported (nor torch, via distill.formats), so this CLI
 # answers in well under a second.
-METRICS_STAGE = "metrics"
+TABLES = {"metrics": "summary.parquet", "krr-metrics": "summary.parquet", "pipeline-report": "report.parquet"}
 
 
 def results(show_all: bool = False, store_uri: str | None = None) -> str:
     store = ArtifactStore(store_uri)
-    keys = store.list(METRICS_STAGE)
-    if not keys:
-        return f"no metrics yet in {store.uri}"
-    manifests = sorted((store.manifest(METRICS_STAGE, k) for k in keys), key=lambda m: m["created_at"])
+    manifests = sorted(
+        (store.manifest(stage, k) for stage in TABLES for k in store.list(stage)), key=lambda m: m["created_at"]
+    )
+    if not manifests:
+        return f"no results yet in {store.uri}"
     out = []
     for m in manifests if show_all else manifests[-1:]:
-        art = store.open(METRICS_STAGE, m["key"], verify=False)
+        art = store.open(m["stage"], m["key"], verify=False)
         name = (m.get("config") or {}).get("name", m["key"])
-        out.append(f"{name} ({art.uri})\n" + markdown_table(pq.read_table(art.file("summary.parquet"), filesystem=art.fs).to_pylist()))
+        rows = pq.read_table(art.file(TABLES[m["stage"]]), filesystem=art.fs).to_pylist()
+        notes = "".join(f"- {n}\n" for n in m.get("notes", []))
+        out.append(f"{name} ({art.uri})\n{notes}" + markdown_table(rows))
     return "\n".join(out)
 
 

@@ -23,7 +23,7 @@ export PREFECT_WORKER_QUERY_SECONDS=${PREFECT_WORKER_QUERY_SECONDS:-1}
 export PREFECT_WORKER_PREFETCH_SECONDS=${PREFECT_WORKER_PREFETCH_SECONDS:-5}
 export PATH=$ROOT/.venv/bin:$PATH
 RUN=$ROOT/.run
-DEMO_DEPLOYMENT=${DISTILLERY_DEMO:-baseline/cpu}
+DEMO_DEPLOYMENT=${DISTILLERY_DEMO:-pipeline/cpu}
 mkdir -p "$RUN" "$PREFECT_HOME"
 
 alive() { [ -f "$RUN/$1.pid" ] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; }

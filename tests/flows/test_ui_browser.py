@@ -41,7 +41,7 @@ from tests.conftest import REPO, data_path
 SCREENSHOTS = REPO / "test-output" / "ui"
 # The flows whose UI is checked; the lead switches the fast one to `pipeline` once it exists.
 # `experts` publishes a markdown report with an inline PNG plot, so it covers the image check.
-UI_FLOWS = ["baseline", pytest.param("experts", marks=pytest.mark.slow)]
+UI_FLOWS = ["pipeline", pytest.param("baseline", marks=pytest.mark.slow), pytest.param("experts", marks=pytest.mark.slow)]
 WAIT_S = 45  # the UI is a single-page app: it renders after its own API calls return
 
 
