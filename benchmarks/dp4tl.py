@@ -70,7 +70,7 @@ def _goals(summary: list[dict]) -> dict:
         s, rnd = by.get((m, 0.5)), by.get(("random", 0.5))
         if s is None:
             continue
-        for k in ("lp_acc", "ft_acc"):
+        for k in ("linear_probe_acc", "fine_tune_acc"):
             gap = 100 * (s[f"{k}_mean"] - full[f"{k}_mean"])
             out[f"{m}_50_{k}_minus_full_points"] = round(gap, 2)
             out[f"{m}_50_{k}_within_1_point_of_full"] = gap >= -1.0

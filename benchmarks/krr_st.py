@@ -126,7 +126,7 @@ def main() -> None:
             done, pending = ray.wait(pending, num_returns=1)
             row = ray.get(done[0])
             rows.append(row)
-            print(f"{row['method']:>20} seed {row['seed']}: linear {row['linear_acc']:.4f} fine-tune {row['finetune_acc']:.4f}",
+            print(f"{row['method']:>20} seed {row['seed']}: linear {row['linear_probe_acc']:.4f} fine-tune {row['fine_tune_acc']:.4f}",
                   flush=True)
         eval_s = time.perf_counter() - t
         ray.shutdown()
@@ -134,7 +134,7 @@ def main() -> None:
     table = {}
     for m in cfg.methods:
         mine = [r for r in rows if r["method"] == m]
-        lp, ft = summarize([r["linear_acc"] for r in mine]), summarize([r["finetune_acc"] for r in mine])
+        lp, ft = summarize([r["linear_probe_acc"] for r in mine]), summarize([r["fine_tune_acc"] for r in mine])
         table[m] = {"linear_mean": round(lp["mean"], 4), "linear_std": round(lp["std"], 4),
                     "finetune_mean": round(ft["mean"], 4), "finetune_std": round(ft["std"], 4)}
     baselines = [m for m in table if m not in ("krr-st", "teacher")]

@@ -585,7 +585,7 @@ def transfer(
     lp = linear_probe(backbone, train_x, train_y, test_x, test_y, cfg.linear_probe, device=device, seed=seed)
     ft = fine_tune(backbone, train_x, train_y, test_x, test_y, cfg.fine_tune, num_classes=num_classes,
                    device=device, seed=seed)
-    return {"linear_acc": lp["test_acc"], "finetune_acc": ft["test_acc"], "linear_seconds": lp["seconds"],
+    return {"linear_probe_acc": lp["test_acc"], "fine_tune_acc": ft["test_acc"], "linear_seconds": lp["seconds"],
             "finetune_seconds": ft["seconds"]}
 
 

@@ -24,7 +24,9 @@ Run it:
 from __future__ import annotations
 
 import argparse
+import contextvars
 import json
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from prefect import flow
@@ -174,8 +176,8 @@ def _krr_rows(result: dict[str, Any], chain: list[ArtifactRef], teacher: Artifac
         data = {"krr-st": data_bytes(distilled, ("data/",)), "no-pretrain": 0, "teacher": data_bytes(pruned)}
         rows.append({
             "path": "prune -> KRR-ST -> transfer", "method": method, "kind": "method" if method == "krr-st" else "baseline",
-            "linear_probe_acc_mean": s.get("linear_acc_mean"), "linear_probe_acc_std": s.get("linear_acc_std"),
-            "fine_tune_acc_mean": s.get("finetune_acc_mean"), "fine_tune_acc_std": s.get("finetune_acc_std"),
+            "linear_probe_acc_mean": s.get("linear_probe_acc_mean"), "linear_probe_acc_std": s.get("linear_probe_acc_std"),
+            "fine_tune_acc_mean": s.get("fine_tune_acc_mean"), "fine_tune_acc_std": s.get("fine_tune_acc_std"),
             "test_acc_mean": None, "test_acc_std": None, "seeds": s["seeds"],
             "data_mib": round(data.get(method, data_bytes(distilled, ("data/",))) / 2**20, 3),
             **chain_cost(made_from.get(method, chain)),
@@ -201,51 +203,62 @@ def _tm_rows(result: dict[str, Any], target: ArtifactRef) -> list[dict[str, Any]
     return rows
 
 
+def _transfer_path(config: PipelineConfig, source: ArtifactRef, target: ArtifactRef, store: str,
+                   name: str) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+    """Prune the source for the target -> teacher -> KRR-ST -> pretrain -> transfer, with KRR-ST's baselines."""
+    assert config.krr is not None
+    sel = config.prune.selection()
+    with heavy(config.resources):
+        sur = surrogate.submit(source, config.prune.surrogate, store, config.prune.surrogate_weights).result()
+        selection = select.submit(source, target, sur, config.prune.method, config.prune.seed, sel, store).result()
+    report_selection([selection], f"{name}-selection", 10)
+    pruned = materialize_pruned(source, selection, config.prune.ratio, store)
+    krr_cfg = DistillKRRConfig(
+        source=config.source, target=config.transfer_target()[0], teacher=config.krr.teacher, krr=config.krr.krr,
+        transfer=config.krr.transfer, methods=config.krr.methods, seeds=config.krr.seeds,
+        resources=config.resources, store=store,
+    )
+    krr = run_krr(pruned, target, krr_cfg, store, f"{name}-krr-st")
+    rows = _krr_rows(krr, [source, sur, selection, pruned], krr["teacher"], krr["distilled"], pruned)
+    return rows, [selection_note(selection, config.prune.ratio)], [krr["metrics_uri"].rsplit("/", 1)[-1]]
+
+
+def _target_path(config: PipelineConfig, tm_target: ArtifactRef, store: str,
+                 name: str) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+    """Experts -> trajectory matching on the target, beside the random real subset."""
+    assert config.tm is not None
+    tm_cfg = DistillTMConfig(
+        data=config.tm.data or config.target, experts=config.tm.experts, distill=config.tm.distill,
+        eval=config.tm.eval, subset_seed=config.tm.subset_seed, resources=config.resources, store=store,
+    )
+    tm = run_tm(tm_target, tm_cfg, store, f"{name}-tm")
+    return _tm_rows(tm, tm_target), [], [tm["metrics_uri"].rsplit("/", 1)[-1]]
+
+
 @flow(name="pipeline", task_runner=ray_task_runner(), log_prints=True)
 def pipeline(config: PipelineConfig) -> dict[str, Any]:
     """Prune -> teacher -> KRR-ST -> pretrain -> transfer, and experts -> TM on the target; one report."""
     store = resolve_store(config.store)
     check_plan(config)  # in the flow process: a conflict fails here, before any stage starts
     transfer_target, resize_note = config.transfer_target()
-    notes = [resize_note] if resize_note else []
     name = f"pipeline-{config.source.name}-to-{config.target.name}"
-    rows: list[dict[str, Any]] = []
-    inputs: list[str] = []
 
-    source_f = materialize_dataset.submit(config.source, store)
-    target_f = materialize_dataset.submit(transfer_target, store)
-    tm_data = (config.tm.data or config.target) if config.tm is not None else None
-    tm_target_f = materialize_dataset.submit(tm_data, store) if tm_data is not None else None
-    source, target = source_f.result(), target_f.result()
-
+    paths = []
     if config.krr is not None:
-        sel = config.prune.selection()
-        with heavy(config.resources):
-            sur = surrogate.submit(source, config.prune.surrogate, store, config.prune.surrogate_weights).result()
-            selection = select.submit(source, target, sur, config.prune.method, config.prune.seed, sel, store).result()
-        report_selection([selection], f"{name}-selection", 10)
-        pruned = materialize_pruned(source, selection, config.prune.ratio, store)
-        notes.append(selection_note(selection, config.prune.ratio))
-        krr_cfg = DistillKRRConfig(
-            source=config.source, target=transfer_target, teacher=config.krr.teacher, krr=config.krr.krr,
-            transfer=config.krr.transfer, methods=config.krr.methods, seeds=config.krr.seeds,
-            resources=config.resources, store=store,
-        )
-        krr = run_krr(pruned, target, krr_cfg, store, f"{name}-krr-st")
-        rows += _krr_rows(krr, [source, sur, selection, pruned], krr["teacher"], krr["distilled"], pruned)
-        inputs.append(krr["metrics_uri"].rsplit("/", 1)[-1])
-
+        source_f = materialize_dataset.submit(config.source, store)
+        target_f = materialize_dataset.submit(transfer_target, store)
+        paths.append(lambda: _transfer_path(config, source_f.result(), target_f.result(), store, name))
     if config.tm is not None:
-        assert tm_target_f is not None
-        tm_target = tm_target_f.result()
-        tm_cfg = DistillTMConfig(
-            data=tm_data, experts=config.tm.experts, distill=config.tm.distill, eval=config.tm.eval,
-            subset_seed=config.tm.subset_seed, resources=config.resources, store=store,
-        )
-        tm = run_tm(tm_target, tm_cfg, store, f"{name}-tm")
-        rows += _tm_rows(tm, tm_target)
-        inputs.append(tm["metrics_uri"].rsplit("/", 1)[-1])
-
+        tm_f = materialize_dataset.submit(config.tm.data or config.target, store)
+        paths.append(lambda: _target_path(config, tm_f.result(), store, name))
+    # The two paths share no stage: run them side by side, so the target path's experts and
+    # evaluations fill the CPUs (or GPUs) that the transfer path's serial stages leave idle.
+    # Each thread runs in a copy of this flow run's context, so its tasks belong to this run.
+    with ThreadPoolExecutor(max_workers=len(paths)) as pool:
+        done = [f.result() for f in [pool.submit(contextvars.copy_context().run, p) for p in paths]]
+    rows = [r for path_rows, _, _ in done for r in path_rows]
+    notes = ([resize_note] if resize_note else []) + [n for _, path_notes, _ in done for n in path_notes]
+    inputs = [k for _, _, path_inputs in done for k in path_inputs]
     report = report_pipeline.submit(rows, notes, name, store, inputs).result()
     print("\n".join(notes) + f"\nreport: {report['report_uri']}")
     return report

@@ -323,12 +323,12 @@ def evaluate_method(method: str, seed: int, source: ArtifactRef, teacher: Artifa
 
         def write(staging: Staging) -> dict[str, Any]:
             write_metrics(staging.file("metrics.parquet"), [row], filesystem=staging.fs)
-            return {"rows": 1, "linear_acc": row["linear_acc"], "finetune_acc": row["finetune_acc"]}
+            return {"rows": 1, "linear_probe_acc": row["linear_probe_acc"], "fine_tune_acc": row["fine_tune_acc"]}
 
         st.publish(EVAL_STAGE, key, write, config={"method": method, "seed": seed, "transfer": transfer},
                    inputs=_inputs_of(method, source, teacher, distilled, target), seeds={"eval": seed})
-        reports.run_logger().info("%s seed %d: linear %.4f, fine-tune %.4f", method, seed, row["linear_acc"],
-                                  row["finetune_acc"])
+        reports.run_logger().info("%s seed %d: linear %.4f, fine-tune %.4f", method, seed, row["linear_probe_acc"],
+                                  row["fine_tune_acc"])
     art = st.open(EVAL_STAGE, key)
     return read_metrics(art.file("metrics.parquet"), filesystem=art.fs)[0]
 
@@ -338,9 +338,9 @@ def summarize_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for method in [m for m in METHODS if any(r["method"] == m for r in rows)]:
         mine = [r for r in rows if r["method"] == method]
-        lp, ft = summarize([r["linear_acc"] for r in mine]), summarize([r["finetune_acc"] for r in mine])
-        out.append({"method": method, "linear_acc_mean": lp["mean"], "linear_acc_std": lp["std"],
-                    "finetune_acc_mean": ft["mean"], "finetune_acc_std": ft["std"], "seeds": lp["n"]})
+        lp, ft = summarize([r["linear_probe_acc"] for r in mine]), summarize([r["fine_tune_acc"] for r in mine])
+        out.append({"method": method, "linear_probe_acc_mean": lp["mean"], "linear_probe_acc_std": lp["std"],
+                    "fine_tune_acc_mean": ft["mean"], "fine_tune_acc_std": ft["std"], "seeds": lp["n"]})
     return out
 
 

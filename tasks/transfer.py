@@ -228,9 +228,9 @@ def transfer_eval(
             else:
                 r = fine_tune(net, train_x, train_y, test_x, test_y, cfg.fine_tune,
                               num_classes=len(names), device=device, seed=seed, progress=progress)
-            prefix = "lp" if mode == "linear_probe" else "ft"
-            row.update({f"{prefix}_acc": r["test_acc"], f"{prefix}_train_acc": r["train_acc"],
-                        f"{prefix}_seconds": round(r["seconds"], 3)})
+            # modes name the columns: linear_probe_acc, fine_tune_acc (as in every transfer table)
+            row.update({f"{mode}_acc": r["test_acc"], f"{mode}_train_acc": r["train_acc"],
+                        f"{mode}_seconds": round(r["seconds"], 3)})
         row.update({
             "train_images": int(info.get("train_images", 0)),
             "images_seen": int(info["images_seen"]),
@@ -278,7 +278,7 @@ def pretrain_transfer(
 # ---------------------------------------------------------------- report
 
 
-ACCURACIES = (("lp_acc", "linear probe"), ("ft_acc", "fine-tune"))
+ACCURACIES = (("linear_probe_acc", "linear probe"), ("fine_tune_acc", "fine-tune"))
 
 
 def summarize_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

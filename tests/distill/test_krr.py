@@ -189,7 +189,7 @@ def test_every_method_pretrains_and_transfers(method):
                                          targets=targets, labels=labels, teacher=_teacher(), seed=0)
     target_x, target_y = SOURCE[:40], torch.arange(40) % 2
     row = transfer(backbone, target_x[:30], target_y[:30], target_x[30:], target_y[30:], TINY_TRANSFER, num_classes=2)
-    assert 0 <= row["linear_acc"] <= 1 and 0 <= row["finetune_acc"] <= 1
+    assert 0 <= row["linear_probe_acc"] <= 1 and 0 <= row["fine_tune_acc"] <= 1
     assert ("pretrain_loss" in info) == (METHODS[method].data in ("distilled", "initial"))
 
 

@@ -42,7 +42,7 @@ def test_distill_krr_tiny_produces_teacher_distilled_set_and_table(prefect_serve
     result = distill_krr(cfg)
     assert [r["method"] for r in result["summary"]] == list(METHODS)
     for row in result["summary"]:
-        assert 0 <= row["linear_acc_mean"] <= 1 and 0 <= row["finetune_acc_mean"] <= 1 and row["seeds"] == 1
+        assert 0 <= row["linear_probe_acc_mean"] <= 1 and 0 <= row["fine_tune_acc_mean"] <= 1 and row["seeds"] == 1
 
     (teacher_dir,) = [p for p in (tmp_path / "ssl-teacher").iterdir() if (p / "manifest.json").exists()]
     teacher = load_teacher(teacher_dir / "teacher.safetensors")

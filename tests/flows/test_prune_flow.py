@@ -72,7 +72,7 @@ def test_prune_eval_tiny_selects_pretrains_reports_and_reuses(prefect_server, tm
     rows = result["rows"]
     assert sorted({r["method"] for r in rows}) == ["fm", "full", "lm", "lm_bottom", "random", "scratch"]
     for r in rows:
-        assert 0 <= r["lp_acc"] <= 1 and 0 <= r["ft_acc"] <= 1
+        assert 0 <= r["linear_probe_acc"] <= 1 and 0 <= r["fine_tune_acc"] <= 1
     full = next(r for r in rows if r["method"] == "full")
     pruned = [r for r in rows if r["method"] not in ("full", "scratch")]
     assert all(r["images_seen"] == full["images_seen"] // 2 for r in pruned), "50% of 10 equal classes"

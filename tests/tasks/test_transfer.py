@@ -57,13 +57,13 @@ def test_transfer_from_pretrained_and_from_scratch(world):
     store, source, target, _ = world
     ref = pretrain_weights(source, PRETRAIN, 0, store, "full")
     row = transfer_eval(ref, target, PRETRAIN, TRANSFER, 0, store, "full")
-    assert 0 <= row["lp_acc"] <= 1 and 0 <= row["ft_acc"] <= 1
+    assert 0 <= row["linear_probe_acc"] <= 1 and 0 <= row["fine_tune_acc"] <= 1
     assert row["images_seen"] == 540 and row["target_train_images"] == 24  # 16x16 target resized to 8x8
     assert transfer_eval(ref, target, PRETRAIN, TRANSFER, 0, store, "full") == row
     scratch = transfer_eval(None, target, PRETRAIN, TRANSFER, 0, store, SCRATCH)
     assert scratch["images_seen"] == 0 and scratch["pretrain_seconds"] == 0.0 and scratch["transfer_key"] != row["transfer_key"]
     lp_only = transfer_eval(ref, target, PRETRAIN, TRANSFER.model_copy(update={"modes": ["linear_probe"]}), 0, store)
-    assert "ft_acc" not in lp_only and lp_only["lp_acc"] == row["lp_acc"], "the probe is seeded and independent of ft"
+    assert "fine_tune_acc" not in lp_only and lp_only["linear_probe_acc"] == row["linear_probe_acc"], "the probe is seeded and independent of ft"
 
 
 def test_zca_target_of_another_size_is_refused(world):
@@ -78,14 +78,14 @@ def test_zca_target_of_another_size_is_refused(world):
 
 def test_summary_and_plot():
     rows = [
-        {"method": m, "ratio": r, "seed": s, "lp_acc": acc + 0.01 * s, "ft_acc": acc, "pretrain_seconds": secs,
+        {"method": m, "ratio": r, "seed": s, "linear_probe_acc": acc + 0.01 * s, "fine_tune_acc": acc, "pretrain_seconds": secs,
          "train_images": 10, "images_seen": 30}
         for m, r, acc, secs in ((FULL, 0.0, 0.8, 10.0), (SCRATCH, 0.0, 0.5, 0.0), ("lm", 0.5, 0.79, 5.0), ("random", 0.5, 0.7, 5.0))
         for s in range(3)
     ]
     summary = summarize_rows(rows)
     lm = next(s for s in summary if s["method"] == "lm")
-    assert lm["seeds"] == 3 and lm["lp_acc_mean"] == pytest.approx(0.80) and lm["lp_acc_std"] == pytest.approx(0.01)
+    assert lm["seeds"] == 3 and lm["linear_probe_acc_mean"] == pytest.approx(0.80) and lm["linear_probe_acc_std"] == pytest.approx(0.01)
     assert lm["pretrain_time_vs_full"] == pytest.approx(0.5)
     assert accuracy_plot(summary)[:4] == b"\x89PNG"
 
