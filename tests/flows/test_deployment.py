@@ -1,4 +1,4 @@
-"""End to end: `prefect deploy` + a process worker + `prefect deployment run --watch` of baseline/tiny.
+"""End to end: `prefect deploy` + a process worker + `prefect deployment run --watch` of baseline/tiny and pipeline/tiny.
 
 Everything is real: the session's Prefect server, a `prefect worker start` subprocess on a
 process work pool, local Ray inside the flow run, Parquet artifacts on disk. The second run
@@ -125,3 +125,20 @@ def test_deployment_run_baseline_tiny(deployed):
     assert run2.id != run.id and run2.state.is_completed()
     assert _artifacts(store) == stages, "a re-run must not create new artifacts"
     print(f"first run {first_s:.1f}s, second run {second_s:.1f}s")
+
+
+@pytest.mark.integration
+def test_deployment_run_pipeline_tiny(deployed):
+    """The whole pipeline (prune -> teacher -> KRR-ST -> transfer beside experts -> TM) through a deployment."""
+    data_path("tiny-imagenet-200", "train.parquet")
+    env, store = deployed
+    _prefect("deployment", "run", "pipeline/tiny", "--watch", env=env)
+    run, task_runs, artifacts = asyncio.run(_last_run("pipeline", "tiny"))
+    assert run.state.is_completed(), run.state
+    names = {t.name for t in task_runs}
+    for prefix in ("surrogate", "select", "ssl-teacher", "distill-krr-st", "expert-", "distill-tm", "pipeline-report"):
+        assert any(n.startswith(prefix) for n in names), (prefix, sorted(names))
+    keys = {a.key for a in artifacts if a.key}
+    assert any(k.endswith("-report") for k in keys) and any(k.endswith("-report-plot") for k in keys), keys
+    stages = _artifacts(store)
+    assert len(stages["pipeline-report"]) == 1 and stages["krr-st"] and stages["distill-tm"] and stages["pruned"]
