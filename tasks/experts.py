@@ -11,10 +11,8 @@ config, dataset key), so every expert task of a finished set is a cache hit.
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,7 @@ from tasks import reports
 from tasks.artifacts import ArtifactRef
 from tasks.datasets import load_preprocessor, preprocessed
 from tasks.runtime import task_device
-from tasks.store import ArtifactStore, Staging, store_cache_key_fn
+from tasks.store import ArtifactStore, Staging, store_cache_key_fn, work_dir
 
 STAGE = "experts"
 
@@ -38,18 +36,6 @@ def set_key(store: str, cfg: ExpertConfig, dataset: ArtifactRef) -> str:
 
 def _key_of(p: dict[str, Any]) -> tuple[str, str]:
     return p["store"], set_key(p["store"], p["cfg"], p["dataset"])
-
-
-def work_dir(store: str, key: str) -> Path:
-    """Where a set's experts train: persistent across task retries, outside the published tree."""
-    st = ArtifactStore(store)
-    if st.local:
-        root = Path(st.root) / ".work" / STAGE
-    else:
-        root = Path(os.environ.get("DISTILLERY_CACHE", Path(tempfile.gettempdir()) / "distillery-cache")) / "work" / STAGE
-    path = root / key
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 @task(
@@ -76,7 +62,7 @@ def train_one_expert(dataset: ArtifactRef, cfg: ExpertConfig, expert_id: int, st
     )
     summary = train_expert(
         cfg, train_x, train_y, test_x, test_y,
-        num_classes=len(names), expert_id=expert_id, out_path=work_dir(store, key) / expert_file(expert_id),
+        num_classes=len(names), expert_id=expert_id, out_path=work_dir(store, STAGE, key) / expert_file(expert_id),
         dataset_fingerprint=manifest["fingerprints"]["train"], preprocessor_fingerprint=pre.fingerprint(),
         device=device, progress=progress,
     )
@@ -95,7 +81,7 @@ def publish_experts(dataset: ArtifactRef, cfg: ExpertConfig, store: str, summari
     st = ArtifactStore(store)
     if st.exists(STAGE, key):
         return ArtifactRef(store=store, stage=STAGE, key=key)
-    work = work_dir(store, key)
+    work = work_dir(store, STAGE, key)
     rows, curves = [], []
     for s in sorted(summaries, key=lambda r: r["expert_id"]):
         with TrajectoryReader(work / expert_file(s["expert_id"])) as reader:
@@ -186,10 +172,7 @@ def _curves(path: Path) -> dict[str, list[float]]:
 
 def smoothness_png(curves: dict[str, list[dict[str, list[float]]]]) -> bytes:
     """Two panels (parameter change per epoch, training loss), one line per recipe."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = reports.pyplot()
     import numpy as np
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=110)
@@ -203,8 +186,4 @@ def smoothness_png(curves: dict[str, list[dict[str, list[float]]]]) -> bytes:
     axes[0].set(title="parameter change per epoch (L2)", xlabel="epoch")
     axes[1].set(title="training loss (plain CE)", xlabel="epoch")
     axes[1].legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return reports.figure_png(fig)

@@ -17,9 +17,7 @@
 from __future__ import annotations
 
 import io
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -46,25 +44,13 @@ from tasks import reports
 from tasks.artifacts import ArtifactRef
 from tasks.datasets import load_preprocessor, preprocessed
 from tasks.runtime import task_device
-from tasks.store import ArtifactStore, Staging, store_cache_key_fn
+from tasks.store import ArtifactStore, Staging, store_cache_key_fn, work_dir
 from tasks.tables import markdown_table
 
 TEACHER_STAGE = "ssl-teacher"
 DISTILL_STAGE = "krr-st"
 EVAL_STAGE = "krr-eval"
 METRICS_STAGE = "krr-metrics"
-
-
-def work_dir(store: str, stage: str, key: str) -> Path:
-    """Where a long stage checkpoints: persistent across task retries, outside the published tree."""
-    st = ArtifactStore(store)
-    if st.local:
-        root = Path(st.root) / ".work" / stage
-    else:
-        root = Path(os.environ.get("DISTILLERY_CACHE", Path(tempfile.gettempdir()) / "distillery-cache")) / "work" / stage
-    path = root / key
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _manifest(ref: ArtifactRef) -> dict[str, Any]:
@@ -228,10 +214,7 @@ def image_grid_png(images_uint8: torch.Tensor, columns: int = 20, scale: int = 2
 
 
 def loss_png(history: list[dict[str, Any]]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = reports.pyplot()
 
     steps, smooth = loss_curve(history)
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)
@@ -239,11 +222,7 @@ def loss_png(history: list[dict[str, Any]]) -> bytes:
     ax.plot(steps, smooth, label="moving average")
     ax.set(title="KRR-ST outer loss (MSE to teacher representations)", xlabel="outer step", yscale="log")
     ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return reports.figure_png(fig)
 
 
 @task(name="report-krr-st", result_serializer="json")

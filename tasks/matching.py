@@ -18,9 +18,6 @@ for `max_start_epoch + expert_epochs` is refused.
 from __future__ import annotations
 
 import io
-import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from prefect import task
@@ -34,7 +31,7 @@ from tasks import reports
 from tasks.artifacts import ArtifactRef
 from tasks.datasets import class_counts, load_preprocessor, preprocessed
 from tasks.runtime import task_device
-from tasks.store import ArtifactStore, Staging, store_cache_key_fn
+from tasks.store import ArtifactStore, Staging, store_cache_key_fn, work_dir
 
 STAGE = "distill-tm"
 
@@ -50,16 +47,6 @@ def distilled_key(store: str, cfg: MatchConfig, experts: ArtifactRef, dataset: A
 
 def _key_of(p: dict[str, Any]) -> tuple[str, str]:
     return p["store"], distilled_key(p["store"], p["cfg"], p["experts"], p["dataset"], p["eval"])
-
-
-def work_dir(store: str, key: str) -> Path:
-    """Persistent across task retries, outside the published tree (as tasks.experts.work_dir)."""
-    st = ArtifactStore(store)
-    if st.local:
-        root = Path(st.root) / ".work" / STAGE
-    else:
-        root = Path(os.environ.get("DISTILLERY_CACHE", Path(tempfile.gettempdir()) / "distillery-cache")) / "work" / STAGE
-    return root / key
 
 
 def check_expert_set(
@@ -109,7 +96,7 @@ def distill_tm(
     progress = reports.prefect_progress(f"distill {label}", key=reports.artifact_key("progress", "distill-tm", label))
     result = match_trajectories(
         cfg, trajectories, train_x, train_y, num_classes=len(names),
-        work_dir=work_dir(store, run_key(store, cfg, experts, dataset)), device=task_device(), progress=progress,
+        work_dir=work_dir(store, STAGE, run_key(store, cfg, experts, dataset)), device=task_device(), progress=progress,
         dataset_fingerprint=manifest["fingerprints"]["train"], preprocessor_fingerprint=pre.fingerprint(),
     )
     previews = pre.to_uint8(result.images)
@@ -177,10 +164,7 @@ def image_grid_png(previews, labels, max_classes: int = 20, max_per_class: int =
 
 
 def loss_curve_png(losses: list[float]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = reports.pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3), dpi=110)
     ax.plot(range(1, len(losses) + 1), losses, lw=0.8, alpha=0.5, label="per iteration")
@@ -191,8 +175,4 @@ def loss_curve_png(losses: list[float]) -> bytes:
         ax.plot(range(1, len(losses) + 1), smooth, lw=1.5, label=f"mean of {window}")
     ax.set(xlabel="iteration", ylabel="normalized matching loss")
     ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return reports.figure_png(fig)

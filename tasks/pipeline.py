@@ -9,7 +9,6 @@ re-run reports the cost of the run that made each artifact, not of the cache loo
 
 from __future__ import annotations
 
-import io
 from typing import Any, Iterable
 
 from prefect import task
@@ -56,10 +55,7 @@ def data_bytes(ref: ArtifactRef | None, files: tuple[str, ...] = ()) -> int:
 
 def accuracy_bars(rows: list[dict[str, Any]]) -> bytes:
     """Horizontal bars: each path's mean target accuracy with its std, one panel per metric."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = reports.pyplot()
 
     metrics = [m for m in ("linear_probe", "fine_tune", "test") if any(r.get(f"{m}_acc_mean") is not None for r in rows)]
     labels = [f"{r['path']}: {r['method']}" for r in rows]
@@ -73,11 +69,7 @@ def accuracy_bars(rows: list[dict[str, Any]]) -> bytes:
         ax.set(title=f"target {metric.replace('_', ' ')} accuracy", xlabel="accuracy (final epoch)")
         ax.set_yticks(range(len(rows)), labels, fontsize=8)
         ax.invert_yaxis()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return reports.figure_png(fig)
 
 
 @task(name="pipeline-report", result_serializer="json")

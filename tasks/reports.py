@@ -78,6 +78,29 @@ def markdown(text: str, *, key: str, description: str | None = None) -> None:
     create_markdown_artifact(markdown=text, key=key, description=description)
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (tasks run without a display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def figure_png(fig) -> bytes:
+    """A finished matplotlib figure as PNG bytes; the figure is closed."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def png_markdown(png: bytes, caption: str) -> str:
     """Markdown that embeds a PNG inline, so plots and image grids render in the Prefect UI."""
     data = base64.b64encode(png).decode("ascii")

@@ -33,11 +33,12 @@ import re
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any, Callable, Sequence
 
 import fsspec
@@ -383,3 +384,16 @@ def store_cache_key_fn(
         return f"{stage}-{key}"
 
     return cache_key_fn
+
+
+def work_dir(store: str, stage: str, key: str) -> Path:
+    """Where a long stage trains and checkpoints: persistent across task retries, outside the published
+    tree (`<store>/.work/<stage>/<key>` for a local store, the local cache for a remote one)."""
+    st = ArtifactStore(store)
+    if st.local:
+        root = Path(st.root) / ".work" / stage
+    else:
+        root = Path(os.environ.get("DISTILLERY_CACHE", Path(tempfile.gettempdir()) / "distillery-cache")) / "work" / stage
+    path = root / key
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -18,7 +18,6 @@ normalization does not depend on the size; a ZCA-whitened target of another size
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from typing import Any, Literal
@@ -307,10 +306,7 @@ def summarize_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def accuracy_plot(summary: list[dict[str, Any]]) -> bytes:
     """Target accuracy vs pruning ratio, one line per method, full source and scratch as dashed lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = reports.pyplot()
 
     modes = [(k, t) for k, t in ACCURACIES if any(f"{k}_mean" in s for s in summary)]
     fig, axes = plt.subplots(1, len(modes), figsize=(4.6 * len(modes), 3.6), dpi=110, squeeze=False)
@@ -327,11 +323,7 @@ def accuracy_plot(summary: list[dict[str, Any]]) -> bytes:
                 ax.axhline(ref[0][f"{k}_mean"], color="k", linestyle=style, label=f"{arm} source" if arm == FULL else "no pretraining")
         ax.set(title=f"target {title} accuracy", xlabel="fraction of source classes pruned", ylabel="test accuracy")
     axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return reports.figure_png(fig)
 
 
 def _metrics_key(p: dict[str, Any]) -> tuple[str, str]:
