@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -76,8 +77,18 @@ def _evaluate(method: str, seed: int, cfg_json: str, pre: dict, teacher_path: st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(STEP_SIZES), default="cpu")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a preset value by dotted key, e.g. --set krr.outer_steps=2000 (YAML value)")
     args = parser.parse_args()
-    cfg = DistillKRRConfig(**_resolve(load_preset("distill-krr", args.preset)))
+    params = load_preset("distill-krr", args.preset)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        node = params
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    cfg = DistillKRRConfig(**_resolve(params))
     for block in (cfg.source, cfg.target):
         if not Path(block.source).exists():
             sys.exit(f"{block.source} not found; place ../shared/data beside the repo or set the preset's paths")
@@ -143,6 +154,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "krr_st",
         "preset": args.preset,
+        "overrides": args.set,
         "source_images": len(x),
         "synthetic_images": cfg.krr.num_images,
         "pool_mode": cfg.krr.pool_mode,
