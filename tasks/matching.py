@@ -29,7 +29,7 @@ from distill.trajectory import TrajectorySet
 from distill.transforms import Preprocessor
 from tasks import reports
 from tasks.artifacts import ArtifactRef
-from tasks.datasets import class_counts, load_preprocessor, preprocessed
+from tasks.datasets import class_counts, data_config, load_preprocessor, preprocessed
 from tasks.runtime import task_device
 from tasks.store import ArtifactStore, Staging, store_cache_key_fn, work_dir
 
@@ -101,7 +101,8 @@ def distill_tm(
     )
     previews = pre.to_uint8(result.images)
     provenance = {
-        "dataset": dataset.uri, "dataset_key": dataset.key, "experts": experts.uri, "experts_key": experts.key,
+        "dataset": dataset.uri, "dataset_key": dataset.key, "data": data_config(dataset),
+        "experts": experts.uri, "experts_key": experts.key,
         "expert_recipe": trajectories.meta.get("recipe"), "expert_ids": trajectories.expert_ids,
         "match": cfg.model_dump(mode="json"), "method": method_name(cfg), "iterations": len(result.losses),
         "final_loss": result.losses[-1] if result.losses else None, "rollbacks": result.rollbacks,
