@@ -16,12 +16,12 @@ import math
 import resource
 import time
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Annotated, Callable, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, Field, model_validator
 
 from distill.utils import Progress, resolve_device
 
@@ -42,6 +42,17 @@ def register_augment(name: str):
         return fn
 
     return add
+
+
+def known_augment(name: str) -> str:
+    """Refuse an augmentation name that is not registered, listing the registered ones."""
+    if name not in AUGMENTS:
+        raise ValueError(f"unknown augment {name!r}; registered: {', '.join(sorted(AUGMENTS))}")
+    return name
+
+
+# A config field holding a registered augmentation name (validated when the config is built).
+AugmentName = Annotated[str, AfterValidator(known_augment)]
 
 
 @register_augment("none")
@@ -86,18 +97,12 @@ class TrainConfig(BaseModel, frozen=True, extra="forbid"):
     loss: Literal["ce", "soft_ce", "mse"] = "ce"
     # a name in AUGMENTS: flip_crop = CIFAR recipe; "dsa" (registered by its module) for distilled
     # sets as MTT evaluates them; "none" for KRR-ST pretraining (no augmentation in the paper)
-    augment: str = "flip_crop"
+    augment: AugmentName = "flip_crop"
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"  # adamw: KIP/FRePo pretraining recipe
     label_smoothing: float = Field(0.0, ge=0, lt=1)  # ce/soft_ce only
     # epochs between held-out evaluations; 0 = only after the last. Logged, never used to pick a number
     eval_every: int = Field(0, ge=0)
 
-    @field_validator("augment")
-    @classmethod
-    def _known_augment(cls, name: str) -> str:
-        if name not in AUGMENTS:
-            raise ValueError(f"unknown augment {name!r}; registered: {', '.join(sorted(AUGMENTS))}")
-        return name
 
     @model_validator(mode="after")
     def _smoothing_needs_classes(self) -> TrainConfig:
