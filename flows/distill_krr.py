@@ -42,21 +42,18 @@ from tasks.krr import (
 from tasks.runtime import Resources, heavy, ray_task_runner
 
 
-class DistillKRRConfig(BaseModel):
-    """Parameters of the `distill-krr` flow (a validated form in the Prefect UI)."""
+class KRRStage(BaseModel):
+    """What KRR-ST does to a source: teacher, distillation and the transfer comparison (also the
+    `krr` block of the pipeline)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    source: DataConfig = Field(description="The source to distill (its labels are used only by the random-real-ce baseline): Tiny-ImageNet-200 at 32x32, a subset.")
-    target: DataConfig = Field(description="The labelled transfer target (CIFAR-10), same image size as the source.")
     teacher: SSLConfig = Field(default_factory=SSLConfig, description="Barlow Twins teacher training.")
     krr: KRRConfig = Field(default_factory=KRRConfig, description="KRR-ST distillation.")
     transfer: TransferConfig = Field(default_factory=TransferConfig, description="Pretraining + transfer recipe, shared by all methods.")
     methods: list[str] = Field(default_factory=lambda: list(METHODS), min_length=1,
                                description=f"Compared methods: any of {', '.join(METHODS)}.")
     seeds: int = Field(3, ge=1, description="Evaluation seeds per method (mean and std over these).")
-    resources: Resources = Field(default_factory=Resources, description="Ray resources per heavy task.")
-    store: str | None = Field(None, description="Artifact store URI; default $DISTILLERY_STORE or ./artifacts.")
 
     @field_validator("methods")
     @classmethod
@@ -65,6 +62,15 @@ class DistillKRRConfig(BaseModel):
         if len(set(methods)) != len(methods):
             raise ValueError(f"methods must not repeat; got {methods}")
         return methods
+
+
+class DistillKRRConfig(KRRStage):
+    """Parameters of the `distill-krr` flow (a validated form in the Prefect UI)."""
+
+    source: DataConfig = Field(description="The source to distill (its labels are used only by the random-real-ce baseline): Tiny-ImageNet-200 at 32x32, a subset.")
+    target: DataConfig = Field(description="The labelled transfer target (CIFAR-10), same image size as the source.")
+    resources: Resources = Field(default_factory=Resources, description="Ray resources per heavy task.")
+    store: str | None = Field(None, description="Artifact store URI; default $DISTILLERY_STORE or ./artifacts.")
 
 
 def run_krr(source: ArtifactRef, target: ArtifactRef, config: DistillKRRConfig, store: str, name: str) -> dict[str, Any]:

@@ -35,14 +35,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from distill.data import DataConfig, DataError
 from distill.evaluate import EvalConfig
 from distill.experts import ExpertConfig
-from distill.krr import METHODS as KRR_METHODS
-from distill.krr import KRRConfig
-from distill.krr import TransferConfig as KRRTransferConfig
 from distill.matching import MatchConfig
-from distill.ssl import SSLConfig
 from dp4tl.methods import SelectionConfig, check_ratio, get_method, num_kept_classes
 from dp4tl.surrogate import SurrogateConfig
-from flows.distill_krr import DistillKRRConfig, run_krr
+from flows.distill_krr import DistillKRRConfig, KRRStage, run_krr
 from flows.distill_tm import DistillTMConfig, run_tm
 from flows.presets import load_preset, resolve_store
 from tasks.artifacts import ArtifactRef
@@ -74,19 +70,6 @@ class PruneStage(BaseModel):
         return SelectionConfig(methods=[self.method], ratios=[self.ratio], seeds=[self.seed], k_clusters=self.k_clusters)
 
 
-class KRRStage(BaseModel):
-    """Teacher, KRR-ST distillation and the transfer comparison on the pruned source."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    teacher: SSLConfig = Field(default_factory=SSLConfig, description="Barlow Twins teacher on the pruned source.")
-    krr: KRRConfig = Field(default_factory=KRRConfig, description="KRR-ST distillation of the pruned source.")
-    transfer: KRRTransferConfig = Field(default_factory=KRRTransferConfig, description="Pretrain + transfer recipe.")
-    methods: list[str] = Field(default_factory=lambda: list(KRR_METHODS), min_length=1,
-                               description=f"KRR-ST and its baselines: any of {', '.join(KRR_METHODS)}.")
-    seeds: int = Field(3, ge=1, description="Seeds per method (mean and std over these).")
-
-
 class TMStage(BaseModel):
     """Experts and trajectory matching on the target, evaluated beside the random real subset."""
 
@@ -109,7 +92,8 @@ class PipelineConfig(BaseModel):
     source: DataConfig = Field(description="The large source to prune and distill for pretraining (Tiny-ImageNet).")
     target: DataConfig = Field(description="The downstream task (CIFAR-10): drives the pruning, judges every path.")
     prune: PruneStage = Field(default_factory=PruneStage, description="DP4TL source pruning.")
-    krr: KRRStage | None = Field(default_factory=KRRStage, description="Transfer path; null skips it.")
+    krr: KRRStage | None = Field(default_factory=KRRStage, description="Transfer path (teacher, KRR-ST, transfer "
+                                 "comparison on the pruned source); null skips it.")
     tm: TMStage | None = Field(None, description="Target path (experts + trajectory matching); null skips it.")
     resources: Resources = Field(default_factory=Resources, description="Ray resources per heavy task.")
     store: str | None = Field(None, description="Artifact store URI; default $DISTILLERY_STORE or ./artifacts.")
@@ -214,8 +198,7 @@ def _transfer_path(config: PipelineConfig, source: ArtifactRef, target: Artifact
     report_selection([selection], f"{name}-selection", 10)
     pruned = materialize_pruned(source, selection, config.prune.ratio, store)
     krr_cfg = DistillKRRConfig(
-        source=config.source, target=config.transfer_target()[0], teacher=config.krr.teacher, krr=config.krr.krr,
-        transfer=config.krr.transfer, methods=config.krr.methods, seeds=config.krr.seeds,
+        **dict(config.krr), source=config.source, target=config.transfer_target()[0],
         resources=config.resources, store=store,
     )
     krr = run_krr(pruned, target, krr_cfg, store, f"{name}-krr-st")
