@@ -38,12 +38,12 @@ from tasks.runtime import Resources, heavy, ray_task_runner
 from tasks.store import ArtifactStore
 
 
-class DistillTMConfig(BaseModel):
-    """Parameters of the `distill-tm` flow (a validated form in the Prefect UI)."""
+class TMStage(BaseModel):
+    """What trajectory matching does to a labelled dataset: experts, distilled sets, evaluation (also
+    the `tm` block of the pipeline)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    data: DataConfig = Field(description="The labelled dataset to distill, and its preprocessing (zca: MTT's ZCA).")
     experts: ExpertConfig = Field(description="Expert trajectories to match (trained unless experts_key is given).")
     experts_key: str | None = Field(
         None, description="Key of a published expert set to reuse instead of training one; it must have been "
@@ -57,8 +57,6 @@ class DistillTMConfig(BaseModel):
         "stored with the distilled sets. Distilled and random real sets are evaluated identically."
     )
     subset_seed: int = Field(0, description="Seed of the random real subsets (the baseline).")
-    resources: Resources = Field(default_factory=Resources, description="Ray resources per expert/distillation/eval task.")
-    store: str | None = Field(None, description="Artifact store URI; default $DISTILLERY_STORE or ./artifacts.")
 
     @field_validator("distill")
     @classmethod
@@ -77,7 +75,7 @@ class DistillTMConfig(BaseModel):
         return evals
 
     @model_validator(mode="after")
-    def _segments_fit_the_experts(self) -> DistillTMConfig:
+    def _segments_fit_the_experts(self) -> TMStage:
         if self.experts_key is None:
             for m in self.distill:
                 if m.max_start_epoch + m.expert_epochs > self.experts.epochs:
@@ -86,6 +84,14 @@ class DistillTMConfig(BaseModel):
                         f"exceeds the experts' {self.experts.epochs} epochs; lower them or train longer experts"
                     )
         return self
+
+
+class DistillTMConfig(TMStage):
+    """Parameters of the `distill-tm` flow (a validated form in the Prefect UI)."""
+
+    data: DataConfig = Field(description="The labelled dataset to distill, and its preprocessing (zca: MTT's ZCA).")
+    resources: Resources = Field(default_factory=Resources, description="Ray resources per expert/distillation/eval task.")
+    store: str | None = Field(None, description="Artifact store URI; default $DISTILLERY_STORE or ./artifacts.")
 
 
 def label(m: MatchConfig) -> str:

@@ -33,13 +33,10 @@ from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from distill.data import DataConfig, DataError
-from distill.evaluate import EvalConfig
-from distill.experts import ExpertConfig
-from distill.matching import MatchConfig
 from dp4tl.methods import SelectionConfig, check_ratio, get_method, num_kept_classes
 from dp4tl.surrogate import SurrogateConfig
 from flows.distill_krr import DistillKRRConfig, KRRStage, run_krr
-from flows.distill_tm import DistillTMConfig, run_tm
+from flows.distill_tm import DistillTMConfig, TMStage, run_tm
 from flows.presets import load_preset, resolve_store
 from tasks.artifacts import ArtifactRef
 from tasks.datasets import materialize_dataset, validate_data
@@ -70,18 +67,12 @@ class PruneStage(BaseModel):
         return SelectionConfig(methods=[self.method], ratios=[self.ratio], seeds=[self.seed], k_clusters=self.k_clusters)
 
 
-class TMStage(BaseModel):
-    """Experts and trajectory matching on the target, evaluated beside the random real subset."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class TargetTMStage(TMStage):
+    """Trajectory matching on the pipeline's target, evaluated beside the random real subset."""
 
     data: DataConfig | None = Field(
         None, description="The target as trajectory matching reads it (e.g. 32 px with ZCA, as MTT); default: `target`."
     )
-    experts: ExpertConfig = Field(description="Expert trajectories on the target.")
-    distill: list[MatchConfig] = Field(min_length=1, description="One distilled target per entry (ipc, switches).")
-    eval: list[EvalConfig] = Field(min_length=1, description="Evaluation recipe per architecture.")
-    subset_seed: int = Field(0, description="Seed of the random real subsets.")
 
 
 class PipelineConfig(BaseModel):
@@ -94,7 +85,7 @@ class PipelineConfig(BaseModel):
     prune: PruneStage = Field(default_factory=PruneStage, description="DP4TL source pruning.")
     krr: KRRStage | None = Field(default_factory=KRRStage, description="Transfer path (teacher, KRR-ST, transfer "
                                  "comparison on the pruned source); null skips it.")
-    tm: TMStage | None = Field(None, description="Target path (experts + trajectory matching); null skips it.")
+    tm: TargetTMStage | None = Field(None, description="Target path (experts + trajectory matching); null skips it.")
     resources: Resources = Field(default_factory=Resources, description="Ray resources per heavy task.")
     store: str | None = Field(None, description="Artifact store URI; default $DISTILLERY_STORE or ./artifacts.")
 
@@ -108,13 +99,6 @@ class PipelineConfig(BaseModel):
                                  "and target (ZCA is a trajectory-matching option: set it on tm.data)")
             if not self.krr.methods or "krr-st" not in self.krr.methods:
                 raise ValueError(f"krr.methods must include 'krr-st' (the distilled set); got {self.krr.methods}")
-        if self.tm is not None:
-            for m in self.tm.distill:
-                if m.max_start_epoch + m.expert_epochs > self.tm.experts.epochs:
-                    raise ValueError(
-                        f"tm.distill ipc {m.ipc}: max_start_epoch + expert_epochs = "
-                        f"{m.max_start_epoch + m.expert_epochs} exceeds tm.experts.epochs = {self.tm.experts.epochs}"
-                    )
         return self
 
     def transfer_target(self) -> tuple[DataConfig, str | None]:
@@ -211,8 +195,8 @@ def _target_path(config: PipelineConfig, tm_target: ArtifactRef, store: str,
     """Experts -> trajectory matching on the target, beside the random real subset."""
     assert config.tm is not None
     tm_cfg = DistillTMConfig(
-        data=config.tm.data or config.target, experts=config.tm.experts, distill=config.tm.distill,
-        eval=config.tm.eval, subset_seed=config.tm.subset_seed, resources=config.resources, store=store,
+        **{k: v for k, v in dict(config.tm).items() if k != "data"}, data=config.tm.data or config.target,
+        resources=config.resources, store=store,
     )
     tm = run_tm(tm_target, tm_cfg, store, f"{name}-tm")
     return _tm_rows(tm, tm_target), [], [tm["metrics_uri"].rsplit("/", 1)[-1]]
