@@ -36,16 +36,15 @@ from torch.utils.data import Dataset
 
 from distill.data import DataConfig, DataError
 from distill.formats import DISTILLED_DATA_FILE, PREPROCESSOR_FILE, FormatError, read_distilled, read_image_dataset
+from distill.krr import TransferConfig
 from distill.train import TrainConfig
 from distill.transforms import Preprocessor
 
 Kind = Literal["labels", "soft_labels", "targets"]
 # owner/name, as the hub spells dataset repositories
 _HUB_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-# A regression-target set without its own recipe is pretrained like KRR-ST's reference
-# (MSE, AdamW); an image set without one like the shared evaluation (SGD, DSA).
-_DEFAULT_PRETRAIN = TrainConfig(epochs=100, batch_size=256, lr=1e-3, weight_decay=1e-5, loss="mse",
-                                optimizer="adamw", schedule="cosine", augment="flip_crop")
+# A set without its own recipe: regression targets are pretrained like KRR-ST (its pretrain
+# default), images trained like the shared evaluation (SGD, DSA).
 _DEFAULT_TRAIN = TrainConfig(epochs=300, batch_size=256, lr=0.01, momentum=0.9, augment="dsa")
 
 
@@ -91,7 +90,7 @@ class DistilledDataset(Dataset):
 
     def train_config(self, **overrides: Any) -> TrainConfig:
         """The stored training recipe with the learned lr and the loss the labels call for."""
-        default = _DEFAULT_PRETRAIN if self.kind == "targets" else _DEFAULT_TRAIN
+        default = TransferConfig().pretrain if self.kind == "targets" else _DEFAULT_TRAIN
         cfg = TrainConfig(**self.recipe["train"]) if "train" in self.recipe else default
         update: dict[str, Any] = {}
         if self.learned_lr is not None and self.recipe.get("use_learned_lr", True):

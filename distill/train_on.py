@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from typing import Any
 
 import torch
@@ -26,19 +25,9 @@ import torch
 from distill.data import DataError
 from distill.downstream import DistilledDataset, load_distilled
 from distill.evaluate import EvalConfig, evaluate_set, summarize
-from distill.nets import create_net, list_nets, net_arg_problem
-from distill.train import TrainConfig, fine_tune, linear_probe, train
-from distill.utils import resolve_device, seed_everything
-
-# Transfer recipe of a regression-target set whose artifact records none: the shared
-# linear-probe / fine-tune protocol of the transfer stages (final-epoch accuracy).
-_DEFAULT_TRANSFER = {
-    "linear_probe": TrainConfig(epochs=100, batch_size=256, lr=0.1, momentum=0.9, weight_decay=0.0,
-                                schedule="cosine", augment="none"),
-    "fine_tune": TrainConfig(epochs=30, batch_size=128, lr=0.01, momentum=0.9, weight_decay=5e-4,
-                             schedule="cosine", augment="flip_crop"),
-}
-
+from distill.krr import TransferConfig, pretrained_backbone, transfer
+from distill.nets import list_nets, net_arg_problem
+from distill.utils import resolve_device
 
 def _net(ds: DistilledDataset, arch: str | None, net_kwargs: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
     name, kwargs = ds.net
@@ -50,12 +39,6 @@ def _net(ds: DistilledDataset, arch: str | None, net_kwargs: dict[str, Any] | No
     if problem:
         raise DataError(problem)
     return name, kwargs
-
-
-def _transfer_configs(ds: DistilledDataset, epochs: int | None) -> dict[str, TrainConfig]:
-    stored = ds.recipe.get("transfer") or {}
-    cfgs = {k: TrainConfig(**stored[k]) if k in stored else v for k, v in _DEFAULT_TRANSFER.items()}
-    return {k: c.model_copy(update={"epochs": epochs}) if epochs else c for k, c in cfgs.items()}
 
 
 def train_labelled(
@@ -73,26 +56,22 @@ def train_targets(
     ds: DistilledDataset, source: str | None, *, net: str, net_kwargs: dict[str, Any],
     seed: int, epochs: int | None, device: torch.device,
 ) -> dict[str, Any]:
-    """Pretrain on (images, targets) by MSE, then linear probe and fine-tune on the real target task."""
-    assert ds.targets is not None
-    seed_everything(seed)
-    backbone = create_net(net, num_classes=ds.targets.shape[1], channels=ds.pixels.shape[1],
-                          image_size=ds.pixels.shape[-1], **net_kwargs)
-    pre_cfg = ds.train_config(**({"epochs": epochs} if epochs else {}))
-    start = time.perf_counter()
-    train(backbone, ds.pixels, ds.targets, pre_cfg, device=device, seed=seed)
-    pretrain_s = time.perf_counter() - start
+    """Pretrain on (images, targets) by MSE, then linear probe and fine-tune on the real target task,
+    with KRR-ST's own pretrain and transfer code (the recipe stored with the set, else KRR-ST's)."""
+    stored = ds.recipe.get("transfer") or {}
+    pretrain = ds.train_config(**({"epochs": epochs} if epochs else {}))
+    cfg = TransferConfig(net=net, net_kwargs=net_kwargs, pretrain=pretrain,
+                         **{k: stored[k] for k in ("linear_probe", "fine_tune") if k in stored})
+    backbone, info = pretrained_backbone("krr-st", cfg, image_shape=tuple(ds.pixels.shape[1:]), images=ds.pixels,
+                                         targets=ds.targets, seed=seed, device=device)
     train_x, train_y = ds.real_split("train", source)
     test_x, test_y = ds.real_split("test", source)
     num_classes = int(max(train_y.max(), test_y.max())) + 1
-    transfer = _transfer_configs(ds, None)
-    probe = linear_probe(backbone, train_x, train_y, test_x, test_y, transfer["linear_probe"], device=device, seed=seed)
-    tuned = fine_tune(backbone, train_x, train_y, test_x, test_y, transfer["fine_tune"],
-                      num_classes=num_classes, device=device, seed=seed)
+    row = transfer(backbone, train_x, train_y, test_x, test_y, cfg, num_classes=num_classes, seed=seed, device=device)
     return {
-        "net": net, "seed": seed, "pretrain_images": len(ds), "pretrain_seconds": round(pretrain_s, 3),
-        "linear_probe_acc": probe["test_acc"], "fine_tune_acc": tuned["test_acc"],
-        "test_acc": tuned["test_acc"], "device": str(device),
+        "net": net, "seed": seed, "pretrain_images": len(ds), "pretrain_seconds": round(info["pretrain_seconds"], 3),
+        "linear_probe_acc": row["linear_probe_acc"], "fine_tune_acc": row["fine_tune_acc"],
+        "test_acc": row["fine_tune_acc"], "device": str(device),
     }
 
 
@@ -105,7 +84,6 @@ def run(
     net, kwargs = _net(ds, arch, net_kwargs)
     dev = resolve_device(device)
     ds.data_config(data)  # fails now, not after training, when no real data can be found
-    rows = []
     if ds.kind == "targets":
         rows = [train_targets(ds, data, net=net, net_kwargs=kwargs, seed=s, epochs=epochs, device=dev) for s in seeds]
     else:

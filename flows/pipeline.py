@@ -138,16 +138,18 @@ def _krr_rows(result: dict[str, Any], chain: list[ArtifactRef], teacher: Artifac
         "krr-st": chain + [teacher, distilled], "random-real-targets": chain + [teacher],
         "random-real-ce": chain, "teacher": chain + [teacher], "no-pretrain": [],
     }
+    # the random-real arms pretrain on as many images as the distilled set; the teacher saw the pruned source
+    distilled_bytes = data_bytes(distilled, ("data/",))
+    data = {"no-pretrain": 0, "teacher": data_bytes(pruned)}
     rows = []
     for s in result["summary"]:
         method = s["method"]
-        data = {"krr-st": data_bytes(distilled, ("data/",)), "no-pretrain": 0, "teacher": data_bytes(pruned)}
         rows.append({
             "path": "prune -> KRR-ST -> transfer", "method": method, "kind": "method" if method == "krr-st" else "baseline",
             "linear_probe_acc_mean": s.get("linear_probe_acc_mean"), "linear_probe_acc_std": s.get("linear_probe_acc_std"),
             "fine_tune_acc_mean": s.get("fine_tune_acc_mean"), "fine_tune_acc_std": s.get("fine_tune_acc_std"),
             "test_acc_mean": None, "test_acc_std": None, "seeds": s["seeds"],
-            "data_mib": round(data.get(method, data_bytes(distilled, ("data/",))) / 2**20, 3),
+            "data_mib": round(data.get(method, distilled_bytes) / 2**20, 3),
             **chain_cost(made_from.get(method, chain)),
         })
     return rows

@@ -132,6 +132,31 @@ def test_train_on_matches_classes_by_name_and_trains_another_arch():
     assert all(0.0 <= r["test_acc"] <= 1.0 and r["train_images"] == 8 for r in result["rows"])
 
 
+def test_train_on_pretrains_a_target_set_and_transfers_to_the_real_data():
+    cifar = data_path("cifar10")
+    from distill.data import DataConfig
+
+    data = {"source": str(cifar), "classes": [3, 5], "train_per_class": 8, "test_per_class": 10}
+    real = DataConfig(**data).load("train")
+    pre = Preprocessor.fit(real.images)
+    out = ROOT / ".pytest_cache" / "train_on_targets"
+    shutil.rmtree(out, ignore_errors=True)
+    quick = {"epochs": 1, "batch_size": 8, "augment": "none"}
+    write_distilled(
+        str(out), pixels=pre(real.images[:6]), labels=real.labels[:6], class_names=real.class_names,
+        preprocessor_config=pre.config(), preprocessor_tensors=pre.state_dict(),
+        targets=torch.randn(6, 5, generator=torch.Generator().manual_seed(0)),
+        recipe={"net": "convnet_bn", "net_kwargs": {"widths": [4, 8]}, "train": {**quick, "loss": "mse"},
+                "transfer": {"linear_probe": quick, "fine_tune": quick}},
+        method="krr-st", provenance={"data": data},
+    )
+    result = run(str(out), seeds=[0])
+    (row,) = result["rows"]
+    assert result["summary"]["kind"] == "targets" and row["pretrain_images"] == 6
+    assert 0.0 <= row["linear_probe_acc"] <= 1.0 and 0.0 <= row["fine_tune_acc"] <= 1.0
+    assert "linear_probe_acc_mean" in result["summary"] and "fine_tune_acc_mean" in result["summary"]
+
+
 @pytest.mark.integration
 def test_a_copied_artifact_alone_reproduces_the_reported_accuracy(prefect_server, tmp_path):
     """The baseline flow reports per-seed accuracies; its artifact folder, copied elsewhere with
