@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from tasks.store import Artifact, ArtifactStore
+from tasks.store import Artifact, ArtifactStore, StoreError, safe_member_name
 
 
 class ArtifactRef(BaseModel):
@@ -44,22 +44,50 @@ class ArtifactRef(BaseModel):
         return _local_copy(art)
 
 
+def _cache_root() -> Path:
+    return Path(os.environ.get("DISTILLERY_CACHE", Path(tempfile.gettempdir()) / "distillery-cache"))
+
+
 def _local_copy(art: Artifact) -> Path:
-    """Copy a remote artifact into a per-user cache once; the manifest's hashes name the copy."""
-    digest = hashlib.sha256(repr(sorted(art.manifest["files"].items())).encode()).hexdigest()[:16]
-    root = Path(os.environ.get("DISTILLERY_CACHE", Path(tempfile.gettempdir()) / "distillery-cache"))
-    dest = root / art.stage / f"{art.key}-{digest}"
+    """Copy a remote artifact into a per-user cache once; the manifest's hashes name the copy.
+
+    The remote manifest is untrusted input: every file name is checked to stay inside the
+    copy (`safe_member_name`, already applied when the manifest was read, and again here
+    on the resolved path), files are created exclusively without following links, and each
+    file's bytes are hashed as they are copied, so what lands in the cache is exactly what
+    the manifest promised or nothing at all.
+    """
+    files = art.manifest["files"]
+    where = f"artifact {art.stage}/{art.key} at {art.uri}"
+    for name in files:
+        safe_member_name(name, where)
+    digest = hashlib.sha256(repr(sorted((n, e["sha256"]) for n, e in files.items())).encode()).hexdigest()[:16]
+    dest = _cache_root() / art.stage / f"{art.key}-{digest}"
     if dest.exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".tmp-"))
-    for name in art.manifest["files"]:
-        target = tmp / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with art.fs.open_input_stream(art.file(name)) as src, open(target, "wb") as dst:
-            shutil.copyfileobj(src, dst, length=1 << 20)
     try:
+        root = os.path.realpath(tmp)
+        for name, entry in files.items():
+            target = tmp / name
+            if os.path.commonpath([root, os.path.realpath(target.parent)]) != root:
+                raise StoreError(f"{where}: file name {name!r} resolves outside the cache copy; refusing it")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            sha, size = hashlib.sha256(), 0
+            with art.fs.open_input_stream(art.file(name)) as src, os.fdopen(fd, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    sha.update(chunk)
+                    size += len(chunk)
+                    dst.write(chunk)
+            if (sha.hexdigest(), size) != (entry["sha256"], entry["bytes"]):
+                raise StoreError(f"{where}/{name}: copied bytes do not match the manifest (changed while copying?)")
         os.rename(tmp, dest)
-    except OSError:  # another process finished the same copy first
+    except OSError:
+        if not dest.exists():
+            raise
+        # another process finished the same copy first
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest

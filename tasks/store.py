@@ -49,7 +49,7 @@ from distill.fsio import FORMAT_VERSION, read_json, write_json
 
 __all__ = [
     "FORMAT_VERSION", "SUPPORTED_SCHEMES", "StoreError", "Staging", "Artifact", "ArtifactStore",
-    "artifact_key", "store_cache_key_fn",
+    "artifact_key", "store_cache_key_fn", "safe_member_name",
 ]
 
 # "file" and bare paths are local; the rest go through fsspec (s3 needs s3fs, gs gcsfs, ...).
@@ -61,6 +61,30 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 class StoreError(RuntimeError):
     """A missing, incomplete or corrupt artifact, or an unusable store URI."""
+
+
+def safe_member_name(name: Any, where: str) -> str:
+    """`name` if it is a plain relative path inside an artifact directory, else a `StoreError`.
+
+    Whoever can write a manifest also writes its hashes, so hashes cannot protect readers
+    from the file names: a name that is absolute, climbs with '..', is not in normal form,
+    uses backslashes or control characters, or names the manifest itself could make a reader
+    (the remote-store cache copy above all) read or write outside the artifact.
+    """
+    problem = None
+    if not isinstance(name, str) or not name:
+        problem = "not a non-empty string"
+    elif name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        problem = "an absolute path"
+    elif "\\" in name or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        problem = "contains a backslash or a control character"
+    elif any(part in ("", ".", "..") for part in name.split("/")):
+        problem = "not a normalized relative path (empty, '.' or '..' component)"
+    elif name == MANIFEST:
+        problem = f"the store's own {MANIFEST}"
+    if problem:
+        raise StoreError(f"{where}: refusing file name {name!r} in the manifest: {problem}")
+    return name
 
 
 def _jsonable(obj: Any) -> Any:
@@ -140,6 +164,13 @@ def _sha256(fs: pafs.FileSystem, path: str) -> str:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _escapes(root: str, name: str) -> bool:
+    """True when `root/name` is a symbolic link or resolves outside `root` (a planted link)."""
+    path = os.path.join(root, name)
+    return os.path.islink(path) or os.path.commonpath(
+        [os.path.realpath(root), os.path.realpath(path)]) != os.path.realpath(root)
 
 
 def _files(fs: pafs.FileSystem, root: str) -> list[pafs.FileInfo]:
@@ -228,6 +259,12 @@ class ArtifactStore:
             raise StoreError(
                 f"{self.uri_of(stage, key)}/{MANIFEST}: bad manifest (wrong stage/key or no files)"
             )
+        where = f"artifact {stage}/{key} in {self.uri}"
+        for name, entry in manifest["files"].items():
+            safe_member_name(name, where)
+            if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+                    and isinstance(entry.get("bytes"), int) and entry["bytes"] >= 0):
+                raise StoreError(f"{where}: manifest entry for {name!r} lacks a sha256 and a byte count")
         return manifest
 
     def open(self, stage: str, key: str, *, verify: bool = True) -> Artifact:
@@ -241,6 +278,8 @@ class ArtifactStore:
 
     def _verify_file(self, art: Artifact, name: str, expected: dict) -> None:
         where = f"{art.uri}/{name}"
+        if self.local and _escapes(art.path, name):
+            raise StoreError(f"{where}: is or passes through a symbolic link; refusing to follow it")
         info = self.fs.get_file_info(art.file(name))
         if info.type != pafs.FileType.File:
             raise StoreError(f"{where}: listed in the manifest but missing")

@@ -270,3 +270,79 @@ def test_concurrent_writers_end_with_one_complete_artifact(tmp_path):
     payload = (Path(root) / "s" / "k" / "data" / "part-0.bin").read_bytes()
     assert payload == art.manifest["writer"].encode() * 1000
     assert json.loads((Path(root) / "s" / "k" / "manifest.json").read_text())["key"] == "k"
+
+
+# ---------------------------------------------------------------- untrusted manifests
+
+
+def _plant(store: ArtifactStore, key: str, name: str, payload: bytes = b"planted") -> None:
+    """Rewrite a published manifest as an attacker with write access to the store would:
+    add a file entry under `name`, with a correct hash of the attacker's own bytes."""
+    import hashlib
+
+    from distill.fsio import read_json, write_json
+
+    path = f"{store.root}/s/{key}/manifest.json"
+    manifest = read_json(store.fs, path)
+    manifest["files"][name] = {"sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload)}
+    write_json(store.fs, path, manifest)
+
+
+@pytest.mark.parametrize("name", [
+    "../../../escaped.txt", "/tmp/distillery-escaped.txt", "data/../../escaped.txt",
+    "./notes.txt", "data//part-0.bin", "a\\..\\b", "manifest.json", "",
+])
+def test_manifest_names_outside_the_artifact_are_refused(tmp_path, monkeypatch, name):
+    """Issue 12 part 1: a remote manifest naming '..', absolute or unnormalized paths must
+    neither be copied into the local cache nor make any file appear outside it."""
+    from tasks.artifacts import ArtifactRef
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DISTILLERY_CACHE", str(cache))
+    store = ArtifactStore(f"memory://test-{uuid.uuid4().hex}/store")
+    store.publish("s", "k1", write_two_files)
+    _plant(store, "k1", name)
+    before = set(tmp_path.rglob("*"))
+    with pytest.raises(StoreError, match="refusing file name"):
+        ArtifactRef(store=store.uri, stage="s", key="k1").local_dir()
+    with pytest.raises(StoreError, match="refusing file name"):
+        store.open("s", "k1", verify=False)
+    assert not Path("/tmp/distillery-escaped.txt").exists()
+    assert not (tmp_path / "escaped.txt").exists()
+    left = {p for p in set(tmp_path.rglob("*")) - before if p.is_file()}
+    assert left == set(), f"files appeared: {left}"
+
+
+def test_remote_copy_is_exact_and_checked(tmp_path, monkeypatch):
+    from tasks.artifacts import ArtifactRef
+
+    monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "cache"))
+    store = ArtifactStore(f"memory://test-{uuid.uuid4().hex}/store")
+    store.publish("s", "k1", write_two_files)
+    local = ArtifactRef(store=store.uri, stage="s", key="k1").local_dir()
+    assert (local / "data/part-0.bin").read_bytes() == b"hello"
+    assert sorted(p.name for p in local.rglob("*") if p.is_file()) == ["notes.txt", "part-0.bin"]
+    assert [p.name for p in local.parent.iterdir() if p.name.startswith(".tmp-")] == []
+
+
+def test_symlinked_member_of_a_local_artifact_is_refused(tmp_path):
+    """A local artifact whose listed file was replaced by a link (even one whose target has
+    the right hash) is refused rather than read through the link."""
+    store = ArtifactStore(str(tmp_path / "store"))
+    art = store.publish("s", "k1", write_two_files)
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"notes")  # same bytes, so only the link itself gives it away
+    member = Path(art.path) / "notes.txt"
+    member.unlink()
+    member.symlink_to(outside)
+    with pytest.raises(StoreError, match="symbolic link"):
+        store.open("s", "k1")
+    # a linked directory on the way is refused too
+    data = Path(art.path) / "data"
+    real = tmp_path / "elsewhere"
+    data.rename(real)
+    data.symlink_to(real)
+    member.unlink()
+    member.write_bytes(b"notes")
+    with pytest.raises(StoreError, match="symbolic link"):
+        store.open("s", "k1")
