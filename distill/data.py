@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from distill.utils import derive_seed
+
 SOURCE_FORMATS = ("auto", "parquet", "imagefolder", "hub", "npz")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 HUB_PREFIX = "hub:"
@@ -124,13 +126,9 @@ def sample_per_class(
         if hi - lo < k:
             kind = "has no images" if hi == lo else f"has only {hi - lo} images"
             raise DataError(f"class {c} {kind}; per_class={k} needs at least {k} per class")
-        g = torch.Generator().manual_seed(_class_seed(seed, c))
+        g = torch.Generator().manual_seed(derive_seed(seed, c, sep=":"))  # ":" keeps earlier samples
         picked.append(order[lo:hi][torch.randperm(hi - lo, generator=g)[:k]])
     return torch.cat(picked) if picked else torch.empty(0, dtype=torch.int64)
-
-
-def _class_seed(seed: int, c: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{c}".encode()).digest()[:8], "little") >> 1
 
 
 def dataset_splits(source: str | os.PathLike[str], format: str = "auto") -> list[str]:

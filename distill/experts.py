@@ -19,9 +19,8 @@ lr drop the momentum buffer is kept (the reference rebuilds the optimizer, zeroi
 puts a kink into the smooth trajectory AST is after).
 
 Training is resumable. After every snapshot the expert writes, beside its output file
-(expert-00007.parquet -> expert-00007.ckpt/): the snapshot as a one-row trajectory file, the
-model, optimizer and RNG tensors as safetensors, and the epoch and config as JSON (the commit
-point). A restarted run with the same config continues from the last snapshot and produces a
+(expert-00007.parquet -> expert-00007.ckpt/): the snapshot as a one-row trajectory file, then
+a distill.checkpoint commit of the model, optimizer and RNG tensors. A restarted run with the same config continues from the last snapshot and produces a
 trajectory bit-identical to an uninterrupted one; the finished trajectory is written atomically
 with complete=True and the checkpoint removed. Re-running a finished expert returns at once.
 Pure: imports neither prefect nor ray.
@@ -29,7 +28,6 @@ Pure: imports neither prefect nor ray.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -37,22 +35,23 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
-import safetensors.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from distill.checkpoint import (
+    Checkpoint,
+    check_identity,
+    load_module_tensors,
+    load_optimizer_tensors,
+    module_tensors,
+    optimizer_tensors,
+)
 from distill.nets import create_net, flatten_params, net_arg_problem, param_layout
 from distill.train import AUGMENTS, AugmentName, check_finite_losses, evaluate
-from distill.trajectory import (
-    Snapshot,
-    TrajectoryReader,
-    atomic_file,
-    param_change,
-    write_trajectory,
-)
-from distill.utils import Progress, resolve_device
+from distill.trajectory import Snapshot, TrajectoryReader, param_change, write_trajectory
+from distill.utils import Progress, derive_seed, resolve_device
 
 # AST's clipping-loss ramp: CE x 0.5, 0.55, ..., 0.95 in epochs 1..10, then x 1.
 AST_LOSS_RAMP = [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95]
@@ -71,9 +70,6 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
     "sam": {"sam_rho": 0.01},  # FTD: buffer_FTD.py --rho_max 0.01 --rho_min 0.01 on MTT's recipe
 }
-
-CHECKPOINT_FORMAT = "expert-checkpoint"
-CHECKPOINT_VERSION = 1
 
 
 class ExpertConfig(BaseModel, frozen=True, extra="forbid"):
@@ -138,12 +134,6 @@ class ExpertConfig(BaseModel, frozen=True, extra="forbid"):
     def expert_recipe(self) -> dict:
         """What one expert's trajectory depends on: every field but num_experts."""
         return self.model_dump(mode="json", exclude={"num_experts"})
-
-
-def expert_seed(seed: int, expert_id: int, purpose: str) -> int:
-    """A 63-bit seed from (seed, expert_id, purpose): experts are independent and individually reproducible."""
-    digest = hashlib.sha256(f"{seed}/{expert_id}/{purpose}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def checkpoint_dir(out_path: str | Path) -> Path:
@@ -251,41 +241,18 @@ def _train_epoch(
 # ---------------------------------------------------------------- checkpoints
 
 
-def _optimizer_split(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Optimizer state as (tensors for safetensors, the rest for JSON)."""
-    state = optimizer.state_dict()
-    tensors, rest = {}, {"param_groups": state["param_groups"], "state": {}}
-    for index, entries in state["state"].items():
-        rest["state"][str(index)] = {}
-        for key, value in entries.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optim.{index}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                rest["state"][str(index)][key] = value
-    return tensors, rest
-
-
-def _optimizer_join(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
-    state = {int(index): dict(entries) for index, entries in rest["state"].items()}
-    for name, value in tensors.items():
-        if name.startswith("optim."):
-            _, index, key = name.split(".", 2)
-            state.setdefault(int(index), {})[key] = value
-    return {"state": state, "param_groups": rest["param_groups"]}
-
-
 class _Checkpoint:
     """The resume state of one expert, in expert-NNNNN.ckpt/ beside its output file.
 
     rows/epoch-EEEEE.parquet  each snapshot so far, a one-row trajectory file (complete=False)
-    state-EEEEE.safetensors   model state_dict, optimizer tensors, the CPU generator's state
-    state.json                epoch, identity (config, data) and the optimizer's non-tensor state;
-                              written last, so it always names a complete state file
+    state files               a distill.checkpoint commit: model, optimizer and CPU generator
+                              tensors; its step is the epoch of the last snapshot
     """
 
     def __init__(self, out_path: Path, identity: dict, layout: list, meta: dict):
         self.dir = checkpoint_dir(out_path)
-        self.identity, self.layout, self.meta = identity, layout, meta
+        self.state = Checkpoint(self.dir, identity, kind="expert")
+        self.layout, self.meta = layout, meta
 
     def _row_path(self, epoch: int) -> Path:
         return self.dir / "rows" / f"epoch-{epoch:05d}.parquet"
@@ -293,37 +260,21 @@ class _Checkpoint:
     def save(
         self, snapshot: Snapshot, net: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator
     ) -> None:
-        epoch = snapshot.epoch
-        write_trajectory(self._row_path(epoch), [snapshot], self.layout, {**self.meta, "complete": False})
-        tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-        optim_tensors, optim_rest = _optimizer_split(optimizer)
-        tensors.update(optim_tensors)
-        tensors["rng.cpu"] = generator.get_state()
-        state_file = f"state-{epoch:05d}.safetensors"
-        with atomic_file(self.dir / state_file) as f:
-            f.write(safetensors.torch.save(tensors))
-        record = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "epoch": epoch,
-                  "state_file": state_file, "identity": self.identity, "optimizer": optim_rest}
-        with atomic_file(self.dir / "state.json") as f:
-            f.write(json.dumps(record, indent=1, sort_keys=True).encode())
-        for old in self.dir.glob("state-*.safetensors"):
-            if old.name != state_file:
-                old.unlink()
+        # The row first: a commit of epoch e always finds rows 0..e on disk.
+        write_trajectory(self._row_path(snapshot.epoch), [snapshot], self.layout, {**self.meta, "complete": False})
+        optim, optim_rest = optimizer_tensors("optim", optimizer)
+        tensors = {**module_tensors("model", net), **optim, "rng.cpu": generator.get_state()}
+        self.state.save(snapshot.epoch, tensors, {"optimizer": optim_rest})
 
     def restore(self, net: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> int | None:
         """Load the last saved state into net/optimizer/generator; its epoch, or None if there is none."""
-        path = self.dir / "state.json"
-        if not path.exists():
+        saved = self.state.load()
+        if saved is None:
             return None
-        record = json.loads(path.read_text())
-        if record.get("format") != CHECKPOINT_FORMAT or record.get("format_version") != CHECKPOINT_VERSION:
-            raise ValueError(f"{path}: not an expert checkpoint of version {CHECKPOINT_VERSION}; delete {self.dir}")
-        _check_identity(record["identity"], self.identity, f"checkpoint {self.dir}")
-        tensors = safetensors.torch.load_file(str(self.dir / record["state_file"]))
-        net.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-        optimizer.load_state_dict(_optimizer_join(tensors, record["optimizer"]))
-        generator.set_state(tensors["rng.cpu"])
-        return record["epoch"]
+        load_module_tensors("model", net, saved.tensors)
+        load_optimizer_tensors("optim", optimizer, saved.tensors, saved.record["optimizer"])
+        generator.set_state(saved.tensors["rng.cpu"])
+        return saved.step
 
     def snapshots(self, last_epoch: int) -> Iterator[Snapshot]:
         """The saved snapshots 0..last_epoch, streamed one at a time."""
@@ -333,15 +284,6 @@ class _Checkpoint:
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _check_identity(stored: dict, wanted: dict, where: str) -> None:
-    diffs = [k for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k)]
-    if diffs:
-        detail = "; ".join(f"{k}: stored {stored.get(k)!r}, requested {wanted.get(k)!r}" for k in diffs[:3])
-        raise ValueError(
-            f"{where} was made with a different configuration ({detail}); delete it or choose another output path"
-        )
 
 
 # ---------------------------------------------------------------- the expert
@@ -393,7 +335,7 @@ def _finished(out_path: Path, identity: dict) -> bool:
     with TrajectoryReader(out_path) as done:
         stored = {k: done.meta.get(k) for k in identity}
         complete = done.complete
-    _check_identity(stored, identity, f"trajectory {out_path}")
+    check_identity(stored, identity, f"trajectory {out_path}", "delete it or choose another output path")
     if complete:
         shutil.rmtree(checkpoint_dir(out_path), ignore_errors=True)  # left over if a run died right after finishing
     return complete
@@ -448,12 +390,12 @@ def train_expert(
 
     dev = resolve_device(device)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(expert_seed(cfg.seed, expert_id, "init"))
+        torch.manual_seed(derive_seed(cfg.seed, expert_id, "init"))
         net = create_net(cfg.net, num_classes=num_classes, channels=identity["channels"],
                          image_size=identity["image_size"], **cfg.net_kwargs)
     net.to(dev)
     optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    generator = torch.Generator().manual_seed(expert_seed(cfg.seed, expert_id, "data"))
+    generator = torch.Generator().manual_seed(derive_seed(cfg.seed, expert_id, "data"))
     layout = param_layout(net)
     meta = {**identity, "epochs_planned": cfg.epochs}
     checkpoint = _Checkpoint(out_path, identity, layout, meta)

@@ -1,7 +1,7 @@
-"""Small-file I/O on any pyarrow filesystem (local when `fs` is None); no torch import.
+"""Small-file I/O on any pyarrow filesystem (local when `fs` is None), and atomic local writes; no torch import.
 
-Shared by the Parquet formats and the artifact store, and light enough for CLIs that only
-read manifests and metrics.
+Shared by the Parquet formats, the artifact store and the checkpoints, and light enough for
+CLIs that only read manifests and metrics.
 """
 
 from __future__ import annotations
@@ -9,13 +9,17 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-from typing import Any
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
 
 import pyarrow.fs as pafs
 
 # Version of every on-disk format; part of every artifact key, so a layout change never
 # reuses artifacts written in the old layout.
 FORMAT_VERSION = 1
+
 
 def fs_path(path: str, filesystem: pafs.FileSystem | None) -> tuple[pafs.FileSystem, str]:
     if filesystem is None:
@@ -46,3 +50,36 @@ def write_json(fs: pafs.FileSystem | None, path: str, obj: Any) -> None:
 def read_json(fs: pafs.FileSystem | None, path: str) -> Any:
     """Read a JSON file written by `write_json`."""
     return json.loads(read_bytes(fs, path))
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Any]:
+    """Open a hidden temp sibling of `path` for binary writing; on success fsync and rename it.
+
+    On any error the temp file is removed and `path` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # The rename is durable only once the directory entry is; not every OS can open a directory.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -53,16 +53,15 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from distill.nets import create_net, net_arg_problem
-from distill.ssl import (
+from distill.checkpoint import (
     Checkpoint,
-    derived_seed,
     load_module_tensors,
     load_optimizer_tensors,
     module_tensors,
     optimizer_tensors,
 )
 from distill.train import AUGMENTS, AugmentName, TrainConfig, fine_tune, linear_probe, train
-from distill.utils import Progress, resolve_device
+from distill.utils import Progress, derive_seed, resolve_device
 
 
 # ---------------------------------------------------------------- config
@@ -163,7 +162,7 @@ class OnlinePool:
         return list(self.generations)
 
     def _fresh(self, i: int) -> None:
-        net = self.make_net(derived_seed(self.cfg.seed, "pool", i, self.generations[i]))
+        net = self.make_net(derive_seed(self.cfg.seed, "pool", i, self.generations[i]))
         opt = torch.optim.SGD(net.parameters(), lr=self.cfg.online_lr, momentum=self.cfg.online_momentum,
                               weight_decay=self.cfg.online_weight_decay)
         if i < len(self.models):
@@ -222,7 +221,7 @@ class RandomFeaturePool:
 
     def select(self, generator: torch.Generator) -> int:
         self.draws += 1
-        self._current = self.make_net(derived_seed(self.cfg.seed, "random-features", self.draws))
+        self._current = self.make_net(derive_seed(self.cfg.seed, "random-features", self.draws))
         return 0
 
     def model(self, i: int) -> nn.Module:
@@ -263,7 +262,7 @@ def init_indices(num_source: int, cfg: KRRConfig) -> torch.Tensor:
             f"num_images={cfg.num_images} synthetic images requested but the source has only {num_source} "
             f"images; use num_images <= {num_source} (KRR-ST uses ~2% of the source)"
         )
-    generator = torch.Generator().manual_seed(derived_seed(cfg.seed, "init-images"))
+    generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "init-images"))
     return torch.sort(torch.randperm(num_source, generator=generator)[: cfg.num_images]).values
 
 
@@ -337,20 +336,19 @@ def distill_krr(
     y_syn.requires_grad_(cfg.learn_targets)
     params = [x_syn, y_syn] if cfg.learn_targets else [x_syn]
     optimizer = torch.optim.AdamW(params, lr=cfg.outer_lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(derived_seed(cfg.seed, "outer"))
+    generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "outer"))
     make_net = _make_factory(cfg, source.shape[1], source.shape[-1], dim, dev)
     history: list[dict] = []
     step0, resumed_from = 0, None
 
-    checkpoint = None
-    state = None
+    checkpoint, saved = None, None
     if work_dir is not None:
         ident = {"config": cfg.model_dump(mode="json"), "source_shape": list(source.shape), "target_dim": dim,
                  "init_targets": init_targets is not None, **(identity or {})}
-        checkpoint = Checkpoint(Path(work_dir) / "ckpt", ident)
-        state = checkpoint.load()
-    if state is not None:
-        tensors, record = state
+        checkpoint = Checkpoint(Path(work_dir) / "ckpt", ident, kind="krr-st")
+        saved = checkpoint.load()
+    if saved is not None:
+        tensors, record = saved.tensors, saved.record
         check_targets(dim, tensors["y_syn"], f"checkpoint {checkpoint.dir}")
         pool = _restore_pool(cfg, make_net, tensors, record["pool"])
         with torch.no_grad():
@@ -358,7 +356,7 @@ def distill_krr(
             y_syn.copy_(tensors["y_syn"])
         load_optimizer_tensors("outer", optimizer, tensors, record["optimizer"])
         generator.set_state(tensors["rng"])
-        history, step0 = record["history"], record["step"]
+        history, step0 = record["history"], saved.step
         resumed_from = step0
     else:
         pool = POOL_MODES[cfg.pool_mode](cfg, make_net, x_syn.detach(), y_syn.detach())
@@ -518,7 +516,7 @@ def check_labels(method: str, labels: torch.Tensor | None) -> torch.Tensor:
 
 def student(cfg: TransferConfig, channels: int, image_size: int, out_dim: int, seed: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derived_seed(seed, "student"))
+        torch.manual_seed(derive_seed(seed, "student"))
         return create_net(cfg.net, num_classes=out_dim, channels=channels, image_size=image_size, **cfg.net_kwargs)
 
 

@@ -60,20 +60,17 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Callable, Literal
 
-import safetensors.torch
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from distill.augment import DSAConfig, DSAParams, apply_params, sample_params
+from distill.checkpoint import Checkpoint, CheckpointError
 from distill.nets import create_net, unflatten_params
-from distill.trajectory import TrajectorySet, atomic_file, layout_from_json
+from distill.trajectory import TrajectorySet, layout_from_json
 from distill.utils import Progress, resolve_device
-
-CHECKPOINT_FORMAT = "matching-checkpoint"
-CHECKPOINT_VERSION = 1
 
 
 class MatchingError(ValueError):
@@ -452,51 +449,31 @@ class _State:
 
 
 class _Checkpoint:
-    """state.json (commit point: iteration, identity, curves) + state-IIIIII.safetensors (tensors)."""
+    """A distill.checkpoint commit in <work_dir>/ckpt: step = iteration; tensors: images, lr, both momentum
+    buffers, the generator; record: current image lr, rollbacks and the curves so far."""
 
     def __init__(self, directory: str | Path, identity: dict):
-        self.dir = Path(directory)
-        self.identity = identity
+        self.state = Checkpoint(Path(directory) / "ckpt", identity, kind="matching")
 
     def save(self, state: _State) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        name = f"state-{state.iteration:06d}.safetensors"
         tensors = {"images": state.images, "lr": state.lr.reshape(1), "buf_images": state.buf_images,
                    "buf_lr": state.buf_lr.reshape(1), "rng": state.rng}
-        with atomic_file(self.dir / name) as f:
-            f.write(safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
-        record = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "iteration": state.iteration,
-                  "state_file": name, "identity": self.identity, "lr_img": state.lr_img, "rollbacks": state.rollbacks,
-                  "losses": state.losses, "lrs": state.lrs, "start_epochs": state.start_epochs}
-        with atomic_file(self.dir / "state.json") as f:
-            f.write(json.dumps(record).encode())
-        for old in self.dir.glob("state-*.safetensors"):
-            if old.name != name:
-                old.unlink()
+        self.state.save(state.iteration, tensors, {"lr_img": state.lr_img, "rollbacks": state.rollbacks,
+                                                   "losses": state.losses, "lrs": state.lrs,
+                                                   "start_epochs": state.start_epochs})
 
     def restore(self, device: torch.device, dtype: torch.dtype) -> _State | None:
-        path = self.dir / "state.json"
-        if not path.exists():
+        try:
+            saved = self.state.load()
+        except CheckpointError as e:
+            raise MatchingError(f"{e} (matching work_dir)") from e
+        if saved is None:
             return None
-        record = json.loads(path.read_text())
-        if record.get("format") != CHECKPOINT_FORMAT or record.get("format_version") != CHECKPOINT_VERSION:
-            raise MatchingError(f"{path}: not a matching checkpoint of version {CHECKPOINT_VERSION}; delete {self.dir}")
-        stored = record["identity"]
-        diffs = [k for k in sorted(set(stored) | set(self.identity)) if stored.get(k) != self.identity.get(k)]
-        if diffs:
-            detail = "; ".join(f"{k}: stored {_brief(stored.get(k))}, requested {_brief(self.identity.get(k))}"
-                               for k in diffs[:3])
-            raise MatchingError(f"checkpoint {self.dir} belongs to another run ({detail}); delete it or use another work_dir")
-        t = safetensors.torch.load_file(str(self.dir / record["state_file"]))
+        t, r = saved.tensors, saved.record
         dev = lambda v: v.to(device=device, dtype=dtype)  # noqa: E731
-        return _State(record["iteration"], dev(t["images"]), dev(t["lr"]).reshape(()), dev(t["buf_images"]),
-                      dev(t["buf_lr"]).reshape(()), t["rng"], record["lr_img"], record["rollbacks"],
-                      record["losses"], record["lrs"], record["start_epochs"])
-
-
-def _brief(value: Any, limit: int = 100) -> str:
-    text = json.dumps(value, sort_keys=True)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+        return _State(saved.step, dev(t["images"]), dev(t["lr"]).reshape(()), dev(t["buf_images"]),
+                      dev(t["buf_lr"]).reshape(()), t["rng"], r["lr_img"], r["rollbacks"],
+                      r["losses"], r["lrs"], r["start_epochs"])
 
 
 def _tensor_digest(*tensors: torch.Tensor) -> str:

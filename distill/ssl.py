@@ -15,7 +15,7 @@ Twins). Inputs are in the model input space of distill.transforms.Preprocessor (
 floats), the same space KRR-ST's synthetic images live in.
 
 Training is resumable: after every epoch the backbone, projector, optimizer and generator state
-go to `<out_dir>/ckpt/` (safetensors + a JSON commit record); a restarted run with the same
+go to `<out_dir>/ckpt/` (a distill.checkpoint commit); a restarted run with the same
 config continues from the last epoch and ends bit-identical to an uninterrupted one. The
 result is `<out_dir>/teacher.safetensors`: the backbone's weights, with the net, its arguments
 and the config in the safetensors metadata, so `load_teacher` rebuilds it anywhere.
@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -41,15 +40,20 @@ import torch.nn as nn
 from pydantic import BaseModel, Field, model_validator
 
 from distill.augment import DSAConfig, dsa
-from distill.experts import _optimizer_join, _optimizer_split
+from distill.checkpoint import (
+    Checkpoint,
+    load_module_tensors,
+    load_optimizer_tensors,
+    module_tensors,
+    optimizer_tensors,
+)
 from distill.nets import create_net, net_arg_problem
 from distill.train import check_finite_losses
-from distill.trajectory import atomic_file
-from distill.utils import Progress, resolve_device
+from distill.fsio import atomic_file
+from distill.utils import Progress, derive_seed, resolve_device
 
 TEACHER_FILE = "teacher.safetensors"
 TEACHER_FORMAT = "distillery.ssl-teacher/1"
-CHECKPOINT_FORMAT = "distillery.checkpoint/1"
 
 
 class SSLConfig(BaseModel, frozen=True, extra="forbid"):
@@ -112,76 +116,12 @@ class Projector(nn.Module):
         return self.net(x)
 
 
-# ---------------------------------------------------------------- checkpoints (shared with distill.krr)
-
-
-class Checkpoint:
-    """Resume state in a directory: `state-<step>.safetensors` plus `state.json`, written last (the commit)."""
-
-    def __init__(self, directory: str | Path, identity: dict):
-        self.dir = Path(directory)
-        self.identity = json.loads(json.dumps(identity))  # JSON values, so stored and fresh compare equal
-
-    def save(self, step: int, tensors: dict[str, torch.Tensor], record: dict) -> None:
-        name = f"state-{step:07d}.safetensors"
-        with atomic_file(self.dir / name) as f:
-            f.write(safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
-        full = {"format": CHECKPOINT_FORMAT, "step": step, "state_file": name, "identity": self.identity, **record}
-        with atomic_file(self.dir / "state.json") as f:
-            f.write(json.dumps(full, sort_keys=True).encode())
-        for old in self.dir.glob("state-*.safetensors"):
-            if old.name != name:
-                old.unlink()
-
-    def load(self) -> tuple[dict[str, torch.Tensor], dict] | None:
-        """(tensors, record) of the last commit, or None; refuses a checkpoint of another configuration."""
-        path = self.dir / "state.json"
-        if not path.exists():
-            return None
-        record = json.loads(path.read_text())
-        if record.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path}: not a {CHECKPOINT_FORMAT} checkpoint; delete {self.dir}")
-        stored = record["identity"]
-        diffs = [k for k in sorted(set(stored) | set(self.identity)) if stored.get(k) != self.identity.get(k)]
-        if diffs:
-            detail = "; ".join(f"{k}: stored {stored.get(k)!r}, requested {self.identity.get(k)!r}" for k in diffs[:3])
-            raise ValueError(f"checkpoint {self.dir} was made with a different configuration ({detail}); delete it")
-        return safetensors.torch.load_file(str(self.dir / record["state_file"])), record
-
-    def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def module_tensors(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
-    return {f"{prefix}.{k}": v for k, v in module.state_dict().items()}
-
-
-def load_module_tensors(prefix: str, module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    module.load_state_dict({k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
-
-
-def optimizer_tensors(prefix: str, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors, rest = _optimizer_split(optimizer)
-    return {f"{prefix}.{k}": v for k, v in tensors.items()}, rest
-
-
-def load_optimizer_tensors(prefix: str, optimizer: torch.optim.Optimizer, tensors: dict, rest: dict) -> None:
-    mine = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-    optimizer.load_state_dict(_optimizer_join(mine, rest))
-
-
-def derived_seed(*parts: Any) -> int:
-    """A 63-bit seed from any parts (seed, purpose, index): independent, reproducible streams."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
 # ---------------------------------------------------------------- teacher training
 
 
 def _build(cfg: SSLConfig, channels: int, image_size: int) -> tuple[nn.Module, Projector]:
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derived_seed(cfg.seed, "ssl-init"))
+        torch.manual_seed(derive_seed(cfg.seed, "ssl-init"))
         backbone = create_net(cfg.net, num_classes=1, channels=channels, image_size=image_size, **cfg.net_kwargs)
         projector = Projector(backbone.feature_dim, list(cfg.projector))
     return backbone, projector
@@ -232,22 +172,21 @@ def train_teacher(
     backbone, projector = _build(cfg, channels, image_size)
     model = nn.ModuleDict({"backbone": backbone, "projector": projector}).to(dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    generator = torch.Generator().manual_seed(derived_seed(cfg.seed, "ssl-data"))
+    generator = torch.Generator().manual_seed(derive_seed(cfg.seed, "ssl-data"))
     n = images.shape[0]
     batch = min(cfg.batch_size, n)
     steps_per_epoch = n // batch  # drop the ragged last batch: tiny batches make noisy correlations
     total = cfg.epochs * steps_per_epoch
-    checkpoint = Checkpoint(out_dir / "ckpt", identity)
+    checkpoint = Checkpoint(out_dir / "ckpt", identity, kind="ssl-teacher")
     history: list[dict] = []
     first_epoch = 1
-    state = checkpoint.load()
+    saved = checkpoint.load()
     resumed_from = None
-    if state is not None:
-        tensors, record = state
-        load_module_tensors("model", model, tensors)
-        load_optimizer_tensors("optim", optimizer, tensors, record["optimizer"])
-        generator.set_state(tensors["rng"])
-        history, resumed_from = record["history"], record["step"]
+    if saved is not None:
+        load_module_tensors("model", model, saved.tensors)
+        load_optimizer_tensors("optim", optimizer, saved.tensors, saved.record["optimizer"])
+        generator.set_state(saved.tensors["rng"])
+        history, resumed_from = saved.record["history"], saved.step
         first_epoch = resumed_from + 1
 
     x = images.to(dev, torch.float32)

@@ -31,8 +31,6 @@ import json
 import math
 import os
 import re
-import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -44,6 +42,7 @@ import torch
 import torch.nn as nn
 
 from distill.formats import FormatError
+from distill.fsio import atomic_file
 from distill.nets import param_layout
 
 FORMAT = "trajectory"
@@ -111,39 +110,6 @@ def layout_from_json(items: list) -> Layout:
 
 
 # ---------------------------------------------------------------- writing
-
-
-@contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Any]:
-    """Open a hidden temp sibling of `path` for binary writing; on success fsync and rename it.
-
-    On any error the temp file is removed and `path` is left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    # The rename is durable only once the directory entry is; not every OS can open a directory.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _schema(num_params: int, meta: dict) -> pa.Schema:

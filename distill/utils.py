@@ -7,10 +7,11 @@ given no GPU, without threading a flag through every call.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -29,6 +30,17 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def derive_seed(*parts: Any, sep: str = "/") -> int:
+    """A 63-bit seed from (seed, purpose, index, ...): independent streams, each reproducible alone.
+
+    sha256 of the parts joined by `sep`, the first 8 bytes read little-endian, shifted right by
+    one. Every derived stream of the core (experts, teacher, KRR-ST pools, per-class samples)
+    comes from here, never from the clock.
+    """
+    digest = hashlib.sha256(sep.join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:

@@ -88,7 +88,7 @@ def test_an_expert_killed_mid_training_resumes_to_the_same_trajectory(tmp_path):
     )
     state = checkpoint_dir(killed) / "state.json"
     deadline = time.monotonic() + 120
-    while not (state.exists() and json.loads(state.read_text()).get("epoch", 0) >= 2):
+    while not (state.exists() and json.loads(state.read_text()).get("step", 0) >= 2):
         assert child.poll() is None, "the expert finished or died before it could be killed"
         assert time.monotonic() < deadline, "no checkpoint of epoch 2 within 120 s"
         time.sleep(0.05)
