@@ -55,9 +55,9 @@ def baseline(config: BaselineConfig) -> dict[str, Any]:
             for seed in range(config.eval.num_models)
         ]
     rows = [r.result() for r in runs]
-    result = collect_metrics.submit(rows, f"baseline-{config.data.name}-{setting}", store).result()
-    print(json.dumps({"summary": result["summary"], "metrics": result["metrics_uri"], "subset": subset.uri}, indent=1))
-    return {**result, "subset_uri": subset.uri, "dataset_uri": dataset.uri}
+    table = collect_metrics.submit(rows, f"baseline-{config.data.name}-{setting}", store).result()
+    print(json.dumps({"summary": table.summary, "metrics": table.ref.uri, "subset": subset.uri}, indent=1))
+    return {"summary": table.summary, "metrics_uri": table.ref.uri, "subset_uri": subset.uri, "dataset_uri": dataset.uri}
 
 
 def main() -> None:

@@ -14,10 +14,14 @@ from tasks.store import ArtifactStore
 from tasks.tables import markdown_table
 
 
-# stage -> its table file: tasks.evaluation/tasks.transfer (metrics), tasks.krr (krr-metrics) and
-# tasks.pipeline (pipeline-report); not imported (nor torch, via distill.formats), so this CLI
-# answers in well under a second.
-TABLES = {"metrics": "summary.parquet", "krr-metrics": "summary.parquet", "pipeline-report": "report.parquet"}
+# stage -> its table file: tasks.evaluation (eval-metrics), tasks.transfer (transfer-metrics), tasks.krr
+# (krr-metrics) and tasks.pipeline (pipeline-report); "metrics" is where stores written before the
+# split kept both metrics schemas. Not imported (nor torch, via distill.formats), so this CLI answers
+# in well under a second.
+TABLES = {
+    "eval-metrics": "summary.parquet", "transfer-metrics": "summary.parquet", "krr-metrics": "summary.parquet",
+    "pipeline-report": "report.parquet", "metrics": "summary.parquet",
+}
 
 
 def results(show_all: bool = False, store_uri: str | None = None) -> str:

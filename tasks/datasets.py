@@ -23,7 +23,8 @@ from distill.fsio import read_bytes, write_bytes
 from distill.transforms import Preprocessor
 from tasks.artifacts import ArtifactRef
 from tasks.reports import run_logger
-from tasks.store import ArtifactStore, Staging, store_cache_key_fn
+from tasks.stage import Key, Publish, StageInfo, StageRun, stage
+from tasks.store import Staging
 
 STAGE = "dataset"
 
@@ -40,13 +41,21 @@ def source_stamp(source: str) -> list[tuple[str, int, int]]:
     return [(str(f.relative_to(path) if f != path else f.name), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
 
 
-def dataset_key(store_uri: str, data: DataConfig) -> str:
+class DatasetInfo(StageInfo):
+    """Manifest fields of an image-dataset artifact (stage `dataset`, and `pruned`, which adds its own):
+    every later stage reads sizes, classes and fingerprints from here without decoding an image."""
+
+    rows: dict[str, int]  # images per split
+    class_counts: dict[str, list[int]]  # per split, per class id
+    class_names: list[str]
+    image_shape: list[int]  # [channels, height, width]
+    fingerprints: dict[str, str]  # per split: names the exact pixels and labels
+    preprocessor: dict[str, Any] | None  # the config of preprocessor.safetensors (normalization, ZCA)
+
+
+def dataset_key(data: DataConfig) -> Key:
     stamp = hashlib.sha256(repr(source_stamp(data.source)).encode()).hexdigest()[:16]
-    return ArtifactStore(store_uri).key(STAGE, {"data": data, "source_stamp": stamp})
-
-
-def _key_of(parameters: dict[str, Any]) -> tuple[str, str]:
-    return parameters["store"], dataset_key(parameters["store"], parameters["data"])
+    return Key({"data": data, "source_stamp": stamp})
 
 
 @task(name="validate-data", result_serializer="json")
@@ -57,22 +66,16 @@ def validate_data(data: DataConfig, min_train_per_class: int | None = None) -> d
     return counts
 
 
-@task(
-    name="materialize-dataset",
-    cache_key_fn=store_cache_key_fn(STAGE, _key_of),
-    result_serializer="json",
-)
-def materialize_dataset(data: DataConfig, store: str) -> ArtifactRef:
+@stage(STAGE, key=dataset_key, task_name="materialize-dataset")
+def materialize_dataset(data: DataConfig, store: str, run: StageRun) -> Publish:
     """Decode, subset and store a dataset's train and test splits with their preprocessing."""
-    logger = run_logger()
-    st = ArtifactStore(store)
-    key = dataset_key(store, data)
+    train = data.load(data.train_split)
+    test = data.load(data.test_split)
+    run_logger().info("decoded %s: %d train / %d test images, %d classes", data.source, len(train), len(test),
+                      train.num_classes)
+    pre = Preprocessor.fit(train.images, zca=data.zca)
 
-    def write(staging: Staging) -> dict[str, Any]:
-        train = data.load(data.train_split)
-        test = data.load(data.test_split)
-        logger.info("decoded %s: %d train / %d test images, %d classes", data.source, len(train), len(test), train.num_classes)
-        pre = Preprocessor.fit(train.images, zca=data.zca)
+    def write(staging: Staging) -> DatasetInfo:
         for name, part in (("train", train), ("test", test)):
             write_image_dataset(
                 staging.file(f"{name}.parquet"),
@@ -83,17 +86,16 @@ def materialize_dataset(data: DataConfig, store: str) -> ArtifactRef:
                 extra_metadata={"source": data.source, "split": getattr(data, f"{name}_split")},
             )
         write_bytes(staging.fs, staging.file(PREPROCESSOR_FILE), pre.to_bytes())
-        return {
-            "rows": {"train": len(train), "test": len(test)},
-            "class_counts": {"train": train.class_counts().tolist(), "test": test.class_counts().tolist()},
-            "class_names": train.class_names,
-            "image_shape": list(train.images.shape[1:]),
-            "fingerprints": {"train": train.fingerprint(), "test": test.fingerprint()},
-            "preprocessor": pre.config(),
-        }
+        return DatasetInfo(
+            rows={"train": len(train), "test": len(test)},
+            class_counts={"train": train.class_counts().tolist(), "test": test.class_counts().tolist()},
+            class_names=train.class_names,
+            image_shape=list(train.images.shape[1:]),
+            fingerprints={"train": train.fingerprint(), "test": test.fingerprint()},
+            preprocessor=pre.config(),
+        )
 
-    art = st.publish(STAGE, key, write, config={"data": data}, inputs=[], seeds={"sample": data.seed})
-    return ArtifactRef(store=store, stage=STAGE, key=art.key)
+    return Publish(write, seeds={"sample": data.seed})
 
 
 def load_split(ref: ArtifactRef, split: str) -> ImageSet:
@@ -114,7 +116,7 @@ def data_config(ref: ArtifactRef) -> dict[str, Any] | None:
 
 def class_counts(ref: ArtifactRef, split: str = "train") -> list[int]:
     """Images per class of a materialized split, from the manifest (no decoding)."""
-    return ref.open(verify=False).manifest["class_counts"][split]
+    return DatasetInfo.of(ref).class_counts[split]
 
 
 def preprocessed(ref: ArtifactRef, split: str, pre: Preprocessor | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

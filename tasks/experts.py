@@ -58,7 +58,7 @@ def train_one_expert(dataset: ArtifactRef, cfg: ExpertConfig, expert_id: int, st
     test_x, test_y, _ = preprocessed(dataset, "test", pre)
     manifest = dataset.open(verify=False).manifest
     progress = reports.prefect_progress(
-        f"expert {cfg.recipe} #{expert_id}", key=reports.artifact_key("progress", "expert", cfg.recipe, expert_id)
+        f"expert {cfg.recipe} #{expert_id}", key=reports.ui_key("progress", "expert", cfg.recipe, expert_id)
     )
     summary = train_expert(
         cfg, train_x, train_y, test_x, test_y,
@@ -114,13 +114,13 @@ def report_experts(sets: list[ArtifactRef], name: str) -> list[dict[str, Any]]:
         rows += [{"recipe": recipe, **_table_row(r)} for r in art.manifest["experts"]]
         local = ref.local_dir()
         curves[recipe] = [_curves(local / expert_file(r["expert_id"])) for r in art.manifest["experts"]]
-    reports.table(rows, key=reports.artifact_key(name, "experts"), description=f"{name}: final accuracy per expert")
+    reports.table(rows, key=reports.ui_key(name, "experts"), description=f"{name}: final accuracy per expert")
     png = smoothness_png(curves)
     reports.markdown(
         "## Expert smoothness\nParameter change per epoch and training loss, mean over experts "
         "(shaded: min to max). Smoother (AST) experts move at an even pace with a steadily "
         "falling loss.\n\n" + reports.png_markdown(png, "smoothness") + "\n" + _summary_table(rows),
-        key=reports.artifact_key(name, "smoothness"),
+        key=reports.ui_key(name, "smoothness"),
     )
     return rows
 

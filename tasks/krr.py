@@ -103,7 +103,7 @@ def train_teacher_task(source: ArtifactRef, cfg: SSLConfig, store: str) -> Artif
         device = task_device()
         x, _, _ = preprocessed(source, "train")
         work = work_dir(store, TEACHER_STAGE, key)
-        progress = reports.prefect_progress("Barlow Twins teacher", key=reports.artifact_key("progress", "ssl-teacher"))
+        progress = reports.prefect_progress("Barlow Twins teacher", key=reports.ui_key("progress", "ssl-teacher"))
         summary = train_teacher(cfg, x, out_dir=work, dataset_fingerprint=_manifest(source)["fingerprints"]["train"],
                                 device=device, progress=progress)
 
@@ -157,7 +157,7 @@ def distill_task(source: ArtifactRef, teacher: ArtifactRef, cfg: KRRConfig, tran
     teacher_net, teacher_manifest = open_teacher(teacher)
     source_fp = _manifest(source)["fingerprints"]["train"]
     work = work_dir(store, DISTILL_STAGE, key)
-    progress = reports.prefect_progress("KRR-ST distillation", key=reports.artifact_key("progress", "krr-st"))
+    progress = reports.prefect_progress("KRR-ST distillation", key=reports.ui_key("progress", "krr-st"))
     result = distill_krr(cfg, x, teacher_net, work_dir=work, device=device, progress=progress,
                          identity={"source": source_fp, "teacher": teacher_manifest["fingerprint"]})
     idx = result.source_indices
@@ -239,7 +239,7 @@ def report_distilled(distilled: ArtifactRef, name: str) -> str:
         + reports.png_markdown(image_grid_png(previews), "distilled images")
         + "\n" + reports.png_markdown(loss_png(history), "outer loss")
     )
-    reports.markdown(text, key=reports.artifact_key(name, "distilled"), description=f"{name}: KRR-ST distilled set")
+    reports.markdown(text, key=reports.ui_key(name, "distilled"), description=f"{name}: KRR-ST distilled set")
     return distilled.uri
 
 
@@ -340,7 +340,7 @@ def report_metrics(rows: list[dict[str, Any]], name: str, store: str) -> dict[st
 
     art = ArtifactStore(store).publish(METRICS_STAGE, key, write, config={"name": name},
                                        inputs=[r["eval_key"] for r in rows])
-    reports.table(summary, key=reports.artifact_key(name, "transfer"),
+    reports.table(summary, key=reports.ui_key(name, "transfer"),
                   description=f"{name}: target accuracy after pretraining (linear probe, fine-tune; final epoch, "
                   f"mean and std over seeds). Metrics: {art.uri}")
     reports.run_logger().info("\n%s", markdown_table(summary))

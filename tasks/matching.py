@@ -93,7 +93,7 @@ def distill_tm(
     trajectories = check_expert_set(cfg, experts, dataset, pre=pre)
     manifest = dataset.open(verify=False).manifest
     train_x, train_y, names = preprocessed(dataset, "train", pre)
-    progress = reports.prefect_progress(f"distill {label}", key=reports.artifact_key("progress", "distill-tm", label))
+    progress = reports.prefect_progress(f"distill {label}", key=reports.ui_key("progress", "distill-tm", label))
     result = match_trajectories(
         cfg, trajectories, train_x, train_y, num_classes=len(names),
         work_dir=work_dir(store, STAGE, run_key(store, cfg, experts, dataset)), device=task_device(), progress=progress,
@@ -137,7 +137,7 @@ def _report(result: MatchResult, previews, names: list[str], label: str) -> None
         f"## Distilled images ({label})\nOne row per class ({', '.join(names[:10])}{'...' if len(names) > 10 else ''}), "
         f"learned lr {result.lr:.5g}.\n\n" + reports.png_markdown(image_grid_png(previews, result.labels), "images")
         + "\n## Matching loss\n" + reports.png_markdown(loss_curve_png(result.losses), "matching loss"),
-        key=reports.artifact_key("distill-tm", label),
+        key=reports.ui_key("distill-tm", label),
         description=f"distill-tm {label}: synthetic images and matching-loss curve",
     )
 

@@ -82,12 +82,12 @@ def report_pipeline(rows: list[dict[str, Any]], notes: list[str], name: str, sto
         return {"rows": len(rows), "notes": notes}
 
     art = ArtifactStore(store).publish(STAGE, key, write, config={"name": name}, inputs=inputs)
-    reports.table(rows, key=reports.artifact_key(name, "report"),
+    reports.table(rows, key=reports.ui_key(name, "report"),
                   description=f"{name}: every path and its baselines; accuracy = final epoch, mean and std over "
                   f"seeds; wall time and peak memory summed/maxed over the stages that made it. Data: {art.uri}")
     text = f"# {name}\n\n" + "".join(f"- {n}\n" for n in notes) + "\n" + markdown_table(rows) + "\n\n"
     text += reports.png_markdown(accuracy_bars(rows), "target accuracy per path (blue: method, grey: baseline)")
-    reports.markdown(text, key=reports.artifact_key(name, "report-plot"), description=f"{name}: report and plot")
+    reports.markdown(text, key=reports.ui_key(name, "report-plot"), description=f"{name}: report and plot")
     reports.run_logger().info("\n%s", markdown_table(rows))
     return {"rows": rows, "notes": notes, "report_uri": art.uri}
 

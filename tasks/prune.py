@@ -87,7 +87,7 @@ def surrogate(source: ArtifactRef, cfg: SurrogateConfig, store: str, weights: st
         else:
             device = task_device()
             x, y, _ = preprocessed(source, "train")
-            progress = run_progress("surrogate", reports.artifact_key("progress", "surrogate", key))
+            progress = run_progress("surrogate", reports.ui_key("progress", "surrogate", key))
             start = time.perf_counter()
             net = train_surrogate(cfg, x, y, len(names), device=device, progress=progress)
             origin = {"trained_on": source.uri, "train_images": int(len(y)),
@@ -322,6 +322,6 @@ def report_selection(selections: list[ArtifactRef], name: str, top: int = 10) ->
         seen.add(selector)
         rows += class_table(ref, top)
     if rows:
-        reports.table(rows, key=reports.artifact_key(name, "classes"),
+        reports.table(rows, key=reports.ui_key(name, "classes"),
                       description=f"{name}: top and bottom {top} source classes per method (votes of target images)")
     return rows

@@ -27,11 +27,12 @@ from prefect.artifacts import (
 from tasks.tables import fmt
 
 
-def artifact_key(*parts: Any) -> str:
-    """A Prefect artifact key (lowercase letters, digits, dashes) from free-form parts.
+def ui_key(*parts: Any) -> str:
+    """A Prefect UI artifact key (lowercase letters, digits, dashes) from free-form parts.
 
-    Artifacts with the same key form a history in the UI, so keys name what is reported
-    (e.g. `baseline-cifar10-ipc10`), not the run.
+    Not the store's content hash (`tasks.store.artifact_key`): UI artifacts with the same key
+    form a history in the Prefect UI, so keys name what is reported (e.g.
+    `baseline-cifar10-ipc10`), not the run.
     """
     key = "-".join(str(p) for p in parts if p not in (None, ""))
     key = re.sub(r"[^a-z0-9-]+", "-", key.lower()).strip("-")
@@ -66,6 +67,16 @@ def prefect_progress(
         logger.info("%s %d/%d %s", title, step, total, shown)
 
     return progress
+
+
+def progress(title: str, *parts: Any) -> Callable[..., None] | None:
+    """A progress callback under the UI key ("progress", *parts) inside a flow or task run; None in a
+    plain call (a test, a notebook), where the core simply runs without reporting."""
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    if FlowRunContext.get() is None and TaskRunContext.get() is None:
+        return None
+    return prefect_progress(title, key=ui_key("progress", *parts))
 
 
 def table(rows: list[dict[str, Any]], *, key: str, description: str) -> None:

@@ -130,7 +130,7 @@ def pretrain_weights(
         net = _build(cfg, len(names), shape, seed)
         progress = run_progress(
             f"pretrain {label or dataset.key} seed {seed} ({len(y)} images)",
-            reports.artifact_key("progress", "pretrain", label, "seed", seed),
+            reports.ui_key("progress", "pretrain", label, "seed", seed),
         )
         result = train(net, x, y, cfg.train, device=device, seed=seed, progress=progress)
         source_test = evaluate(net, test_x, test_y, device=device) if len(test_y) else {"acc": float("nan")}
@@ -220,7 +220,7 @@ def transfer_eval(
         train_x, train_y, test_x, test_y = target_tensors(target, shape)
         row: dict[str, Any] = {}
         for mode in cfg.modes:
-            progress = run_progress(f"{mode} {label} seed {seed}", reports.artifact_key("progress", mode, label, "seed", seed))
+            progress = run_progress(f"{mode} {label} seed {seed}", reports.ui_key("progress", mode, label, "seed", seed))
             if mode == "linear_probe":
                 r = linear_probe(net, train_x, train_y, test_x, test_y, cfg.linear_probe,
                                  device=device, seed=seed, progress=progress)
@@ -348,14 +348,14 @@ def report_transfer(rows: list[dict[str, Any]], name: str, store: str) -> dict[s
         return {"rows": len(rows), "summary": summary}
 
     art = st.publish(METRICS_STAGE, key, write, config={"name": name}, inputs=sorted(r["transfer_key"] for r in rows))
-    reports.table(summary, key=reports.artifact_key(name, "summary"),
+    reports.table(summary, key=reports.ui_key(name, "summary"),
                   description=f"{name}: target accuracy (final epoch), mean and std over seeds. Metrics: {art.uri}")
     from tasks.tables import markdown_table
 
     reports.markdown(
         "## Target accuracy vs pruning ratio\nMean and std over seeds; dashed: full-source pretraining, "
         "dotted: no pretraining.\n\n" + reports.png_markdown(png, "accuracy vs ratio") + "\n" + markdown_table(summary),
-        key=reports.artifact_key(name, "plot"),
+        key=reports.ui_key(name, "plot"),
     )
     return {"summary": summary, "metrics_uri": art.uri}
 

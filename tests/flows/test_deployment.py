@@ -112,7 +112,7 @@ def test_deployment_run_baseline_tiny(deployed):
     stages = _artifacts(store)
     assert len(stages["dataset"]) == 1 and len(stages["random-real"]) == 1
     assert len(stages["eval"]) == 2  # num_models in the tiny preset
-    assert len(stages["metrics"]) == 1
+    assert len(stages["eval-metrics"]) == 1
     subset = store / "random-real" / stages["random-real"][0]
     assert (subset / "README.md").exists() and (subset / "preprocessor.safetensors").exists()
     assert not [p for p in (store / "eval").iterdir() if p.name.startswith(".tmp")]

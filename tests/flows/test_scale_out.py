@@ -166,8 +166,8 @@ def test_baseline_flow_writes_every_stage_to_s3(s3_env, prefect_server):
     from tasks.store import ArtifactStore
 
     store = ArtifactStore(f"s3://{BUCKET}/flow")
-    stages = {stage: store.list(stage) for stage in ("dataset", "random-real", "eval", "metrics")}
-    assert len(stages["dataset"]) == 1 and len(stages["random-real"]) == 1 and len(stages["metrics"]) == 1
+    stages = {stage: store.list(stage) for stage in ("dataset", "random-real", "eval", "eval-metrics")}
+    assert len(stages["dataset"]) == 1 and len(stages["random-real"]) == 1 and len(stages["eval-metrics"]) == 1
     assert len(stages["eval"]) == 2, stages  # num_models in the tiny preset
     for stage, keys in stages.items():
         for key in keys:

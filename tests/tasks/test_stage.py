@@ -1,0 +1,136 @@
+"""The `@stage` decorator: key, hit shortcut, typed manifest, work directory, retries; and the store keys
+every stage computes, pinned to the values the hand-written tasks computed before it (cache compatibility)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from prefect import flow
+
+from distill.data import DataConfig
+from distill.evaluate import EvalConfig
+from tasks.artifacts import ArtifactRef
+from tasks.stage import Key, Manifest, Publish, RowsInfo, StageInfo, StageRun, stage, stage_key
+from tasks.store import ArtifactStore, artifact_key
+
+CALLS: list[str] = []
+
+
+class ToyInfo(StageInfo):
+    rows: int
+    total: int
+    note: str | None = None
+
+
+def toy_key(values: list[int], upstream: ArtifactRef) -> Key:
+    return Key({"values": values}, [upstream.key])
+
+
+@stage("toy", key=toy_key, task_name="toy-sum")
+def toy(values: list[int], upstream: ArtifactRef, store: str, run: StageRun, scale: int = 1) -> Publish:
+    CALLS.append(run.key)
+    work = run.work_dir()
+    (work / "partial.txt").write_text("half done")
+
+    def write(staging) -> ToyInfo:
+        with staging.fs.open_output_stream(staging.file("sum.txt")) as f:
+            f.write(str(sum(values) * scale).encode())
+        return ToyInfo(rows=len(values), total=sum(values) * scale)
+
+    return Publish(write, seeds={"toy": 0})
+
+
+@pytest.fixture
+def upstream(tmp_path) -> ArtifactRef:
+    return ArtifactRef(store=str(tmp_path), stage="dataset", key="0123456789abcdef")
+
+
+def test_a_miss_runs_the_body_and_publishes_a_typed_manifest_that_names_its_key(tmp_path, upstream):
+    CALLS.clear()
+    ref = toy.fn([1, 2, 3], upstream, str(tmp_path))
+    assert ref == ArtifactRef(store=str(tmp_path), stage="toy", key=CALLS[0])
+    manifest = ArtifactStore(str(tmp_path)).manifest("toy", ref.key)
+    # the manifest records exactly what the key hashes: anyone can recompute the key from it
+    assert artifact_key("toy", manifest["config"], manifest["inputs"], manifest["format_version"]) == ref.key
+    assert manifest["inputs"] == [upstream.key] and manifest["seeds"] == {"toy": 0}
+    assert "note" not in manifest, "fields the writer did not set stay out of the manifest"
+    assert ToyInfo.of(ref) == ToyInfo(rows=3, total=6) and RowsInfo.of(ref).rows == 3
+    assert Manifest.of(ref).files["sum.txt"].bytes == 1 and Manifest.of(ref).cost_s() >= 0
+    assert not (tmp_path / ".work" / "toy" / ref.key).exists(), "the work directory goes once published"
+    assert stage_key(toy, values=[1, 2, 3], upstream=upstream) == ref.key
+
+
+def test_a_hit_returns_at_once_and_other_parameters_do_not_change_the_key(tmp_path, upstream):
+    CALLS.clear()
+    first = toy.fn([4, 5], upstream, str(tmp_path))
+    again = toy.fn([4, 5], upstream, str(tmp_path), scale=10)  # scale is not part of the key: same artifact
+    assert again == first and len(CALLS) == 1
+    assert toy.fn([4, 6], upstream, str(tmp_path)) != first and len(CALLS) == 2
+
+
+def test_misdeclared_stages_are_refused_when_defined():
+    with pytest.raises(TypeError, match=r"takes \['cfg'\], which are not parameters of the task; valid names"):
+        stage("bad", key=lambda cfg: Key(cfg))(lambda values, store, run: None)
+    with pytest.raises(TypeError, match="must take `store`"):
+        stage("bad", key=lambda values: Key(values))(lambda values, run: None)
+
+
+def test_a_writer_must_return_typed_manifest_fields(tmp_path):
+    @stage("loose", key=lambda n: Key({"n": n}))
+    def loose(n: int, store: str, run: StageRun) -> Publish:
+        return Publish(lambda staging: {"rows": n})
+
+    with pytest.raises(TypeError, match="returned dict, expected a StageInfo model"):
+        loose.fn(1, str(tmp_path))
+    assert ArtifactStore(str(tmp_path)).list("loose") == []
+
+
+ATTEMPTS = itertools.count()
+
+
+@stage("flaky", key=lambda kind: Key({"kind": kind}), retry_delay_s=0)
+def flaky(kind: str, store: str, run: StageRun) -> Publish:
+    next(ATTEMPTS)
+    raise ValueError("bad input") if kind == "value" else OSError("lost the worker's disk")
+
+
+@flow(name="stage-retries")
+def _retries(kind: str, store: str) -> None:
+    flaky(kind, store)
+
+
+@pytest.mark.parametrize(("kind", "error", "attempts"), [("value", ValueError, 1), ("io", OSError, 2)])
+def test_crashes_are_retried_once_and_bad_input_is_not(prefect_server, tmp_path, kind, error, attempts):
+    global ATTEMPTS
+    ATTEMPTS = itertools.count()
+    with pytest.raises(error):
+        _retries(kind, str(tmp_path))
+    assert next(ATTEMPTS) == attempts
+
+
+# ---------------------------------------------------------------- pinned keys
+# Computed by the hand-written `_key_of` adapters before the tasks became @stage bodies
+# (commit 366e12d); a config whose JSON changes must bump the format version instead.
+
+EVAL = EvalConfig(net_kwargs={"width": 8, "depth": 1}, num_models=2)
+
+
+def _refs(store: str) -> dict[str, ArtifactRef]:
+    keys = {"dataset": "0123456789abcdef", "target": "fedcba9876543210", "experts": "1111111111111111",
+            "distill-tm": "2222222222222222", "ssl-teacher": "3333333333333333", "krr-st": "4444444444444444",
+            "surrogate": "5555555555555555", "pretrain": "6666666666666666"}
+    return {name: ArtifactRef(store=store, stage="dataset" if name == "target" else name, key=key)
+            for name, key in keys.items()}
+
+
+def test_dataset_and_evaluation_keys_are_unchanged(tmp_path):
+    from tasks.datasets import materialize_dataset
+    from tasks.evaluation import evaluate_distilled, random_subset
+
+    r = _refs(str(tmp_path))
+    data = DataConfig(source="hub:nonexistent/never-on-disk", image_size=16, classes=[0, 1, 2], train_per_class=20)
+    assert stage_key(materialize_dataset, data=data) == "ee10167472e6289a"
+    assert stage_key(random_subset, dataset=r["dataset"], ipc=2, seed=1, eval=EVAL) == "b7562f609e5e92a7"
+    assert stage_key(evaluate_distilled, distilled=r["distill-tm"], dataset=r["dataset"], eval=EVAL,
+                     seed=3) == "0ba29e02a4302a60"
