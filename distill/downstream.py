@@ -37,6 +37,7 @@ from torch.utils.data import Dataset
 from distill.data import DataConfig, DataError
 from distill.formats import DISTILLED_DATA_FILE, PREPROCESSOR_FILE, FormatError, read_distilled, read_image_dataset
 from distill.krr import TransferConfig
+from distill.manifest import IntegrityError, verify_folder
 from distill.train import TrainConfig
 from distill.transforms import Preprocessor
 
@@ -178,8 +179,16 @@ def _from_image_folder(root: Path) -> DistilledDataset:
     )
 
 
-def load_distilled(path_or_repo: str | os.PathLike[str], *, revision: str | None = None) -> DistilledDataset:
-    """Load a distilled or pruned dataset from a folder, or from a hub dataset repository `owner/name`."""
+def load_distilled(
+    path_or_repo: str | os.PathLike[str], *, revision: str | None = None, verify: bool = True
+) -> DistilledDataset:
+    """Load a distilled or pruned dataset from a folder, or from a hub dataset repository `owner/name`.
+
+    With `verify` (the default) the folder must carry the `manifest.json` it was published
+    with, sealed by its digest, and every file it lists must match its size and sha256: a
+    flipped bit or a missing manifest is an error, not a silently different training set.
+    `verify=False` loads whatever is there, for users who know why.
+    """
     ref = str(path_or_repo)
     root = Path(ref).expanduser()
     if not root.exists():
@@ -189,6 +198,11 @@ def load_distilled(path_or_repo: str | os.PathLike[str], *, revision: str | None
             raise DataError(f"{ref}: no such folder (and not a hub dataset name of the form owner/name)")
     if root.is_file():
         root = root.parent
+    if verify:
+        try:
+            verify_folder(str(root), "hash")
+        except IntegrityError as e:
+            raise DataError(f"{e} (to load it anyway: verify=False, or --no-verify)") from e
     if (root / DISTILLED_DATA_FILE).exists():
         try:
             s = read_distilled(str(root))

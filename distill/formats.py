@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import numbers
 import posixpath
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ import yaml
 from PIL import Image
 
 from distill.fsio import FORMAT_VERSION, fs_path, read_bytes, write_bytes
-from distill.transforms import safetensors_bytes
+from distill.transforms import Preprocessor, safetensors_bytes
 
 
 # Like datasets' Parquet builder: row groups of at most 10,000 rows, and fewer when rows
@@ -375,6 +376,60 @@ or `distill.formats.read_distilled(path)`.
     return f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n{body}"
 
 
+class PublishError(ValueError):
+    """A distilled set that must not be published: non-finite, exploded or degenerate values."""
+
+
+# How far synthetic pixels may leave the real data's own range (in the model's input space)
+# before the set counts as diverged. Trajectory matching legitimately pushes pixels beyond
+# the real range (MTT's images are unconstrained), typically by a small factor; values 50x
+# outside it come from an exploded image learning rate, not from learning.
+MAX_PIXEL_RANGE_FACTOR = 50.0
+
+
+def check_publishable(
+    pixels: torch.Tensor,
+    preprocessor_config: dict,
+    preprocessor_tensors: dict[str, torch.Tensor],
+    *,
+    soft_labels: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
+    learned_lr: float | None = None,
+    max_range_factor: float = MAX_PIXEL_RANGE_FACTOR,
+) -> None:
+    """Refuse a distilled set that would train badly or not at all; raises `PublishError`.
+
+    Checked: every value finite (pixels, soft labels, targets); the learned lr finite and > 0;
+    pixels within `max_range_factor` times the largest magnitude that real images reach in
+    the same input space; no image constant (a flat image carries no signal).
+    """
+    for name, x in (("pixels", pixels), ("soft labels", soft_labels), ("targets", targets)):
+        if x is not None and not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            raise PublishError(f"{name}: {bad} of {x.numel()} values are NaN or infinite; the run diverged "
+                               "(lower the image learning rate, or enable rollback on divergence)")
+    if learned_lr is not None and not (math.isfinite(learned_lr) and learned_lr > 0):
+        raise PublishError(f"learned lr {learned_lr!r} is not a positive finite number; "
+                           "lower lr_lr (the learning rate of the learned lr) or fix it with learn_lr off")
+    c, h, w = pixels.shape[1:]
+    probe = torch.stack([torch.zeros(c, h, w), torch.full((c, h, w), 255.0),
+                         torch.randint(0, 256, (c, h, w), generator=torch.Generator().manual_seed(0)).float()])
+    pre = Preprocessor.from_state(preprocessor_config, preprocessor_tensors)
+    scale = float(pre(probe.to(torch.uint8)).abs().max())
+    peak = float(pixels.abs().max()) if pixels.numel() else 0.0
+    if peak > max_range_factor * scale:
+        raise PublishError(
+            f"pixels reach {peak:.3g}, over {max_range_factor:g}x the largest value real images take in "
+            f"this input space ({scale:.3g}): the images exploded; lower the image learning rate (lr_img)"
+        )
+    flat = pixels.detach().reshape(len(pixels), -1).double()
+    spread = flat.max(1).values - flat.min(1).values
+    if len(pixels) and bool((spread <= 1e-6 * max(scale, 1e-12)).any()):
+        idx = torch.nonzero(spread <= 1e-6 * max(scale, 1e-12)).flatten().tolist()
+        raise PublishError(f"image(s) {idx[:10]} are constant: a flat image carries no signal "
+                           "(check the initialization and the image learning rate)")
+
+
 def write_distilled(
     path_dir: str,
     *,
@@ -404,6 +459,8 @@ def write_distilled(
         )
     _check_rows("soft_labels", soft_labels, n)
     _check_rows("targets", targets, n)
+    check_publishable(pixels, preprocessor_config, preprocessor_tensors,
+                      soft_labels=soft_labels, targets=targets, learned_lr=learned_lr)
 
     flat = pa.array(pixels.detach().cpu().contiguous().reshape(-1).numpy())
     for size in reversed(shape):
@@ -475,8 +532,12 @@ def read_distilled(path_dir: str, *, filesystem: pafs.FileSystem | None = None) 
         tensors = safetensors.torch.load(read_bytes(filesystem, posixpath.join(path_dir, PREPROCESSOR_FILE)))
     except (OSError, safetensors.SafetensorError) as e:
         raise FormatError(f"{posixpath.join(path_dir, PREPROCESSOR_FILE)}: unreadable ({e})") from e
+    pixels = _as_tensor(_lists_to_numpy(path, table, "pixels", tuple(shape)))
+    for name, x in (("pixels", pixels), *optional.items()):
+        if not bool(torch.isfinite(x).all()):
+            raise FormatError(f"{path}: column {name!r} holds NaN or infinite values; refusing to load it")
     return DistilledSet(
-        pixels=_as_tensor(_lists_to_numpy(path, table, "pixels", tuple(shape))),
+        pixels=pixels,
         labels=_as_tensor(_labels(path, table)).long(),
         class_names=list(meta["class_names"]),
         soft_labels=optional.get("soft_label"),

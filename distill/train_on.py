@@ -3,6 +3,7 @@
     python -m distill.train_on artifacts/random-real/<key> --data ../shared/data/cifar10
     python -m distill.train_on ARTIFACT --arch resnet18 --seeds 0 1 2 --out metrics.parquet
     python -m distill.train_on user/distilled-cifar10        # a hub dataset repository
+    python -m distill.train_on artifacts/pruned/<key> --data ../shared/data/tiny-imagenet-200 --test-split valid
 
 What the artifact carries decides the recipe: its pixels are already in the model's input
 space, real test images go through the stored normalization or ZCA, the learned lr replaces
@@ -11,6 +12,9 @@ cross-entropy on soft labels, or, for a regression-target set (KRR-ST), MSE pret
 followed by a linear probe and a full fine-tune on the real data's train split. `--arch`
 trains another architecture under the same recipe (cross-architecture generalization).
 Accuracy is the final epoch's, per seed, with mean and std; the last line is JSON.
+The artifact is verified against its `manifest.json` (sizes and sha256) before anything is
+read; `--no-verify` skips that for a folder you trust. Bad arguments end with one line on
+stderr and exit code 2, before any training.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from typing import Any
 
 import torch
@@ -26,8 +31,28 @@ from distill.data import DataError
 from distill.downstream import DistilledDataset, load_distilled
 from distill.evaluate import EvalConfig, evaluate_set, summarize
 from distill.krr import TransferConfig, pretrained_backbone, transfer
-from distill.nets import list_nets, net_arg_problem
+from distill.nets import create_net, list_nets, net_arg_problem
 from distill.utils import resolve_device
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object such as '{{\"width\": 64}}', got {text!r}")
+    return value
+
 
 def _net(ds: DistilledDataset, arch: str | None, net_kwargs: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
     name, kwargs = ds.net
@@ -38,6 +63,14 @@ def _net(ds: DistilledDataset, arch: str | None, net_kwargs: dict[str, Any] | No
     problem = net_arg_problem(name, kwargs)
     if problem:
         raise DataError(problem)
+    channels, size = int(ds.pixels.shape[1]), int(ds.pixels.shape[-1])
+    try:  # a trial build, so a bad value (width "x", depth 0) is one clear line before any training
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about zero-element tensors before it fails
+            create_net(name, num_classes=max(len(ds.class_names), 1), channels=channels, image_size=size, **kwargs)
+    except (TypeError, ValueError, ZeroDivisionError, RuntimeError) as e:
+        raise DataError(f"net {name!r} cannot be built with {json.dumps(kwargs)} for {channels}x{size}x{size} "
+                        f"images: {type(e).__name__}: {e}") from None
     return name, kwargs
 
 
@@ -78,12 +111,22 @@ def train_targets(
 def run(
     artifact: str, *, data: str | None = None, arch: str | None = None, net_kwargs: dict[str, Any] | None = None,
     seeds: list[int] = (0,), epochs: int | None = None, device: str | None = None,
+    test_split: str | None = None, verify: bool = True,
 ) -> dict[str, Any]:
     """Train one network per seed on `artifact`; returns per-seed rows and the summary."""
-    ds = load_distilled(artifact)
+    if epochs is not None and epochs < 1:
+        raise DataError(f"epochs must be >= 1 (got {epochs}); leave it out to use the set's recipe")
+    if not seeds:
+        raise DataError("give at least one seed")
+    ds = load_distilled(artifact, verify=verify)
     net, kwargs = _net(ds, arch, net_kwargs)
     dev = resolve_device(device)
-    ds.data_config(data)  # fails now, not after training, when no real data can be found
+    cfg = ds.data_config(data)  # fails now, not after training, when no real data can be found
+    if test_split is not None:
+        if test_split == cfg.train_split:
+            raise DataError(f"--test-split {test_split!r} is the training split; testing on it measures nothing")
+        ds.provenance = {**ds.provenance, "data": {**(ds.provenance.get("data") or {"source": cfg.source,
+                                                    "image_size": cfg.image_size}), "test_split": test_split}}
     if ds.kind == "targets":
         rows = [train_targets(ds, data, net=net, net_kwargs=kwargs, seed=s, epochs=epochs, device=dev) for s in seeds]
     else:
@@ -104,9 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("artifact", help="artifact folder (distilled or image-dataset format) or hub repo owner/name")
     parser.add_argument("--data", help="real dataset the set was made from (for its test split); default: recorded")
     parser.add_argument("--arch", help=f"train another architecture; one of {', '.join(list_nets())}")
-    parser.add_argument("--net-kwargs", type=json.loads, help='constructor kwargs as JSON, e.g. \'{"width": 64}\'')
+    parser.add_argument("--net-kwargs", type=_json_object, help='constructor kwargs as JSON, e.g. \'{"width": 64}\'')
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one fresh network per seed")
-    parser.add_argument("--epochs", type=int, help="override the recipe's epochs (e.g. a quick check)")
+    parser.add_argument("--epochs", type=_positive_int, help="override the recipe's epochs (e.g. a quick check)")
+    parser.add_argument("--test-split", help="split of the real data to test on (default: the recorded one, "
+                        "usually 'test'; Tiny-ImageNet's is 'valid')")
+    parser.add_argument("--no-verify", action="store_true", help="skip checking the artifact against its manifest")
     parser.add_argument("--device", default="auto", help='"auto", "cpu", "cuda" or "cuda:N"')
     parser.add_argument("--out", help="also write the per-seed rows as a metrics Parquet file")
     args = parser.parse_args(argv)
@@ -114,9 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown architecture {args.arch!r}; valid: {', '.join(list_nets())}")
     try:
         result = run(args.artifact, data=args.data, arch=args.arch, net_kwargs=args.net_kwargs,
-                     seeds=args.seeds, epochs=args.epochs, device=args.device)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
+                     seeds=args.seeds, epochs=args.epochs, device=args.device,
+                     test_split=args.test_split, verify=not args.no_verify)
+    except (DataError, ValueError) as e:  # pydantic's ValidationError is a ValueError
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     for row in result["rows"]:
         print(json.dumps(row))

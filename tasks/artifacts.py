@@ -14,9 +14,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from pyarrow.fs import LocalFileSystem
 from pydantic import BaseModel, ConfigDict
 
-from tasks.store import Artifact, ArtifactStore, StoreError, safe_member_name
+from distill.manifest import IntegrityError, safe_member_name, verify_files
+from tasks.store import Artifact, ArtifactStore, StoreError, cache_hit_level
 
 
 class ArtifactRef(BaseModel):
@@ -59,12 +61,19 @@ def _local_copy(art: Artifact) -> Path:
     """
     files = art.manifest["files"]
     where = f"artifact {art.stage}/{art.key} at {art.uri}"
-    for name in files:
-        safe_member_name(name, where)
+    try:
+        for name in files:
+            safe_member_name(name, where)
+    except IntegrityError as e:
+        raise StoreError(str(e)) from e
     digest = hashlib.sha256(repr(sorted((n, e["sha256"]) for n, e in files.items())).encode()).hexdigest()[:16]
     dest = _cache_root() / art.stage / f"{art.key}-{digest}"
     if dest.exists():
-        return dest
+        try:
+            verify_files(LocalFileSystem(), str(dest), art.manifest, str(dest), cache_hit_level())
+            return dest
+        except IntegrityError:  # a damaged cache copy is dropped and fetched again
+            shutil.rmtree(dest, ignore_errors=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".tmp-"))
     try:

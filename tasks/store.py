@@ -7,7 +7,11 @@ uses the same key (`store_cache_key_fn`), never hashes of tensors.
 Publishing writes into a temporary sibling `.tmp-<key>-<uuid>`, hashes every file, writes
 `manifest.json` last and renames the directory into place, so an artifact appears whole
 or not at all: a directory without a manifest does not exist, whatever it holds (a killed
-writer leaves only a `.tmp-*` directory, which `gc_tmp` removes). On a local disk the
+writer leaves only a `.tmp-*` directory, which `gc_tmp` removes).
+Every manifest is sealed with its own digest, and every read checks it: a cache hit checks
+the files' sizes (`DISTILLERY_VERIFY=hash` for every byte), an opened input every byte, and
+a broken artifact counts as missing, so it is recomputed and replaced, never reused.
+`python -m tasks.store verify|gc|rm` checks and tidies a whole store. On a local disk the
 rename is atomic and exactly one of several racing writers wins. Object stores (s3://,
 gs://, memory://) cannot rename atomically, so the files are copied into place first and
 the manifest last; racing writers of one key there end with the last one's files, which
@@ -36,6 +40,7 @@ import sys
 import tempfile
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path, PurePath
@@ -46,6 +51,18 @@ import pyarrow.fs as pafs
 from pydantic import BaseModel
 
 from distill.fsio import FORMAT_VERSION, read_json, write_json
+from distill.manifest import (
+    DIGEST_FIELD,
+    MANIFEST,
+    VERIFY_LEVELS,
+    IntegrityError,
+    VerifyLevel,
+    read_manifest,
+    safe_member_name,
+    seal,
+    sha256_of,
+    verify_files,
+)
 
 __all__ = [
     "FORMAT_VERSION", "SUPPORTED_SCHEMES", "StoreError", "Staging", "Artifact", "ArtifactStore",
@@ -54,8 +71,6 @@ __all__ = [
 
 # "file" and bare paths are local; the rest go through fsspec (s3 needs s3fs, gs gcsfs, ...).
 SUPPORTED_SCHEMES = ("file", "memory", "s3", "gs", "gcs", "az", "abfs", "hdfs")
-MANIFEST = "manifest.json"
-_CHUNK = 1 << 20  # bytes per read while hashing: constant memory for any file size
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -63,28 +78,16 @@ class StoreError(RuntimeError):
     """A missing, incomplete or corrupt artifact, or an unusable store URI."""
 
 
-def safe_member_name(name: Any, where: str) -> str:
-    """`name` if it is a plain relative path inside an artifact directory, else a `StoreError`.
+def cache_hit_level() -> VerifyLevel:
+    """How much a cache hit checks before it is trusted (`DISTILLERY_VERIFY`, default "size").
 
-    Whoever can write a manifest also writes its hashes, so hashes cannot protect readers
-    from the file names: a name that is absolute, climbs with '..', is not in normal form,
-    uses backslashes or control characters, or names the manifest itself could make a reader
-    (the remote-store cache copy above all) read or write outside the artifact.
+    Sizes catch truncation and missing files for one stat per file; "hash" also reads every
+    byte (bit flips), which costs a full read of large trajectory sets on every re-run.
     """
-    problem = None
-    if not isinstance(name, str) or not name:
-        problem = "not a non-empty string"
-    elif name.startswith("/") or re.match(r"^[A-Za-z]:", name):
-        problem = "an absolute path"
-    elif "\\" in name or any(ord(c) < 32 or ord(c) == 127 for c in name):
-        problem = "contains a backslash or a control character"
-    elif any(part in ("", ".", "..") for part in name.split("/")):
-        problem = "not a normalized relative path (empty, '.' or '..' component)"
-    elif name == MANIFEST:
-        problem = f"the store's own {MANIFEST}"
-    if problem:
-        raise StoreError(f"{where}: refusing file name {name!r} in the manifest: {problem}")
-    return name
+    level = os.environ.get("DISTILLERY_VERIFY", "size")
+    if level not in VERIFY_LEVELS:
+        raise StoreError(f"DISTILLERY_VERIFY={level!r} is not a verify level; valid: {', '.join(VERIFY_LEVELS)}")
+    return level  # type: ignore[return-value]
 
 
 def _jsonable(obj: Any) -> Any:
@@ -158,21 +161,6 @@ def _peak_rss_mb() -> float:
     return round(rss / (2**20 if sys.platform == "darwin" else 1024), 1)
 
 
-def _sha256(fs: pafs.FileSystem, path: str) -> str:
-    digest = hashlib.sha256()
-    with fs.open_input_stream(path) as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _escapes(root: str, name: str) -> bool:
-    """True when `root/name` is a symbolic link or resolves outside `root` (a planted link)."""
-    path = os.path.join(root, name)
-    return os.path.islink(path) or os.path.commonpath(
-        [os.path.realpath(root), os.path.realpath(path)]) != os.path.realpath(root)
-
-
 def _files(fs: pafs.FileSystem, root: str) -> list[pafs.FileInfo]:
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
@@ -239,54 +227,71 @@ class ArtifactStore:
                 raise StoreError(f"invalid {what} {name!r}: use letters, digits, '_', '.', '-'")
         return posixpath.join(self.root, stage, key)
 
-    def exists(self, stage: str, key: str) -> bool:
+    def exists(self, stage: str, key: str, *, level: VerifyLevel | None = None) -> bool:
+        """Whether a complete, intact artifact is there: its manifest present and sealed, and its
+        files checked at `level` (default `cache_hit_level()`, sizes). A broken artifact does not
+        exist: `publish` replaces it, and a cached task recomputes it."""
+        return self.problem(stage, key, level=level) is None
+
+    def problem(self, stage: str, key: str, *, level: VerifyLevel | None = None) -> str | None:
+        """None for an intact artifact, else what is wrong with it ("missing" when never published)."""
+        level = level or cache_hit_level()
         path = posixpath.join(self._dir(stage, key), MANIFEST)
-        return self.fs.get_file_info(path).type == pafs.FileType.File
+        if self.fs.get_file_info(path).type != pafs.FileType.File:
+            return "missing"
+        try:
+            self.open(stage, key, verify=level)
+        except StoreError as e:
+            return str(e)
+        return None
 
     def manifest(self, stage: str, key: str) -> dict:
-        path = posixpath.join(self._dir(stage, key), MANIFEST)
-        try:
-            manifest = read_json(self.fs, path)
-        except FileNotFoundError as e:
-            raise StoreError(
-                f"no artifact {stage}/{key} in {self.uri}: {MANIFEST} is missing "
-                "(never published, or its writer has not finished or was killed)"
-            ) from e
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise StoreError(f"{self.uri_of(stage, key)}/{MANIFEST}: not valid JSON ({e})") from e
-        identity = (manifest.get("stage"), manifest.get("key"))
-        if identity != (stage, key) or not isinstance(manifest.get("files"), dict):
-            raise StoreError(
-                f"{self.uri_of(stage, key)}/{MANIFEST}: bad manifest (wrong stage/key or no files)"
-            )
+        """The artifact's manifest, checked: sealed by its digest, identity, safe file names."""
         where = f"artifact {stage}/{key} in {self.uri}"
-        for name, entry in manifest["files"].items():
-            safe_member_name(name, where)
-            if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
-                    and isinstance(entry.get("bytes"), int) and entry["bytes"] >= 0):
-                raise StoreError(f"{where}: manifest entry for {name!r} lacks a sha256 and a byte count")
+        try:
+            manifest = read_manifest(self.fs, self._dir(stage, key), where, missing=(
+                f"no artifact {stage}/{key} (never published, or its writer has not finished or was killed)"))
+        except IntegrityError as e:
+            raise StoreError(str(e)) from e
+        if (manifest.get("stage"), manifest.get("key")) != (stage, key):
+            raise StoreError(f"{where}: its {MANIFEST} names another artifact "
+                             f"({manifest.get('stage')}/{manifest.get('key')})")
         return manifest
 
-    def open(self, stage: str, key: str, *, verify: bool = True) -> Artifact:
-        """The artifact; with `verify`, every file's size and sha256 are checked first."""
+    def open(self, stage: str, key: str, *, verify: bool | VerifyLevel = True) -> Artifact:
+        """The artifact, its manifest checked; `verify` (True = "hash", "size", False = "none")
+        also checks every listed file first."""
+        level: VerifyLevel = "hash" if verify is True else "none" if verify is False else verify
         manifest = self.manifest(stage, key)
         art = Artifact(stage, key, self.uri_of(stage, key), self.fs, self._dir(stage, key), manifest)
-        if verify:
-            for name, expected in art.manifest["files"].items():
-                self._verify_file(art, name, expected)
+        try:
+            verify_files(self.fs, art.path, manifest, art.uri, level)
+        except IntegrityError as e:
+            raise StoreError(str(e)) from e
         return art
 
-    def _verify_file(self, art: Artifact, name: str, expected: dict) -> None:
-        where = f"{art.uri}/{name}"
-        if self.local and _escapes(art.path, name):
-            raise StoreError(f"{where}: is or passes through a symbolic link; refusing to follow it")
-        info = self.fs.get_file_info(art.file(name))
-        if info.type != pafs.FileType.File:
-            raise StoreError(f"{where}: listed in the manifest but missing")
-        if info.size != expected["bytes"]:
-            raise StoreError(f"{where}: size {info.size} bytes, manifest says {expected['bytes']}")
-        if _sha256(self.fs, art.file(name)) != expected["sha256"]:
-            raise StoreError(f"{where}: sha256 does not match the manifest (file corrupted or modified)")
+    def remove(self, stage: str, key: str) -> bool:
+        """Take an artifact (intact or broken) out of the store; False when there was none.
+
+        The manifest goes first, so from that moment no reader takes the rest for an artifact;
+        on a local disk the directory is renamed aside in one step before it is deleted.
+        """
+        final = self._dir(stage, key)
+        if self.fs.get_file_info(final).type == pafs.FileType.NotFound:
+            return False
+        if self.local:
+            aside = posixpath.join(self.root, stage, f".tmp-removed-{key}-{uuid.uuid4().hex}")
+            try:
+                os.rename(final, aside)
+            except FileNotFoundError:
+                return False  # someone else removed it first
+            self.fs.delete_dir(aside)
+            return True
+        manifest = posixpath.join(final, MANIFEST)
+        if self.fs.get_file_info(manifest).type == pafs.FileType.File:
+            self.fs.delete_file(manifest)
+        self.fs.delete_dir(final)
+        return True
 
     def list(self, stage: str) -> list[str]:
         """Keys of the complete artifacts of a stage."""
@@ -312,21 +317,26 @@ class ArtifactStore:
         nothing becomes visible. Racing writers of one key return the same winner.
         """
         final = self._dir(stage, key)
-        if self.exists(stage, key):
-            return self.open(stage, key)
+        trouble = self.problem(stage, key)
+        if trouble is None:
+            return self.open(stage, key, verify=cache_hit_level())
+        if trouble != "missing":
+            # A broken artifact is treated as missing: replaced by a fresh one, never reused.
+            warnings.warn(f"replacing broken artifact {stage}/{key} in {self.uri}: {trouble}", stacklevel=2)
+            self.remove(stage, key)
         tmp = posixpath.join(self.root, stage, f".tmp-{key}-{uuid.uuid4().hex}")
         self.fs.create_dir(tmp, recursive=True)
         try:
             start = time.time()
             result = write(Staging(self.fs, tmp)) or {}
             manifest = self._manifest(stage, key, tmp, config, inputs, seeds, time.time() - start)
-            clash = set(manifest) & (set(result) | set(extra or {}))
+            clash = (set(manifest) | {DIGEST_FIELD}) & (set(result) | set(extra or {}))
             if clash:
                 raise StoreError(f"writer of {stage}/{key} may not set the manifest keys {sorted(clash)}")
-            manifest = {"rows": None, **_jsonable(extra or {}), **_jsonable(result), **manifest}
+            manifest = seal({"rows": None, **_jsonable(extra or {}), **_jsonable(result), **manifest})
             if self.local:
                 self._rename_into_place(stage, key, tmp, final, manifest)
-            elif not self.exists(stage, key):
+            elif self.problem(stage, key) is not None:
                 self._copy_into_place(tmp, final, manifest)
         finally:
             if self.fs.get_file_info(tmp).type != pafs.FileType.NotFound:
@@ -339,7 +349,7 @@ class ArtifactStore:
             name = posixpath.relpath(info.path, tmp)
             if name == MANIFEST:
                 raise StoreError(f"writer of {stage}/{key} wrote {MANIFEST} itself; the store owns that file")
-            files[name] = {"sha256": _sha256(self.fs, info.path), "bytes": info.size}
+            files[name] = {"sha256": sha256_of(self.fs, info.path), "bytes": info.size}
         return {
             "stage": stage,
             "key": key,
@@ -404,6 +414,90 @@ class ArtifactStore:
         return removed
 
 
+    def stages(self) -> list[str]:
+        """Stage folders under the root (the `.work` checkpoint tree excluded)."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        return sorted(posixpath.basename(i.path) for i in infos
+                      if i.type == pafs.FileType.Directory and _NAME.match(posixpath.basename(i.path)))
+
+    def audit(self, level: VerifyLevel = "hash", stages: Sequence[str] | None = None) -> list[tuple[str, str, str | None]]:
+        """(stage, key, problem or None) for every artifact directory, published or broken.
+
+        Unlike `list`, a directory whose manifest is damaged or missing is reported, not skipped.
+        """
+        rows = []
+        for stage in stages or self.stages():
+            stage_dir = posixpath.join(self.root, stage)
+            infos = self.fs.get_file_info(pafs.FileSelector(stage_dir, allow_not_found=True))
+            for info in sorted(infos, key=lambda i: i.path):
+                key = posixpath.basename(info.path)
+                if info.type == pafs.FileType.Directory and not key.startswith(".") and _NAME.match(key):
+                    rows.append((stage, key, self.problem(stage, key, level=level)))
+        return rows
+
+
+_CLI_DOC = """Check and tidy an artifact store.
+
+    python -m tasks.store verify [--store URI] [--level hash|size] [--stage S ...]
+    python -m tasks.store gc [--store URI] [--older-than-hours 1] [--broken]
+    python -m tasks.store rm STAGE KEY [--store URI]
+
+verify: every artifact against its manifest; lists the broken ones and exits 1 if any.
+gc: removes temporary directories of writers that died (older than the threshold) and,
+with --broken, every artifact that fails verification at size level.
+rm: removes one artifact (manifest first, so no reader sees half of it).
+The store defaults to DISTILLERY_STORE or ./artifacts.
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tasks.store", description=_CLI_DOC,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", help="store URI (default: DISTILLERY_STORE or ./artifacts)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    verify = sub.add_parser("verify", help="verify every artifact; exit 1 when any is broken")
+    verify.add_argument("--level", choices=[v for v in VERIFY_LEVELS if v != "none"], default="hash")
+    verify.add_argument("--stage", action="append", help="only these stages (repeatable)")
+    gc = sub.add_parser("gc", help="remove dead writers' temporary directories (and broken artifacts)")
+    gc.add_argument("--older-than-hours", type=float, default=1.0)
+    gc.add_argument("--broken", action="store_true", help="also remove artifacts that fail a size check")
+    rm = sub.add_parser("rm", help="remove one artifact")
+    rm.add_argument("stage")
+    rm.add_argument("key")
+    args = parser.parse_args(argv)
+    try:
+        store = ArtifactStore(args.store)
+        if args.command == "verify":
+            rows = store.audit(args.level, args.stage)
+            broken = [(st, k, p) for st, k, p in rows if p is not None]
+            for st, k, p in broken:
+                print(f"BROKEN {st}/{k}: {p}")
+            print(f"{len(rows) - len(broken)} intact, {len(broken)} broken artifacts in {store.uri} ({args.level} check)")
+            return 1 if broken else 0
+        if args.command == "gc":
+            if args.older_than_hours < 0:
+                parser.error("--older-than-hours must be >= 0")
+            removed = store.gc_tmp(args.older_than_hours * 3600)
+            for path in removed:
+                print(f"removed {path}")
+            if args.broken:
+                for st, k, p in store.audit("size"):
+                    if p is not None and store.remove(st, k):
+                        print(f"removed broken {st}/{k}: {p}")
+            print(f"gc done: {len(removed)} temporary directories removed from {store.uri}")
+            return 0
+        if not store.remove(args.stage, args.key):
+            print(f"error: no artifact {args.stage}/{args.key} in {store.uri}", file=sys.stderr)
+            return 2
+        print(f"removed {args.stage}/{args.key} from {store.uri}")
+        return 0
+    except StoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 def store_cache_key_fn(
     stage: str, key_of: Callable[[dict], tuple[str, str]]
 ) -> Callable[[Any, dict], str | None]:
@@ -436,3 +530,7 @@ def work_dir(store: str, stage: str, key: str) -> Path:
     path = root / key
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,6 +15,7 @@ import torch
 
 from distill.data import DataError
 from distill.downstream import load_distilled
+from distill.manifest import write_folder_manifest
 from distill.formats import read_metrics, write_distilled, write_image_dataset
 from distill.train_on import run
 from distill.transforms import Preprocessor
@@ -43,6 +44,7 @@ def _write_set(path: Path, *, soft: bool = False, targets: bool = False, lr: flo
         targets=torch.randn(6, 4, generator=g) if targets else None,
         learned_lr=lr,
     )
+    write_folder_manifest(str(path), stage="test")
     return pre
 
 
@@ -74,6 +76,7 @@ def test_image_dataset_folder_loads_with_its_preprocessor(tmp_path):
     write_image_dataset(str(tmp_path / "train.parquet"), images, torch.tensor([0, 1, 0, 1]), ["x", "y"])
     pre = Preprocessor.standard([0.5] * 3, [0.25] * 3)
     pre.save(tmp_path / "preprocessor.safetensors")
+    write_folder_manifest(str(tmp_path))
     ds = load_distilled(tmp_path)
     assert ds.kind == "labels" and ds.class_names == ["x", "y"]
     torch.testing.assert_close(ds.pixels, pre(images))
@@ -81,6 +84,8 @@ def test_image_dataset_folder_loads_with_its_preprocessor(tmp_path):
 
 def test_not_a_dataset_and_unknown_paths_are_clear_errors(tmp_path):
     with pytest.raises(DataError, match="neither a distilled dataset"):
+        load_distilled(tmp_path, verify=False)
+    with pytest.raises(DataError, match="no manifest.json"):
         load_distilled(tmp_path)
     with pytest.raises(DataError, match="no such folder"):
         load_distilled(tmp_path / "missing")
@@ -127,6 +132,7 @@ def test_train_on_matches_classes_by_name_and_trains_another_arch():
                 "train": {"epochs": 2, "batch_size": 8, "augment": "none"}},
         method="test", provenance={"data": {"source": str(cifar), "classes": [3, 5], "test_per_class": 10}},
     )
+    write_folder_manifest(str(out))
     result = run(str(out), arch="resnet18", seeds=[0, 1])
     assert result["summary"]["net"] == "resnet18" and len(result["rows"]) == 2
     assert all(0.0 <= r["test_acc"] <= 1.0 and r["train_images"] == 8 for r in result["rows"])
@@ -150,6 +156,7 @@ def test_train_on_pretrains_a_target_set_and_transfers_to_the_real_data():
                 "transfer": {"linear_probe": quick, "fine_tune": quick}},
         method="krr-st", provenance={"data": data},
     )
+    write_folder_manifest(str(out))
     result = run(str(out), seeds=[0])
     (row,) = result["rows"]
     assert result["summary"]["kind"] == "targets" and row["pretrain_images"] == 6
@@ -182,3 +189,46 @@ def test_a_copied_artifact_alone_reproduces_the_reported_accuracy(prefect_server
     for row in rows:
         # measured: identical on CPU; the margin is for thread-count float noise on other machines
         assert abs(row["test_acc"] - reported[row["seed"]]) <= 0.05, (row, reported)
+
+
+# ---------------------------------------------------------------- integrity and bad arguments (issue 12)
+
+
+def test_a_flipped_bit_or_a_missing_manifest_is_refused_unless_asked(tmp_path):
+    """Old behaviour: load_distilled ignored the manifest, so a flipped pixel bit trained silently."""
+    _write_set(tmp_path / "set")
+    data = next((tmp_path / "set").rglob("train-*.parquet"))
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    data.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="sha256 does not match"):
+        load_distilled(tmp_path / "set")
+    (tmp_path / "set" / "manifest.json").unlink()
+    with pytest.raises(DataError, match="no manifest.json"):
+        load_distilled(tmp_path / "set")
+
+
+def test_no_verify_loads_a_folder_without_manifest(tmp_path):
+    _write_set(tmp_path / "set")
+    (tmp_path / "set" / "manifest.json").unlink()
+    assert len(load_distilled(tmp_path / "set", verify=False)) == 6
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--net-kwargs", '{"width": "x"}'], "width"),
+    (["--net-kwargs", '{"width": 0}'], "width"),
+    (["--net-kwargs", "[1]"], "must be a JSON object"),
+    (["--net-kwargs", "{bad"], "not valid JSON"),
+    (["--epochs", "-1"], "must be >= 1"),
+    (["--epochs", "0"], "must be >= 1"),
+    (["--test-split", "train"], "is the training split"),
+])
+def test_train_on_bad_arguments_are_one_line_and_exit_2(tmp_path, args, message):
+    _write_set(tmp_path / "set")
+    proc = subprocess.run(
+        [sys.executable, "-m", "distill.train_on", str(tmp_path / "set"), "--data", str(tmp_path), *args],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert message in proc.stderr.strip().splitlines()[-1]  # one line says it (argparse prints usage above)

@@ -12,6 +12,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
+
+from distill.transforms import Preprocessor
 import yaml
 
 from distill.fsio import read_json, write_json
@@ -34,14 +36,19 @@ def _images(n: int = 12, c: int = 3, size: int = 8) -> tuple[torch.Tensor, torch
     return torch.randint(0, 256, (n, c, size, size), dtype=torch.uint8, generator=g), torch.arange(n) % len(CLASSES)
 
 
+def _zca() -> Preprocessor:
+    return Preprocessor.fit(_images()[0], zca=True)
+
+
 def _distilled(path, **overrides) -> dict:
     g = torch.Generator().manual_seed(1)
+    pre = _zca()
     args = dict(
         pixels=torch.randn(6, 3, 8, 8, generator=g) * 3,
         labels=torch.tensor([0, 0, 1, 1, 2, 2]),
         class_names=CLASSES,
-        preprocessor_config={"kind": "zca", "zca_reg": 0.1, "normalize": True},
-        preprocessor_tensors={"mean": torch.rand(3), "std": torch.rand(3), "zca": torch.randn(192, 192)},
+        preprocessor_config=pre.config(),
+        preprocessor_tensors=pre.state_dict(),
         recipe={"net": "convnet3", "epochs": 300, "optimizer": "sgd", "momentum": 0.9},
         method="mtt",
         provenance={"source": "cifar10", "experts": "0123456789abcdef", "seed": 0},
@@ -114,8 +121,9 @@ def test_distilled_round_trip_is_exact(tmp_path):
 
 def test_distilled_optional_columns_and_preview(tmp_path):
     previews = torch.full((6, 3, 8, 8), 7, dtype=torch.uint8)
+    plain = Preprocessor.standard([0.5] * 3, [0.25] * 3)
     _distilled(tmp_path / "d", soft_labels=None, targets=None, learned_lr=None, previews=previews,
-               preprocessor_tensors={"mean": torch.zeros(3), "std": torch.ones(3)})
+               preprocessor_config=plain.config(), preprocessor_tensors=plain.state_dict())
     d = read_distilled(str(tmp_path / "d"))
     assert d.soft_labels is None and d.targets is None and d.learned_lr is None
     table = pq.read_table(str(tmp_path / "d" / DISTILLED_DATA_FILE))
@@ -157,10 +165,11 @@ def test_distilled_on_an_fsspec_filesystem():
     g = torch.Generator().manual_seed(2)
     pixels = torch.randn(4, 1, 4, 4, generator=g)
     write_distilled(root, pixels=pixels, labels=torch.tensor([0, 1, 0, 1]), class_names=["a", "b"],
-                    preprocessor_config={}, preprocessor_tensors={}, recipe={}, method="krr_st",
-                    provenance={}, filesystem=fs)
+                    preprocessor_config=Preprocessor.standard([0.5], [0.25]).config(),
+                    preprocessor_tensors=Preprocessor.standard([0.5], [0.25]).state_dict(), recipe={},
+                    method="krr_st", provenance={}, filesystem=fs)
     d = read_distilled(root, filesystem=fs)
-    assert torch.equal(d.pixels, pixels) and d.preprocessor_tensors == {}
+    assert torch.equal(d.pixels, pixels) and sorted(d.preprocessor_tensors) == ["mean", "std"]
 
 
 def test_write_distilled_rejects_bad_shapes(tmp_path):
@@ -235,3 +244,37 @@ def test_wrong_kind_and_version_raise_format_error(tmp_path):
     pq.write_table(table.replace_schema_metadata(meta), path)
     with pytest.raises(FormatError, match="unsupported format version 99"):
         read_metrics(path)
+
+
+# ---------------------------------------------------------------- guards on outputs (issue 12 part 4)
+
+
+def _guarded_write(tmp_path, pixels, **kw):
+    from distill.transforms import Preprocessor
+
+    pre = Preprocessor.fit(torch.randint(0, 256, (8, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)))
+    write_distilled(str(tmp_path / "set"), pixels=pixels, labels=torch.tensor([0, 1]), class_names=["a", "b"],
+                    preprocessor_config=pre.config(), preprocessor_tensors=pre.state_dict(), recipe={},
+                    method="t", provenance={}, **kw)
+
+
+@pytest.mark.parametrize(("mutate", "kw", "message"), [
+    (lambda x: x.index_put_((torch.tensor([0]),), torch.tensor(float("nan"))), {}, "NaN or infinite"),
+    (lambda x: x.mul_(1e30), {}, "exploded"),  # the old code published values up to 7.6e36
+    (lambda x: (x[1].fill_(0.3), x)[1], {}, "constant"),
+    (lambda x: x, {"learned_lr": float("inf")}, "learned lr"),
+    (lambda x: x, {"learned_lr": -0.01}, "learned lr"),
+    (lambda x: x, {"targets": torch.tensor([[1.0], [float("inf")]])}, "targets"),
+])
+def test_write_distilled_refuses_broken_sets_and_writes_nothing(tmp_path, mutate, kw, message):
+    from distill.formats import PublishError
+
+    pixels = mutate(torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(PublishError, match=message):
+        _guarded_write(tmp_path, pixels, **kw)
+    assert not (tmp_path / "set").exists()
+
+
+def test_write_distilled_accepts_pixels_a_few_times_outside_the_real_range(tmp_path):
+    _guarded_write(tmp_path, 5 * torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)), learned_lr=0.01)
+    assert (tmp_path / "set").exists()

@@ -281,11 +281,12 @@ def _plant(store: ArtifactStore, key: str, name: str, payload: bytes = b"planted
     import hashlib
 
     from distill.fsio import read_json, write_json
+    from distill.manifest import seal
 
     path = f"{store.root}/s/{key}/manifest.json"
     manifest = read_json(store.fs, path)
     manifest["files"][name] = {"sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload)}
-    write_json(store.fs, path, manifest)
+    write_json(store.fs, path, seal(manifest))  # an attacker can recompute the digest too
 
 
 @pytest.mark.parametrize("name", [
@@ -346,3 +347,100 @@ def test_symlinked_member_of_a_local_artifact_is_refused(tmp_path):
     member.write_bytes(b"notes")
     with pytest.raises(StoreError, match="symbolic link"):
         store.open("s", "k1")
+
+
+# ---------------------------------------------------------------- broken artifacts (issue 12 part 2-3)
+
+
+def _flip_first_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[0] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def test_edited_manifest_is_detected(tmp_path):
+    store = ArtifactStore(str(tmp_path / "store"))
+    art = store.publish("s", "k1", write_two_files, config=Cfg())
+    path = Path(art.path) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["config"]["lr"] = 1000.0  # acted on downstream if undetected
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="edited or damaged"):
+        store.open("s", "k1", verify=False)
+    assert not store.exists("s", "k1")
+
+
+def test_cache_hit_over_a_truncated_artifact_recomputes(tmp_path):
+    """Old behaviour: a hit only looked for manifest.json, so a truncated file was reused."""
+    store = ArtifactStore(str(tmp_path / "store"))
+    art = store.publish("s", "k1", write_two_files)
+    (Path(art.path) / "data/part-0.bin").write_bytes(b"he")
+    assert store.problem("s", "k1") and "size 2 bytes" in store.problem("s", "k1")
+    assert not store.exists("s", "k1")
+    calls = []
+    with pytest.warns(UserWarning, match="replacing broken artifact"):
+        store.publish("s", "k1", lambda st: calls.append(1) or write_two_files(st))
+    assert calls == [1]
+    assert (Path(store.open("s", "k1").path) / "data/part-0.bin").read_bytes() == b"hello"
+
+
+def test_bit_flip_is_a_hit_at_size_level_and_a_miss_at_hash_level(tmp_path, monkeypatch):
+    store = ArtifactStore(str(tmp_path / "store"))
+    art = store.publish("s", "k1", write_two_files)
+    _flip_first_byte(Path(art.path) / "notes.txt")
+    assert store.exists("s", "k1")  # the cheap default check sees sizes only
+    with pytest.raises(StoreError, match="sha256"):
+        store.open("s", "k1")  # but every read of the files checks every byte
+    monkeypatch.setenv("DISTILLERY_VERIFY", "hash")
+    assert not store.exists("s", "k1")
+    monkeypatch.setenv("DISTILLERY_VERIFY", "bogus")
+    with pytest.raises(StoreError, match="valid: none, size, hash"):
+        store.exists("s", "k1")
+
+
+def test_cache_key_fn_offers_no_key_for_a_broken_artifact(tmp_path):
+    store = ArtifactStore(str(tmp_path / "store"))
+    art = store.publish("s", "k1", write_two_files)
+    fn = store_cache_key_fn("s", lambda p: (store.uri, "k1"))
+    assert fn(None, {}) == "s-k1"
+    (Path(art.path) / "notes.txt").unlink()
+    assert fn(None, {}) is None
+
+
+def test_store_cli_verify_gc_rm(tmp_path):
+    from tasks.store import main
+
+    uri = str(tmp_path / "store")
+    store = ArtifactStore(uri)
+    store.publish("s", "good", write_two_files)
+    bad = store.publish("s", "bad", write_two_files)
+    _flip_first_byte(Path(bad.path) / "notes.txt")
+    stale = Path(uri) / "s" / ".tmp-dead-writer"
+    stale.mkdir()
+    (stale / "part").write_bytes(b"x")
+    os.utime(stale / "part", (time.time() - 7200, time.time() - 7200))
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+
+    assert main(["--store", uri, "verify"]) == 1
+    assert main(["--store", uri, "verify", "--level", "size"]) == 0  # a flip keeps the size
+    assert main(["--store", uri, "gc", "--older-than-hours", "1"]) == 0
+    assert not stale.exists()
+    assert main(["--store", uri, "rm", "s", "bad"]) == 0
+    assert main(["--store", uri, "rm", "s", "bad"]) == 2
+    assert main(["--store", uri, "verify"]) == 0
+    assert store.list("s") == ["good"]
+    out = subprocess.run([sys.executable, "-m", "tasks.store", "--store", uri, "verify"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "1 intact, 0 broken" in out.stdout
+
+
+def test_remote_cache_copy_damaged_locally_is_fetched_again(tmp_path, monkeypatch):
+    from tasks.artifacts import ArtifactRef
+
+    monkeypatch.setenv("DISTILLERY_CACHE", str(tmp_path / "cache"))
+    store = ArtifactStore(f"memory://test-{uuid.uuid4().hex}/store")
+    store.publish("s", "k1", write_two_files)
+    ref = ArtifactRef(store=store.uri, stage="s", key="k1")
+    local = ref.local_dir()
+    (local / "notes.txt").write_bytes(b"no")
+    assert (ref.local_dir() / "notes.txt").read_bytes() == b"notes"
