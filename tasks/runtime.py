@@ -57,6 +57,34 @@ class Resources(BaseModel):
         return float(self.num_gpus)
 
 
+    def check_feasible(self) -> dict[str, float]:
+        """The Ray options for one task, refused up front when no node of the cluster could run it.
+
+        Ray queues an infeasible request forever without an error (a flow asking 4 CPUs of a
+        2-core machine just hangs), so the largest node's CPUs and GPUs are checked here,
+        before any stage starts.
+        """
+        import ray
+
+        gpus = self.resolved_gpus()
+        if not ray.is_initialized():
+            return {"num_gpus": gpus, "num_cpus": self.num_cpus}
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        best_cpu = max((r.get("CPU", 0.0) for r in nodes), default=0.0)
+        best_gpu = max((r.get("GPU", 0.0) for r in nodes), default=0.0)
+        if self.num_cpus > best_cpu:
+            raise ValueError(
+                f"tasks request num_cpus={self.num_cpus:g} but the largest Ray node has {best_cpu:g} CPUs "
+                f"({len(nodes)} node(s)); set resources.num_cpus <= {best_cpu:g}, or join a bigger cluster via RAY_ADDRESS"
+            )
+        if gpus > best_gpu:
+            raise ValueError(
+                f"tasks request num_gpus={gpus:g} but the largest Ray node has {best_gpu:g} GPUs; "
+                "set resources.num_gpus to 0 or 'auto', or connect to a GPU cluster via RAY_ADDRESS"
+            )
+        return {"num_gpus": gpus, "num_cpus": self.num_cpus}
+
+
 def _forwarded_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
 
@@ -96,7 +124,7 @@ def heavy(resources: Resources) -> Iterator[dict[str, float]]:
     """Submit the tasks inside this block as Ray tasks with the given GPU/CPU request."""
     from prefect_ray.context import remote_options
 
-    options = {"num_gpus": resources.resolved_gpus(), "num_cpus": resources.num_cpus}
+    options = resources.check_feasible()
     with remote_options(**options):
         yield options
 

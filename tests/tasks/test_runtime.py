@@ -84,3 +84,13 @@ def test_auto_gpus_resolve_against_cluster(ray_logical_gpu):
         Resources(num_gpus=-1).resolved_gpus()
     with pytest.raises(ValueError, match="request num_gpus=2.0 but the Ray cluster has 1.0 GPUs"):
         Resources(num_gpus=2).resolved_gpus()
+
+
+def test_more_cpus_than_any_node_is_refused_up_front(ray_logical_gpu):
+    """Old behaviour: Ray queued an infeasible num_cpus request forever and the flow hung."""
+    cpus = max(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"])
+    assert Resources(num_gpus=0, num_cpus=cpus).check_feasible() == {"num_gpus": 0.0, "num_cpus": cpus}
+    with pytest.raises(ValueError, match=rf"num_cpus={cpus + 2:g} but the largest Ray node has {cpus:g} CPUs"):
+        Resources(num_gpus=0, num_cpus=cpus + 2).check_feasible()
+    with pytest.raises(ValueError, match="num_gpus=2.0 but the Ray cluster has 1.0 GPUs"):
+        Resources(num_gpus=2, num_cpus=1).check_feasible()
