@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from distill.utils import derive_seed
 
@@ -762,6 +762,15 @@ class DataConfig(BaseModel):
     test_per_class: int | None = Field(None, ge=1, description="Seeded per-class cap on test images; None = all.")
     seed: int = Field(0, description="Seed of the per-class caps.")
     zca: bool = Field(False, description="ZCA-whiten after normalization (MTT's ZCA, eps 0.1), fitted on train.")
+
+    @model_validator(mode="after")
+    def _distinct_splits(self) -> "DataConfig":
+        if self.train_split == self.test_split:
+            raise ValueError(
+                f"train_split and test_split are both {self.train_split!r}: testing on the training images "
+                "measures memorization, not accuracy; name a held-out split (e.g. 'test', or 'valid' for Tiny-ImageNet)"
+            )
+        return self
 
     @field_validator("format")
     @classmethod

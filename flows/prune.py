@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Any
 
 from prefect import flow
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from distill.data import DataConfig, DataError
 from dp4tl.methods import SelectionConfig, check_ratio
@@ -52,6 +53,15 @@ class PruneConfig(BaseModel):
     top_classes: int = Field(10, ge=1, description="Top and bottom source classes shown per method.")
     resources: Resources = Field(default_factory=Resources, description="Ray resources per heavy task.")
     store: str | None = Field(None, description="Artifact store URI; default $DISTILLERY_STORE or ./artifacts.")
+
+    @field_validator("surrogate_weights")
+    @classmethod
+    def _weights_exist(cls, v: str | None) -> str | None:
+        # Checked with the form, not when the surrogate stage finally opens the file.
+        if v is not None and "://" not in v and not os.path.isfile(os.path.expanduser(v)):
+            raise ValueError(f"surrogate_weights {v!r}: no such file (give a safetensors file written by "
+                             "dp4tl.surrogate.save_surrogate, or leave it empty to train a surrogate)")
+        return v
 
     @model_validator(mode="after")
     def _sizes_fit(self) -> PruneConfig:
