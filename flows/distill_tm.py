@@ -30,10 +30,10 @@ from distill.matching import MatchConfig
 from flows.presets import load_preset, resolve_store
 from tasks.artifacts import ArtifactRef
 from tasks.datasets import materialize_dataset, validate_data
-from tasks.evaluation import collect_metrics, evaluate_distilled, random_subset
+from tasks.evaluation import RANDOM_REAL, EvaluatedSet, collect_metrics, evaluate_distilled, random_subset, setting
 from tasks.experts import STAGE as EXPERTS_STAGE
 from tasks.experts import publish_experts, train_one_expert
-from tasks.matching import check_expert_set, distill_tm, method_name
+from tasks.matching import TMResult, check_expert_set, distill_tm, tm_label, tm_method
 from tasks.runtime import Resources, heavy, ray_task_runner
 from tasks.store import ArtifactStore
 
@@ -61,7 +61,7 @@ class TMStage(BaseModel):
     @field_validator("distill")
     @classmethod
     def _distinct(cls, entries: list[MatchConfig]) -> list[MatchConfig]:
-        labels = [label(m) for m in entries]
+        labels = [tm_label(m) for m in entries]
         if len(set(labels)) != len(labels):
             raise ValueError(f"each distill entry needs its own (method, ipc) label; got {labels}")
         return entries
@@ -80,7 +80,7 @@ class TMStage(BaseModel):
             for m in self.distill:
                 if m.max_start_epoch + m.expert_epochs > self.experts.epochs:
                     raise ValueError(
-                        f"{label(m)}: max_start_epoch + expert_epochs = {m.max_start_epoch} + {m.expert_epochs} "
+                        f"{tm_label(m)}: max_start_epoch + expert_epochs = {m.max_start_epoch} + {m.expert_epochs} "
                         f"exceeds the experts' {self.experts.epochs} epochs; lower them or train longer experts"
                     )
         return self
@@ -94,49 +94,45 @@ class DistillTMConfig(TMStage):
     store: str | None = Field(None, description="Artifact store URI; default $DISTILLERY_STORE or ./artifacts.")
 
 
-def label(m: MatchConfig) -> str:
-    return f"{method_name(m)}-ipc{m.ipc}"
-
-
-def _expert_set(config: DistillTMConfig, dataset: ArtifactRef, store: str) -> ArtifactRef:
-    if config.experts_key is not None:
-        if not ArtifactStore(store).exists(EXPERTS_STAGE, config.experts_key):
-            raise ValueError(f"no published expert set {config.experts_key!r} in {store}/{EXPERTS_STAGE}")
-        return ArtifactRef(store=store, stage=EXPERTS_STAGE, key=config.experts_key)
-    cfg = config.experts
-    with heavy(config.resources):
+def _expert_set(stage: TMStage, resources: Resources, dataset: ArtifactRef, store: str) -> ArtifactRef:
+    if stage.experts_key is not None:
+        if not ArtifactStore(store).exists(EXPERTS_STAGE, stage.experts_key):
+            raise ValueError(f"no published expert set {stage.experts_key!r} in {store}/{EXPERTS_STAGE}")
+        return ArtifactRef(store=store, stage=EXPERTS_STAGE, key=stage.experts_key)
+    cfg = stage.experts
+    with heavy(resources):
         runs = [train_one_expert.submit(dataset, cfg, i, store) for i in range(cfg.num_experts)]
     return publish_experts.submit(dataset, cfg, store, [r.result() for r in runs]).result()
 
 
-def run_tm(dataset: ArtifactRef, config: DistillTMConfig, store: str, name: str) -> dict[str, Any]:
+def run_tm(dataset: ArtifactRef, stage: TMStage, resources: Resources, store: str, name: str) -> TMResult:
     """Experts, distilled sets and the comparison table for a materialized dataset (inside a flow)."""
-    experts = _expert_set(config, dataset, store)
-    for m in config.distill:  # a mismatched or too-short expert set is refused before any distillation
-        check_expert_set(m, experts, dataset, net=config.experts.net, net_kwargs=config.experts.net_kwargs)
-    primary = config.eval[0]
-    with heavy(config.resources):
-        futures = {label(m): distill_tm.submit(dataset, experts, m, primary, store, label(m)) for m in config.distill}
-    distilled = {name: f.result() for name, f in futures.items()}
-
+    experts = _expert_set(stage, resources, dataset, store)
+    for m in stage.distill:  # a mismatched or too-short expert set is refused before any distillation
+        check_expert_set(m, experts, dataset, net=stage.experts.net, net_kwargs=stage.experts.net_kwargs)
+    with heavy(resources):
+        futures = {tm_label(m): distill_tm.submit(dataset, experts, m, stage.eval[0], store) for m in stage.distill}
+    distilled = {label: f.result() for label, f in futures.items()}
+    sets = [
+        EvaluatedSet(method=tm_method(m), setting=setting(m.ipc, ev.net), baseline=False,
+                     made_from=[dataset, experts, distilled[tm_label(m)]])
+        for m in stage.distill for ev in stage.eval
+    ]
     runs = []
-    with heavy(config.resources):
-        for m in config.distill:
-            for ev in config.eval:
-                setting = f"ipc{m.ipc}/{ev.net}"
-                runs += [evaluate_distilled.submit(distilled[label(m)], dataset, ev, s, store, f"tm-{method_name(m)}",
-                                                   setting) for s in range(ev.num_models)]
-        subsets = {}
-        for ipc in sorted({m.ipc for m in config.distill}):
-            for ev in config.eval:
-                subset = subsets[f"ipc{ipc}/{ev.net}"] = random_subset.submit(
-                    dataset, ipc, config.subset_seed, ev, store).result()
-                runs += [evaluate_distilled.submit(subset, dataset, ev, s, store, "random-real", f"ipc{ipc}/{ev.net}")
+    with heavy(resources):
+        for m in stage.distill:
+            for ev in stage.eval:
+                runs += [evaluate_distilled.submit(distilled[tm_label(m)], dataset, ev, s, store, tm_method(m),
+                                                   setting(m.ipc, ev.net)) for s in range(ev.num_models)]
+        for ipc in sorted({m.ipc for m in stage.distill}):
+            for ev in stage.eval:
+                subset = random_subset.submit(dataset, ipc, stage.subset_seed, ev, store).result()
+                sets.append(EvaluatedSet(method=RANDOM_REAL, setting=setting(ipc, ev.net), baseline=True,
+                                         made_from=[dataset, subset]))
+                runs += [evaluate_distilled.submit(subset, dataset, ev, s, store, RANDOM_REAL, setting(ipc, ev.net))
                          for s in range(ev.num_models)]
-    rows = [r.result() for r in runs]
-    result = collect_metrics.submit(rows, name, store).result()
-    return {**result, "distilled": {n: ref.uri for n, ref in distilled.items()}, "distilled_refs": distilled,
-            "subset_refs": subsets, "experts": experts, "experts_uri": experts.uri, "dataset_uri": dataset.uri}
+    table = collect_metrics.submit([r.result() for r in runs], name, store).result()
+    return TMResult(dataset=dataset, experts=experts, distilled=distilled, sets=sets, metrics=table)
 
 
 @flow(name="distill-tm", task_runner=ray_task_runner(), log_prints=True)
@@ -145,10 +141,13 @@ def distill_tm_flow(config: DistillTMConfig) -> dict[str, Any]:
     store = resolve_store(config.store)
     validate_data(config.data, max(m.ipc for m in config.distill))  # fails fast: ipc larger than a class
     dataset = materialize_dataset.submit(config.data, store).result()
-    result = run_tm(dataset, config, store, f"distill-tm-{config.data.name}")
-    print(json.dumps({"summary": result["summary"], "metrics": result["metrics_uri"], "distilled": result["distilled"],
-                      "experts": result["experts_uri"]}, indent=1))
-    return {k: v for k, v in result.items() if k not in ("distilled_refs", "subset_refs", "experts")}
+    result = run_tm(dataset, config, config.resources, store, f"distill-tm-{config.data.name}")
+    out = {"summary": result.metrics.summary, "metrics_uri": result.metrics.ref.uri,
+           "distilled": {label: ref.uri for label, ref in result.distilled.items()},
+           "experts_uri": result.experts.uri, "dataset_uri": dataset.uri}
+    print(json.dumps({"summary": out["summary"], "metrics": out["metrics_uri"], "distilled": out["distilled"],
+                      "experts": out["experts_uri"]}, indent=1))
+    return out
 
 
 def main() -> None:

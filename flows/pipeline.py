@@ -36,11 +36,11 @@ from distill.data import DataConfig, DataError
 from dp4tl.methods import SelectionConfig, check_ratio, get_method, num_kept_classes
 from dp4tl.surrogate import SurrogateConfig
 from flows.distill_krr import DistillKRRConfig, KRRStage, run_krr
-from flows.distill_tm import DistillTMConfig, TMStage, run_tm
+from flows.distill_tm import TMStage, run_tm
 from flows.presets import load_preset, resolve_store
 from tasks.artifacts import ArtifactRef
 from tasks.datasets import materialize_dataset, validate_data
-from tasks.pipeline import chain_cost, data_bytes, report_pipeline, selection_note
+from tasks.pipeline import chain_cost, data_bytes, report_pipeline, selection_note, tm_rows
 from tasks.prune import materialize_pruned, report_selection, select, surrogate
 from tasks.runtime import Resources, heavy, ray_task_runner
 
@@ -155,24 +155,6 @@ def _krr_rows(result: dict[str, Any], chain: list[ArtifactRef], teacher: Artifac
     return rows
 
 
-def _tm_rows(result: dict[str, Any], target: ArtifactRef) -> list[dict[str, Any]]:
-    rows = []
-    for s in result["summary"]:
-        ipc = s["setting"].split("/")[0]  # settings read "ipc<k>/<net>"
-        # distilled sets are labelled "<method>-ipc<k>"; random real subsets by their setting
-        made = result["distilled_refs"].get(f"{s['method'].removeprefix('tm-')}-{ipc}")
-        chain = [target, result["experts"], made] if made is not None else [target, result["subset_refs"][s["setting"]]]
-        rows.append({
-            "path": f"experts -> TM on target ({s['setting']})", "method": s["method"],
-            "kind": "method" if made is not None else "baseline",
-            "linear_probe_acc_mean": None, "linear_probe_acc_std": None, "fine_tune_acc_mean": None,
-            "fine_tune_acc_std": None, "test_acc_mean": s["test_acc_mean"], "test_acc_std": s["test_acc_std"],
-            "seeds": s["seeds"], "data_mib": round(data_bytes(chain[-1], ("data/",)) / 2**20, 3),
-            **chain_cost(chain),
-        })
-    return rows
-
-
 def _transfer_path(config: PipelineConfig, source: ArtifactRef, target: ArtifactRef, store: str,
                    name: str) -> tuple[list[dict[str, Any]], list[str], list[str]]:
     """Prune the source for the target -> teacher -> KRR-ST -> pretrain -> transfer, with KRR-ST's baselines."""
@@ -196,12 +178,8 @@ def _target_path(config: PipelineConfig, tm_target: ArtifactRef, store: str,
                  name: str) -> tuple[list[dict[str, Any]], list[str], list[str]]:
     """Experts -> trajectory matching on the target, beside the random real subset."""
     assert config.tm is not None
-    tm_cfg = DistillTMConfig(
-        **{k: v for k, v in dict(config.tm).items() if k != "data"}, data=config.tm.data or config.target,
-        resources=config.resources, store=store,
-    )
-    tm = run_tm(tm_target, tm_cfg, store, f"{name}-tm")
-    return _tm_rows(tm, tm_target), [], [tm["metrics_uri"].rsplit("/", 1)[-1]]
+    tm = run_tm(tm_target, config.tm, config.resources, store, f"{name}-tm")
+    return tm_rows(tm), [], [tm.metrics.ref.key]
 
 
 @flow(name="pipeline", task_runner=ray_task_runner(), log_prints=True)

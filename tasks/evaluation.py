@@ -26,7 +26,8 @@ from tasks.runtime import task_device
 from tasks.stage import Key, Publish, RowsInfo, StageInfo, StageRun, stage
 from tasks.store import Staging
 
-SUBSET_STAGE = "random-real"
+RANDOM_REAL = "random-real"  # the baseline: its method name in tables and in the distilled format
+SUBSET_STAGE = RANDOM_REAL
 EVAL_STAGE = "eval"
 METRICS_STAGE = "eval-metrics"
 
@@ -64,6 +65,11 @@ class EvaluatedSet(BaseModel):
     made_from: list[ArtifactRef]  # the chain that produced the set, the set itself last
 
 
+def setting(ipc: int, net: str) -> str:
+    """The setting column of a metrics row: images per class and the evaluated architecture."""
+    return f"ipc{ipc}/{net}"
+
+
 def subset_key(dataset: ArtifactRef, ipc: int, seed: int, eval: EvalConfig) -> Key:
     return Key({"ipc": ipc, "seed": seed, "eval": eval}, [dataset.key])
 
@@ -91,7 +97,7 @@ def random_subset(dataset: ArtifactRef, ipc: int, seed: int, eval: EvalConfig, s
             preprocessor_config=pre.config(),
             preprocessor_tensors=pre.state_dict(),
             recipe=eval.recipe(),
-            method="random-real",
+            method=RANDOM_REAL,
             provenance={"dataset": dataset.uri, "data": data_config(dataset), "ipc": ipc, "seed": seed,
                         "indices": idx.tolist()},
             previews=picked.images,

@@ -23,47 +23,45 @@ from distill.formats import write_metrics
 from distill.trajectory import TrajectoryReader, expert_file
 from tasks import reports
 from tasks.artifacts import ArtifactRef
-from tasks.datasets import load_preprocessor, preprocessed
+from tasks.datasets import DatasetInfo, load_preprocessor, preprocessed
 from tasks.runtime import task_device
-from tasks.store import ArtifactStore, Staging, store_cache_key_fn, work_dir
+from tasks.stage import Key, Publish, StageInfo, StageRun, stage
+from tasks.store import ArtifactStore, Staging
 
 STAGE = "experts"
 
 
-def set_key(store: str, cfg: ExpertConfig, dataset: ArtifactRef) -> str:
-    return ArtifactStore(store).key(STAGE, cfg, [dataset.key])
+class ExpertSetInfo(StageInfo):
+    """Manifest fields of an expert set: every expert's final metrics and smoothness, the shared recipe."""
+
+    rows: int
+    experts: list[dict[str, Any]]  # one per expert: expert_id, epochs (the last stored), accuracies, smoothness
+    recipe: dict[str, Any]  # ExpertConfig.expert_recipe()
+    compute_s: float  # the experts trained in their own tasks: the set's cost is their summed training time
 
 
-def _key_of(p: dict[str, Any]) -> tuple[str, str]:
-    return p["store"], set_key(p["store"], p["cfg"], p["dataset"])
+def set_key(dataset: ArtifactRef, cfg: ExpertConfig) -> Key:
+    return Key(cfg, [dataset.key])
 
 
-@task(
-    name="train-expert",
-    task_run_name="expert-{cfg.recipe}-{expert_id}",
-    cache_key_fn=store_cache_key_fn(STAGE, _key_of),
-    result_serializer="json",
-    retries=1,
-)
-def train_one_expert(dataset: ArtifactRef, cfg: ExpertConfig, expert_id: int, store: str) -> dict[str, Any]:
-    """Train (or resume, or reuse) one expert of a set; returns its final metrics."""
-    key = set_key(store, cfg, dataset)
-    st = ArtifactStore(store)
-    if st.exists(STAGE, key):
-        art = st.open(STAGE, key, verify=False)
-        return next(r for r in art.manifest["experts"] if r["expert_id"] == expert_id)
+def expert_row(ref: ArtifactRef, expert_id: int) -> dict[str, Any]:
+    """One expert's final metrics, from the published set's manifest."""
+    return next(r for r in ExpertSetInfo.of(ref).experts if r["expert_id"] == expert_id)
+
+
+@stage(STAGE, key=set_key, publish=False, result=expert_row, task_name="train-expert",
+       task_run_name="expert-{cfg.recipe}-{expert_id}")
+def train_one_expert(dataset: ArtifactRef, cfg: ExpertConfig, expert_id: int, store: str, run: StageRun) -> dict[str, Any]:
+    """Train (or resume) one expert of a set in the set's work directory; returns its final metrics."""
     device = task_device()
     pre = load_preprocessor(dataset)
     train_x, train_y, names = preprocessed(dataset, "train", pre)
     test_x, test_y, _ = preprocessed(dataset, "test", pre)
-    manifest = dataset.open(verify=False).manifest
-    progress = reports.prefect_progress(
-        f"expert {cfg.recipe} #{expert_id}", key=reports.ui_key("progress", "expert", cfg.recipe, expert_id)
-    )
+    progress = reports.progress(f"expert {cfg.recipe} #{expert_id}", "expert", cfg.recipe, expert_id)
     summary = train_expert(
         cfg, train_x, train_y, test_x, test_y,
-        num_classes=len(names), expert_id=expert_id, out_path=work_dir(store, STAGE, key) / expert_file(expert_id),
-        dataset_fingerprint=manifest["fingerprints"]["train"], preprocessor_fingerprint=pre.fingerprint(),
+        num_classes=len(names), expert_id=expert_id, out_path=run.work_dir() / expert_file(expert_id),
+        dataset_fingerprint=DatasetInfo.of(dataset).fingerprints["train"], preprocessor_fingerprint=pre.fingerprint(),
         device=device, progress=progress,
     )
     reports.run_logger().info(
@@ -74,34 +72,29 @@ def train_one_expert(dataset: ArtifactRef, cfg: ExpertConfig, expert_id: int, st
     return summary
 
 
-@task(name="publish-experts", task_run_name="publish-experts-{cfg.recipe}", result_serializer="json")
-def publish_experts(dataset: ArtifactRef, cfg: ExpertConfig, store: str, summaries: list[dict[str, Any]]) -> ArtifactRef:
+@stage(STAGE, key=set_key, task_name="publish-experts", task_run_name="publish-experts-{cfg.recipe}")
+def publish_experts(dataset: ArtifactRef, cfg: ExpertConfig, store: str, summaries: list[dict[str, Any]],
+                    run: StageRun) -> Publish:
     """Publish a finished set: expert files, per-expert metrics and smoothness, a plot."""
-    key = set_key(store, cfg, dataset)
-    st = ArtifactStore(store)
-    if st.exists(STAGE, key):
-        return ArtifactRef(store=store, stage=STAGE, key=key)
-    work = work_dir(store, STAGE, key)
+    work = run.work_dir()
     rows, curves = [], []
     for s in sorted(summaries, key=lambda r: r["expert_id"]):
         with TrajectoryReader(work / expert_file(s["expert_id"])) as reader:
             sm = smoothness(reader)
         rows.append({**{k: v for k, v in s.items() if k not in ("resumed_from", "reused")}, **_scalars(sm)})
         curves.append(_curves_of(sm))
+    local = ArtifactStore(store).local
 
-    def write(staging: Staging) -> dict[str, Any]:
+    def write(staging: Staging) -> ExpertSetInfo:
         for s in rows:
-            _place(work / expert_file(s["expert_id"]), staging, expert_file(s["expert_id"]), st.local)
+            _place(work / expert_file(s["expert_id"]), staging, expert_file(s["expert_id"]), local)
         write_metrics(staging.file("experts.parquet"), rows, filesystem=staging.fs)
         with staging.fs.open_output_stream(staging.file("smoothness.png")) as f:
             f.write(smoothness_png({cfg.recipe: curves}))
-        # the experts trained in their own tasks: the set's cost is their summed training time
         compute_s = round(sum(float(r.get("seconds") or 0.0) for r in rows), 3)
-        return {"rows": len(rows), "experts": rows, "recipe": cfg.expert_recipe(), "compute_s": compute_s}
+        return ExpertSetInfo(rows=len(rows), experts=rows, recipe=cfg.expert_recipe(), compute_s=compute_s)
 
-    art = st.publish(STAGE, key, write, config=cfg, inputs=[dataset.key], seeds={"experts": cfg.seed})
-    shutil.rmtree(work, ignore_errors=True)
-    return ArtifactRef(store=store, stage=STAGE, key=art.key)
+    return Publish(write, seeds={"experts": cfg.seed})
 
 
 @task(name="report-experts", result_serializer="json")
@@ -109,11 +102,11 @@ def report_experts(sets: list[ArtifactRef], name: str) -> list[dict[str, Any]]:
     """Table of every expert's final accuracy, and MTT-vs-AST smoothness side by side (PNG)."""
     rows, curves = [], {}
     for ref in sets:
-        art = ref.open(verify=False)
-        recipe = art.manifest["recipe"]["recipe"]
-        rows += [{"recipe": recipe, **_table_row(r)} for r in art.manifest["experts"]]
+        info = ExpertSetInfo.of(ref)
+        recipe = info.recipe["recipe"]
+        rows += [{"recipe": recipe, **_table_row(r)} for r in info.experts]
         local = ref.local_dir()
-        curves[recipe] = [_curves(local / expert_file(r["expert_id"])) for r in art.manifest["experts"]]
+        curves[recipe] = [_curves(local / expert_file(r["expert_id"])) for r in info.experts]
     reports.table(rows, key=reports.ui_key(name, "experts"), description=f"{name}: final accuracy per expert")
     png = smoothness_png(curves)
     reports.markdown(

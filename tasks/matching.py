@@ -10,61 +10,56 @@ preprocessing, learned lr, evaluation recipe, preprocessor, provenance with the 
 set's key) plus `loss.parquet` (the matching-loss curve); an image grid and the loss curve
 appear in the Prefect UI as markdown artifacts.
 
-Before anything long, the expert set is checked against the dataset: a set trained on
+Before anything long, the expert set is checked against the dataset from metadata alone (its
+manifest and one file's Parquet footer, cheap enough for the flow process): a set trained on
 another dataset, with another preprocessing (ZCA on/off), for another model, or too short
-for `max_start_epoch + expert_epochs` is refused.
+for `max_start_epoch + expert_epochs` is refused. The files themselves are verified where
+they are read, in the distillation task.
 """
 
 from __future__ import annotations
 
 import io
+import json
 from typing import Any
 
-from prefect import task
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict
 
 from distill.evaluate import EvalConfig
 from distill.formats import write_distilled, write_metrics
 from distill.matching import MatchConfig, MatchResult, check_experts, check_ipc, match_trajectories
-from distill.trajectory import TrajectorySet
+from distill.trajectory import TrajectoryError, TrajectorySet, expert_file
 from distill.transforms import Preprocessor
 from tasks import reports
 from tasks.artifacts import ArtifactRef
-from tasks.datasets import class_counts, data_config, load_preprocessor, preprocessed
+from tasks.datasets import DatasetInfo, data_config, load_preprocessor, preprocessed
+from tasks.evaluation import DistilledInfo, EvaluatedSet, MetricsTable
+from tasks.experts import ExpertSetInfo
 from tasks.runtime import task_device
-from tasks.store import ArtifactStore, Staging, store_cache_key_fn, work_dir
+from tasks.stage import Key, Publish, StageRun, stage
+from tasks.store import Staging, artifact_key, work_dir
 
 STAGE = "distill-tm"
 
 
-def run_key(store: str, cfg: MatchConfig, experts: ArtifactRef, dataset: ArtifactRef) -> str:
-    """What the images depend on (no iterations: a longer run resumes a shorter one's work dir)."""
-    return ArtifactStore(store).key(STAGE + "-run", cfg.identity(), [experts.key, dataset.key])
+class TMInfo(DistilledInfo):
+    """Manifest fields of a distilled set made by trajectory matching."""
+
+    learned_lr: float
+    final_loss: float | None
 
 
-def distilled_key(store: str, cfg: MatchConfig, experts: ArtifactRef, dataset: ArtifactRef, eval: EvalConfig) -> str:
-    return ArtifactStore(store).key(STAGE, {"match": cfg, "eval": eval}, [experts.key, dataset.key])
+class TMResult(BaseModel):
+    """What trajectory matching on one dataset produced: its sets, how each was evaluated, the table."""
 
+    model_config = ConfigDict(frozen=True)
 
-def _key_of(p: dict[str, Any]) -> tuple[str, str]:
-    return p["store"], distilled_key(p["store"], p["cfg"], p["experts"], p["dataset"], p["eval"])
-
-
-def check_expert_set(
-    cfg: MatchConfig, experts: ArtifactRef, dataset: ArtifactRef, *, net: str | None = None,
-    net_kwargs: dict | None = None, pre: Preprocessor | None = None,
-) -> TrajectorySet:
-    """Open the expert set and refuse it unless it was made for this dataset, preprocessing and model."""
-    manifest = dataset.open(verify=False).manifest
-    check_ipc(class_counts(dataset, "train"), cfg.ipc, manifest["class_names"])
-    pre = pre or load_preprocessor(dataset)
-    trajectories = TrajectorySet(experts.local_dir())
-    check_experts(
-        trajectories.meta, trajectories.last_epoch, cfg,
-        num_classes=len(manifest["class_names"]), image_shape=manifest["image_shape"],
-        dataset_fingerprint=manifest["fingerprints"]["train"], preprocessor_fingerprint=pre.fingerprint(),
-        net=net, net_kwargs=net_kwargs,
-    )
-    return trajectories
+    dataset: ArtifactRef
+    experts: ArtifactRef
+    distilled: dict[str, ArtifactRef]  # by tm_label
+    sets: list[EvaluatedSet]  # every (distilled or random real set, evaluation net) in the table
+    metrics: MetricsTable
 
 
 def method_name(cfg: MatchConfig) -> str:
@@ -74,30 +69,70 @@ def method_name(cfg: MatchConfig) -> str:
     return "ast" if ast else "mtt"
 
 
-@task(
-    name="distill-tm",
-    task_run_name="distill-tm-ipc{cfg.ipc}",
-    cache_key_fn=store_cache_key_fn(STAGE, _key_of),
-    result_serializer="json",
-    retries=1,
-)
-def distill_tm(
-    dataset: ArtifactRef, experts: ArtifactRef, cfg: MatchConfig, eval: EvalConfig, store: str, label: str
-) -> ArtifactRef:
+def tm_method(cfg: MatchConfig) -> str:
+    """The method column of a distilled set's metrics rows (and its `method` in the distilled format)."""
+    return f"tm-{method_name(cfg)}"
+
+
+def tm_label(cfg: MatchConfig) -> str:
+    """One distilled set of a flow run: its method and images per class (a flow's entries must differ in it)."""
+    return f"{method_name(cfg)}-ipc{cfg.ipc}"
+
+
+def run_key(cfg: MatchConfig, experts: ArtifactRef, dataset: ArtifactRef) -> str:
+    """What the images depend on (no iterations: a longer run resumes a shorter one's work dir)."""
+    return artifact_key(STAGE + "-run", cfg.identity(), [experts.key, dataset.key])
+
+
+def distilled_key(dataset: ArtifactRef, experts: ArtifactRef, cfg: MatchConfig, eval: EvalConfig) -> Key:
+    return Key({"match": cfg, "eval": eval}, [experts.key, dataset.key])
+
+
+def expert_set_meta(experts: ArtifactRef) -> tuple[dict[str, Any], int]:
+    """(trajectory metadata, last epoch every expert reached) of a published set, from its manifest and one
+    file's Parquet footer: nothing hashed, nothing copied (a paper-scale set is gigabytes)."""
+    art = experts.open(verify=False)
+    rows = ExpertSetInfo.of(art).experts
+    first = art.file(expert_file(min(r["expert_id"] for r in rows)))
+    with art.fs.open_input_file(first) as f:
+        raw = (pq.read_schema(f).metadata or {}).get(b"distillery")
+    if raw is None:
+        raise TrajectoryError(f"{art.uri}/{expert_file(rows[0]['expert_id'])}: no `distillery` schema metadata")
+    return json.loads(raw), min(int(r["epochs"]) for r in rows)
+
+
+def check_expert_set(
+    cfg: MatchConfig, experts: ArtifactRef, dataset: ArtifactRef, *, net: str | None = None,
+    net_kwargs: dict | None = None, pre: Preprocessor | None = None,
+) -> None:
+    """Refuse an expert set not made for this dataset, preprocessing and model, or too short, from metadata
+    alone (cheap enough for the flow process); the files are verified where they are read (`distill_tm`)."""
+    info = DatasetInfo.of(dataset)
+    check_ipc(info.class_counts["train"], cfg.ipc, info.class_names)
+    pre = pre or load_preprocessor(dataset)
+    meta, last_epoch = expert_set_meta(experts)
+    check_experts(
+        meta, last_epoch, cfg, num_classes=len(info.class_names), image_shape=info.image_shape,
+        dataset_fingerprint=info.fingerprints["train"], preprocessor_fingerprint=pre.fingerprint(),
+        net=net, net_kwargs=net_kwargs,
+    )
+
+
+@stage(STAGE, key=distilled_key, task_run_name="distill-tm-ipc{cfg.ipc}")
+def distill_tm(dataset: ArtifactRef, experts: ArtifactRef, cfg: MatchConfig, eval: EvalConfig, store: str,
+               run: StageRun) -> Publish:
     """Distill `dataset` by matching `experts`' trajectories (resumable) and publish the set."""
-    key = distilled_key(store, cfg, experts, dataset, eval)
-    st = ArtifactStore(store)
-    if st.exists(STAGE, key):
-        return ArtifactRef(store=store, stage=STAGE, key=key)
+    label = tm_label(cfg)
     pre = load_preprocessor(dataset)
-    trajectories = check_expert_set(cfg, experts, dataset, pre=pre)
-    manifest = dataset.open(verify=False).manifest
+    check_expert_set(cfg, experts, dataset, pre=pre)
+    trajectories = TrajectorySet(experts.local_dir())  # verified: the parameters are read from these files
+    info = DatasetInfo.of(dataset)
     train_x, train_y, names = preprocessed(dataset, "train", pre)
-    progress = reports.prefect_progress(f"distill {label}", key=reports.ui_key("progress", "distill-tm", label))
     result = match_trajectories(
         cfg, trajectories, train_x, train_y, num_classes=len(names),
-        work_dir=work_dir(store, STAGE, run_key(store, cfg, experts, dataset)), device=task_device(), progress=progress,
-        dataset_fingerprint=manifest["fingerprints"]["train"], preprocessor_fingerprint=pre.fingerprint(),
+        work_dir=work_dir(store, STAGE, run_key(cfg, experts, dataset)), device=task_device(),
+        progress=reports.progress(f"distill {label}", "distill-tm", label),
+        dataset_fingerprint=info.fingerprints["train"], preprocessor_fingerprint=pre.fingerprint(),
     )
     previews = pre.to_uint8(result.images)
     provenance = {
@@ -108,28 +143,26 @@ def distill_tm(
         "final_loss": result.losses[-1] if result.losses else None, "rollbacks": result.rollbacks,
         "seconds": round(result.seconds, 1), "resumed_from": result.resumed_from,
     }
-
-    def write(staging: Staging) -> dict[str, Any]:
-        info = write_distilled(
-            staging.path, pixels=result.images, labels=result.labels, class_names=names,
-            preprocessor_config=pre.config(), preprocessor_tensors=pre.state_dict(),
-            recipe=eval.recipe(result.lr), method=f"tm-{method_name(cfg)}", provenance=provenance,
-            previews=previews, learned_lr=result.lr, filesystem=staging.fs,
-        )
-        rows = [{"iteration": i + 1, "loss": loss, "lr": lr, "start_epoch": s}
-                for i, (loss, lr, s) in enumerate(zip(result.losses, result.lrs, result.start_epochs))]
-        write_metrics(staging.file("loss.parquet"), rows, filesystem=staging.fs)
-        return {**info, "learned_lr": result.lr, "final_loss": provenance["final_loss"]}
-
-    st.publish(STAGE, key, write, config={"match": cfg, "eval": eval}, inputs=[experts.key, dataset.key],
-               seeds={"match": cfg.seed})
     _report(result, previews, names, label)
     reports.run_logger().info(
         "distilled %s: %d images, learned lr %.5g, loss %.4f -> %.4f in %.0f s%s", label, len(result.images),
         result.lr, result.losses[0], result.losses[-1], result.seconds,
         f" (resumed from iteration {result.resumed_from})" if result.resumed_from else "",
     )
-    return ArtifactRef(store=store, stage=STAGE, key=key)
+
+    def write(staging: Staging) -> TMInfo:
+        info = write_distilled(
+            staging.path, pixels=result.images, labels=result.labels, class_names=names,
+            preprocessor_config=pre.config(), preprocessor_tensors=pre.state_dict(),
+            recipe=eval.recipe(result.lr), method=tm_method(cfg), provenance=provenance,
+            previews=previews, learned_lr=result.lr, filesystem=staging.fs,
+        )
+        rows = [{"iteration": i + 1, "loss": loss, "lr": lr, "start_epoch": s}
+                for i, (loss, lr, s) in enumerate(zip(result.losses, result.lrs, result.start_epochs))]
+        write_metrics(staging.file("loss.parquet"), rows, filesystem=staging.fs)
+        return TMInfo(**info, learned_lr=result.lr, final_loss=provenance["final_loss"])
+
+    return Publish(write, seeds={"match": cfg.seed})
 
 
 def _report(result: MatchResult, previews, names: list[str], label: str) -> None:

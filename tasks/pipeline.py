@@ -16,6 +16,7 @@ from prefect import task
 from distill.formats import write_metrics
 from tasks import reports
 from tasks.artifacts import ArtifactRef
+from tasks.matching import TMResult
 from tasks.store import ArtifactStore, Staging
 from tasks.tables import markdown_table
 
@@ -70,6 +71,23 @@ def accuracy_bars(rows: list[dict[str, Any]]) -> bytes:
         ax.set_yticks(range(len(rows)), labels, fontsize=8)
         ax.invert_yaxis()
     return reports.figure_png(fig)
+
+
+def tm_rows(result: TMResult) -> list[dict[str, Any]]:
+    """One report row per (set, evaluation net) of a trajectory-matching run: distilled sets and their baselines."""
+    sets = {(s.method, s.setting): s for s in result.sets}
+    rows = []
+    for summary in result.metrics.summary:
+        evaluated = sets[(summary["method"], summary["setting"])]
+        rows.append({
+            "path": f"experts -> TM on target ({evaluated.setting})", "method": evaluated.method,
+            "kind": "baseline" if evaluated.baseline else "method",
+            "linear_probe_acc_mean": None, "linear_probe_acc_std": None, "fine_tune_acc_mean": None,
+            "fine_tune_acc_std": None, "test_acc_mean": summary["test_acc_mean"], "test_acc_std": summary["test_acc_std"],
+            "seeds": summary["seeds"], "data_mib": round(data_bytes(evaluated.made_from[-1], ("data/",)) / 2**20, 3),
+            **chain_cost(evaluated.made_from),
+        })
+    return rows
 
 
 @task(name="pipeline-report", result_serializer="json")

@@ -23,8 +23,10 @@
    the manifest (the store's fields plus the body's `StageInfo`) and moves it into place; the
    work directory the body asked for (`run.work_dir()`) is removed once the artifact is out;
 4. gives Prefect the same key as its cache key (`tasks.store.store_cache_key_fn`, offered only
-   once the artifact exists) and retries once after a delay, except on bad input (a
-   `ValueError` or `TypeError`: a second try cannot help and would only hide the message).
+   once the artifact exists; extended by the task's name and the parameters `result` reads,
+   since tasks sharing an artifact return different values) and retries once after a delay,
+   except on bad input (a `ValueError` or `TypeError`: a second try cannot help and would
+   only hide the message).
 
 `run` (a `StageRun`: key, store, work directory) is the body's own argument, not a task
 parameter: callers, Prefect and `task.fn` see the body's signature without it. With
@@ -235,14 +237,29 @@ def stage(
                     shutil.rmtree(path, ignore_errors=True)
             return run.ref if result is None else _named_call(result, {**params, "ref": run.ref})
 
+        # Prefect caches a task's return value, so its cache key names the artifact (the store's key, offered
+        # once published) and also the task and every parameter `result` reads: the tasks of one stage (train
+        # one expert, publish the set) and rows that carry labels outside the key must not share a result.
+        store_key_fn = store_cache_key_fn(name, key_of)
+        result_names = sorted(set(inspect.signature(result).parameters) - {"ref"}) if result is not None else []
+        label = task_name or name
+
+        def cache_key_fn(context: Any, params: dict[str, Any]) -> str | None:
+            found = store_key_fn(context, params)
+            if found is None:
+                return None
+            params = {**defaults, **params}
+            return f"{found}-{label}" + (f"-{artifact_key(label, {n: params[n] for n in result_names})}"
+                                         if result_names else "")
+
         run_stage.__signature__ = public  # type: ignore[attr-defined]
         run_stage.__annotations__ = {k: v for k, v in body.__annotations__.items() if k != "run"}
         run_stage.key_for = key_for  # type: ignore[attr-defined]
         return task(
             run_stage,
-            name=task_name or name,
+            name=label,
             task_run_name=task_run_name,
-            cache_key_fn=store_cache_key_fn(name, key_of) if cache else None,
+            cache_key_fn=cache_key_fn if cache else None,
             result_serializer="json",
             retries=retries,
             retry_delay_seconds=retry_delay_s,

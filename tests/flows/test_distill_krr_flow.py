@@ -25,7 +25,7 @@ def test_every_preset_is_a_valid_config(preset):
         ({"methods": ["krr-st", "kip"]}, "valid: krr-st"),
         ({"methods": ["krr-st", "krr-st"]}, "must not repeat"),
         ({"krr": {"pool_mode": "trained"}}, "valid: online, random-features"),
-        ({"teacher": {"net": "vgg"}}, "registered nets"),
+        ({"teacher": {"net": "vgg"}}, "(registered nets|valid): convnet"),
         ({"seeds": 0}, "greater than or equal to 1"),
     ],
 )

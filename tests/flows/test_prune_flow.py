@@ -25,10 +25,10 @@ def test_every_preset_is_a_valid_config(flow_name):
     [
         ({"selection": {"ratios": [1.0]}}, "strictly between 0 and 1"),
         ({"selection": {"ratios": [0.0]}}, "strictly between 0 and 1"),
-        ({"selection": {"methods": ["best"]}}, "unknown pruning method 'best'; valid methods: fm, fm_kmeans"),
+        ({"selection": {"methods": ["best"]}}, "unknown pruning method 'best'; valid: lm, lm_soft, fm, fm_kmeans"),
         ({"selection": {"methods": ["lm", "lm"]}}, "distinct"),
         ({"selection": {"resize_target": False}, "target": {"source": "x", "image_size": 64}}, "resize_target is false"),
-        ({"surrogate": {"net": "vgg"}}, "registered nets"),
+        ({"surrogate": {"net": "vgg"}}, "(registered nets|valid): convnet"),
         ({"pretrain": {"net_kwargs": {"wdith": 8}}}, "unknown argument"),
     ],
 )

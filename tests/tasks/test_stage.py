@@ -134,3 +134,34 @@ def test_dataset_and_evaluation_keys_are_unchanged(tmp_path):
     assert stage_key(random_subset, dataset=r["dataset"], ipc=2, seed=1, eval=EVAL) == "b7562f609e5e92a7"
     assert stage_key(evaluate_distilled, distilled=r["distill-tm"], dataset=r["dataset"], eval=EVAL,
                      seed=3) == "0ba29e02a4302a60"
+
+
+def test_expert_and_trajectory_matching_keys_are_unchanged(tmp_path):
+    from distill.experts import ExpertConfig
+    from distill.matching import MatchConfig
+    from tasks.experts import publish_experts, train_one_expert
+    from tasks.matching import distill_tm, run_key
+
+    r = _refs(str(tmp_path))
+    experts = ExpertConfig(recipe="ast", net_kwargs={"width": 8, "depth": 1}, epochs=4, num_experts=2)
+    assert stage_key(train_one_expert, dataset=r["dataset"], cfg=experts, expert_id=1) == "48ae236ee95f503b"
+    assert stage_key(publish_experts, dataset=r["dataset"], cfg=experts) == "48ae236ee95f503b"
+    match = MatchConfig(ipc=2, iterations=7, syn_steps=3, expert_epochs=1, max_start_epoch=2)
+    assert stage_key(distill_tm, dataset=r["dataset"], experts=r["experts"], cfg=match, eval=EVAL) == "0d816fb6b786ae61"
+    assert run_key(match, r["experts"], r["dataset"]) == "8217d4537f1df7f5"
+
+
+def test_prefect_cache_keys_separate_tasks_and_result_parameters(tmp_path, upstream):
+    @stage("toy", key=toy_key, publish=False, result=lambda ref, part: part, task_name="toy-part")
+    def part(values: list[int], upstream: ArtifactRef, part: int, store: str, run: StageRun) -> int:
+        return part
+
+    store = str(tmp_path)
+    cache_key = part.cache_key_fn
+    params = {"values": [7], "upstream": upstream, "part": 0, "store": store}
+    assert cache_key(None, params) is None, "offered only once the artifact exists"
+    ref = toy.fn([7], upstream, store)
+    own = toy.cache_key_fn(None, {"values": [7], "upstream": upstream, "store": store})
+    first, second = cache_key(None, params), cache_key(None, {**params, "part": 1})
+    assert own.startswith(f"toy-{ref.key}") and first.startswith(f"toy-{ref.key}")
+    assert len({own, first, second}) == 3, "one artifact, three different task results"
