@@ -1,145 +1,347 @@
-"""Accuracy of trajectory-matching distillation vs the random real subset, with and without AST switches.
+"""Accuracy of trajectory-matching distillation against minutes of matching, beside the random real subset.
 
-CIFAR-10 from ../shared/data (a class-balanced train subset, ZCA as MTT uses for CIFAR-10),
-MTT experts (ConvNet, SGD 0.01, DSA), then per images-per-class k: MTT distillation, the
-same with AST's distillation switches (representative init, balanced inner loss,
-intermediate matching, weight perturbation; student momentum stays 0 because the experts
-are MTT's, without momentum), and a random real subset of k images per class. Every set is
-judged by the same recipe (distill.evaluate: fresh ConvNets, DSA, final-epoch accuracy,
-distilled sets with their learned lr), mean and std over the evaluation seeds.
-Goal (issue 5): distilled beats random real by >= 10 points at 1 image per class.
+The `cpu` preset is the setting of the standalone MTT reference measured on this kind of
+machine (../shared/reference/cpu-anchor.md): 10,000 class-balanced CIFAR-10 train images
+(1,000 per class), the full 10,000-image test set, ZCA as MTT computes it (kornia's
+ZCAWhitening, eps 0.1, on [0, 1] pixels), ConvNet width 32 depth 3 with instance norm,
+5 MTT experts x 12 epochs, then per images-per-class k a matching run of at most 10 minutes
+whose images are judged at several points in time. Every set is judged by one recipe
+(distill.evaluate: fresh ConvNets, DSA, MTT's 1000 epochs with lr x0.1 at half, momentum
+0.9, wd 5e-4, batch 256, the learned lr for distilled sets, final-epoch accuracy), mean and
+std over the evaluation nets. The reference reached 34.1 at 1 image per class (9 min) and
+42.1 at 10 (11 min); goals (issue 14): >= 36.0 and >= 44.0 within 10 minutes, and the
+reference's accuracy in at most half its time.
 
-Measured (preset cpu, 2-core box shared with other jobs, load ~5, 25 min wall; mean +- std over 3 nets):
-    ipc 1:  random real 19.7 +- 0.6   MTT 31.0 +- 2.8 (+11.3)   MTT + AST switches 30.2 +- 2.2 (+10.5)
-    ipc 10: random real 28.9 +- 0.5   MTT 37.4 +- 1.0 (+8.6)    MTT + AST switches 39.6 +- 0.9 (+10.7)
+It doubles as the experiment harness behind those numbers: `--ipc`, `--set key=value`
+(MatchConfig overrides), `--zca` (pixels: MTT's; normalized: whiten standardized pixels),
+`--its` / `--minutes` (when to judge), `--eval-epochs`, `--nets`. Data, experts, matching
+checkpoints and judgements are cached under --work (default /tmp/tm-quality), so reruns
+and longer runs of the same configuration continue where the last one stopped.
 
-Pure core (no Prefect, no Ray), one process, one thread. Experts and distillations
-checkpoint under --work, so an interrupted run resumes and a re-run reuses them.
+Pure core (no Prefect, no Ray), one process, one thread (torch.set_num_threads(1)): on the
+shared 2-core box two threads per process made the double backward up to 10x slower.
+Wall times depend on the load (recorded as /proc/loadavg); compare configurations at equal
+iterations, and by minutes only within a run.
 
-    .venv/bin/python benchmarks/tm_quality.py --preset cpu    # ~12 min on 2 idle cores, 25 min shared
-    .venv/bin/python benchmarks/tm_quality.py --preset tiny   # ~1 min
-Last line: one JSON object.
+    .venv/bin/python benchmarks/tm_quality.py --preset cpu                 # ~45 min on 2 idle cores (+ experts once)
+    .venv/bin/python benchmarks/tm_quality.py --preset cpu --ipc 1 --its 100,300 --set syn_steps=30 --label n30
+    .venv/bin/python benchmarks/tm_quality.py --preset tiny                # ~1 min
+Last line: one JSON object; every run is appended to benchmarks/records/tm_quality.jsonl.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
+import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-COMMON_MATCH = {"expert_epochs": 2, "lr_lr": 1e-6, "lr_init": 0.01, "checkpoint_every": 25}
-AST_SWITCHES = {"init": "representative", "balance_loss": True, "intermediate_loss": "constant", "weight_perturb": 1.0}
+RECORDS = ROOT / "benchmarks" / "records" / "tm_quality.jsonl"
 
 PRESETS = {
     "tiny": {
-        "data": {"classes": [0, 1, 2], "train_per_class": 60, "test_per_class": 50, "zca": False},
+        "data": {"classes": [0, 1, 2], "train_per_class": 60, "test_per_class": 50},
+        "zca": "none",
         "net_kwargs": {"width": 8, "depth": 2},
         "experts": {"num_experts": 2, "epochs": 4, "batch_size": 64},
-        "match": {1: {"iterations": 20, "syn_steps": 5, "max_start_epoch": 1, "lr_img": 100},
-                  2: {"iterations": 10, "syn_steps": 5, "max_start_epoch": 1, "lr_img": 100}},
+        "match": {1: {"syn_steps": 5, "expert_epochs": 2, "max_start_epoch": 1, "lr_img": 100, "lr_lr": 1e-6}},
+        "marks": {1: {"its": [10, 20]}},
         "eval": {"epochs": 50, "num_models": 2},
+        "anchor": {}, "goal": {},
     },
     "cpu": {
-        "data": {"classes": None, "train_per_class": 500, "test_per_class": 200, "zca": True},
+        "data": {"train_per_class": 1000, "test_per_class": None},
+        "zca": "pixels",
         "net_kwargs": {"width": 32, "depth": 3},
-        "experts": {"num_experts": 3, "epochs": 6, "batch_size": 256},
-        "match": {1: {"iterations": 150, "syn_steps": 10, "max_start_epoch": 3, "lr_img": 100},
-                  10: {"iterations": 40, "syn_steps": 10, "max_start_epoch": 3, "lr_img": 100}},
-        "eval": {"epochs": 300, "num_models": 3},
+        "experts": {"num_experts": 5, "epochs": 12, "batch_size": 256},
+        "match": {
+            1: {"syn_steps": 50, "expert_epochs": 2, "max_start_epoch": 1, "lr_img": 100, "lr_lr": 1e-7,
+                "lr_init": 0.01},
+            10: {"syn_steps": 30, "expert_epochs": 2, "max_start_epoch": 9, "lr_img": 100, "lr_lr": 1e-5,
+                 "lr_init": 0.01},
+        },
+        "marks": {1: {"minutes": [1, 2, 3, 4.5, 7, 10]}, 10: {"minutes": [2, 3.5, 5.5, 8, 10]}},
+        "eval": {"epochs": 1000, "num_models": 3},
+        # the standalone reference's accuracy and minutes (cpu-anchor.md), and issue 14's goals
+        "anchor": {1: (34.1, 9.0), 10: (42.1, 11.0)},
+        "goal": {1: 36.0, 10: 44.0},
     },
 }
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _loadavg() -> str:
+    try:
+        return Path("/proc/loadavg").read_text().strip()
+    except OSError:
+        return "n/a"
+
+
+def _git_rev() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "distill", "benchmarks/tm_quality.py"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except OSError:
+        return "n/a"
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def pixel_zca(images_uint8, eps: float = 0.1):
+    """MTT's ZCA: kornia ZCAWhitening(eps) fitted on [0, 1] pixels (no per-channel standardization)."""
+    import torch
+
+    from distill.transforms import Preprocessor
+
+    n, c, h, w = images_uint8.shape
+    x = images_uint8.reshape(n, -1).double().div_(255.0)
+    mean = x.mean(0)
+    x -= mean
+    cov = (x.T @ x) / (n - 1)  # unbiased, as kornia
+    eigvals, eigvecs = torch.linalg.eigh(cov)
+    eigvals = eigvals.clamp_min(0)
+    whiten = (eigvecs * (eigvals + eps).rsqrt()) @ eigvecs.T
+    unwhiten = (eigvecs * (eigvals + eps).sqrt()) @ eigvecs.T
+    return Preprocessor(torch.zeros(c), torch.ones(c), zca=whiten.float(), zca_inv=unwhiten.float(),
+                        zca_mean=mean.float(), zca_eps=eps, image_shape=(c, h, w))
+
+
+class Bench:
+    """Cached data, experts, matching runs and judgements for one preset and ZCA variant."""
+
+    def __init__(self, preset: str, zca: str, work: Path, data_source: str, eval_epochs: int, nets: int):
+        import torch
+
+        from distill.data import DataConfig
+        from distill.transforms import Preprocessor
+
+        self.p = PRESETS[preset]
+        self.preset, self.zca, self.work = preset, zca, work
+        work.mkdir(parents=True, exist_ok=True)
+        self.data_cfg = DataConfig(source=data_source, zca=zca == "normalized", **self.p["data"])
+        cache = work / f"data-{_hash([self.data_cfg.model_dump(mode='json'), zca])}.pt"
+        if cache.exists():
+            d = torch.load(cache)
+        else:
+            train, test = self.data_cfg.load("train"), self.data_cfg.load("test")
+            if zca == "pixels":
+                pre = pixel_zca(train.images)
+            else:
+                pre = Preprocessor.fit(train.images, zca=zca == "normalized")
+            d = {"train_x": pre(train.images), "train_y": train.labels, "test_x": pre(test.images),
+                 "test_y": test.labels, "num_classes": train.num_classes,
+                 "fingerprint": train.fingerprint(), "pre_fingerprint": pre.fingerprint()}
+            torch.save(d, cache)
+        self.d = d
+        self.k = d["num_classes"]
+        self.eval_epochs, self.nets = eval_epochs, nets
+        self.judged_file = work / "judged.json"
+        self.judged = json.loads(self.judged_file.read_text()) if self.judged_file.exists() else {}
+
+    def experts(self, count: int | None = None):
+        """Train (or reuse) the preset's experts; `count` uses only the first ones (a view of symlinks)."""
+        from distill.experts import ExpertConfig, train_expert
+        from distill.trajectory import TrajectorySet, expert_file
+
+        cfg = ExpertConfig(recipe="mtt", net="convnet", net_kwargs=self.p["net_kwargs"], **self.p["experts"])
+        count = count or cfg.num_experts
+        directory = self.work / f"experts-{_hash([cfg.expert_recipe(), self.d['pre_fingerprint']])}"
+        self.expert_stats = []
+        for i in range(count):
+            s = train_expert(cfg, self.d["train_x"], self.d["train_y"], self.d["test_x"], self.d["test_y"],
+                             num_classes=self.k, expert_id=i, out_path=directory / expert_file(i),
+                             dataset_fingerprint=self.d["fingerprint"], preprocessor_fingerprint=self.d["pre_fingerprint"],
+                             device="cpu")
+            self.expert_stats.append({"test_acc": round(s["test_acc"], 4), "seconds": round(s["seconds"], 1),
+                                      "reused": s["reused"]})
+            print(f"expert {i}: test acc {s['test_acc']:.3f} ({s['seconds']:.0f} s{', reused' if s['reused'] else ''})",
+                  flush=True)
+        view = directory / f"first-{count}"
+        view.mkdir(exist_ok=True)
+        for i in range(count):
+            link = view / expert_file(i)
+            if not link.exists():
+                link.symlink_to(directory / expert_file(i))
+        return TrajectorySet(view)
+
+    def eval_cfg(self):
+        from distill.evaluate import EvalConfig
+        from distill.train import TrainConfig
+
+        return EvalConfig(net="convnet", net_kwargs={**self.p["net_kwargs"], "norm": "instance"},
+                          train=TrainConfig(epochs=self.eval_epochs, batch_size=256, lr=0.01, momentum=0.9,
+                                            weight_decay=5e-4, schedule="step", augment="dsa"),
+                          num_models=self.nets)
+
+    def judge(self, key: str, x, y, lr: float | None) -> dict:
+        """Mean/std test accuracy (%) of `nets` fresh ConvNets trained on (x, y); cached by key."""
+        from distill.evaluate import evaluate_set, summarize
+
+        ecfg = self.eval_cfg()
+        full_key = f"{key}|{_hash([ecfg.model_dump(mode='json'), lr])}"
+        if full_key not in self.judged:
+            accs = [evaluate_set(x, y, self.d["test_x"], self.d["test_y"], ecfg, num_classes=self.k, seed=s,
+                                 learned_lr=lr, device="cpu")["test_acc"] for s in range(ecfg.num_models)]
+            s = summarize(accs)
+            self.judged[full_key] = {"mean": round(100 * s["mean"], 2), "std": round(100 * s["std"], 2),
+                                     "accs": [round(100 * a, 2) for a in accs]}
+            self.judged_file.write_text(json.dumps(self.judged))
+        return self.judged[full_key]
+
+    def random_real(self, ipc: int) -> dict:
+        import torch
+
+        y = self.d["train_y"]
+        idx = torch.cat([torch.nonzero(y == c).flatten()[torch.randperm(int((y == c).sum()),
+                         generator=torch.Generator().manual_seed(c))[:ipc]] for c in range(self.k)])
+        return self.judge(f"random/{self.zca}/ipc{ipc}", self.d["train_x"][idx], y[idx], None)
+
+    def run(self, experts, ipc: int, overrides: dict, marks: list[tuple[str, float]]) -> dict:
+        """Match with the preset's settings + overrides; judge the images at each mark (its or minutes)."""
+        import torch
+
+        from distill.matching import MatchConfig, match_trajectories
+
+        settings = {**self.p["match"].get(ipc, {}), **overrides}
+        cfg = MatchConfig(ipc=ipc, iterations=1, checkpoint_every=10**9, **settings)
+        run_key = _hash([cfg.identity(), self.d["pre_fingerprint"], experts.expert_ids, experts.meta.get("recipe")])
+        run_dir = self.work / "runs" / run_key
+        clock_file = run_dir / "clock.json"
+        clock = json.loads(clock_file.read_text()) if clock_file.exists() else {"its": 0, "seconds": 0.0}
+        points = []
+        s_per_it = None
+
+        def advance(iterations: int):
+            return match_trajectories(cfg.model_copy(update={"iterations": iterations}), experts, self.d["train_x"],
+                                      self.d["train_y"], num_classes=self.k, device="cpu", work_dir=run_dir,
+                                      dataset_fingerprint=self.d["fingerprint"],
+                                      preprocessor_fingerprint=self.d["pre_fingerprint"])
+
+        for kind, value in sorted(marks, key=lambda m: m[1] if m[0] == "its" else 1e9 + m[1]):
+            last = None
+            while True:
+                if kind == "its":
+                    target = int(value)
+                else:
+                    left = 60 * value - clock["seconds"]
+                    target = clock["its"] + (max(1, int(left / s_per_it)) if s_per_it else 5) if left > 0 else 0
+                if target <= clock["its"]:
+                    break
+                last = advance(target)
+                if last.init_images is not None:
+                    torch.save(last.init_images, run_dir / "init.pt")
+                s_per_it = last.seconds / (target - clock["its"])
+                clock = {"its": target, "seconds": clock["seconds"] + last.seconds}
+                clock_file.write_text(json.dumps(clock))
+            if last is None:  # the mark was already passed: read the images back from the checkpoint
+                last = advance(clock["its"])
+            acc = self.judge(f"run/{run_key}/it{clock['its']}", last.images, last.labels, last.lr)
+            init = torch.load(run_dir / "init.pt") if (run_dir / "init.pt").exists() else None
+            change = float((last.images - init).norm() / init.norm()) if init is not None else None
+            losses = last.losses
+            point = {"its": clock["its"], "minutes": round(clock["seconds"] / 60, 2), **acc, "lr": round(last.lr, 5),
+                     "loss_first10": round(sum(losses[:10]) / max(len(losses[:10]), 1), 4),
+                     "loss_last10": round(sum(losses[-10:]) / max(len(losses[-10:]), 1), 4),
+                     "s_per_it": round(clock["seconds"] / max(clock["its"], 1), 3), "loadavg": _loadavg(),
+                     "image_change": None if change is None else round(change, 4)}
+            points.append(point)
+            print(f"  ipc{ipc} it {point['its']:5d} ({point['minutes']:5.2f} min): {point['mean']:.2f} +- {point['std']:.2f}"
+                  f"  lr {point['lr']:.5f}  loss {point['loss_first10']:.3f} -> {point['loss_last10']:.3f}"
+                  f"  change {point['image_change']}  {point['s_per_it']:.2f} s/it  load {point['loadavg'].split()[0]}", flush=True)
+        return {"config": cfg.identity(), "run_key": run_key, "points": points}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
-    parser.add_argument("--work", default=None, help="checkpoint directory (default: a temp dir)")
+    parser.add_argument("--work", default="/tmp/tm-quality", help="cache: data, experts, runs, judgements")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar10"))
+    parser.add_argument("--ipc", type=int, action="append", help="images per class (repeatable; default: the preset's)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="MatchConfig override (JSON value)")
+    parser.add_argument("--zca", choices=["pixels", "normalized", "none"], help="default: the preset's")
+    parser.add_argument("--its", help="judge after these iteration counts, e.g. 50,100,200")
+    parser.add_argument("--minutes", help="judge after these minutes of matching, e.g. 2,5,10")
+    parser.add_argument("--eval-epochs", type=int, help="default: the preset's")
+    parser.add_argument("--nets", type=int, help="evaluation nets per set; default: the preset's")
+    parser.add_argument("--label", default="", help="name of this run in the record")
+    parser.add_argument("--no-random", action="store_true", help="skip the random-real baseline")
+    parser.add_argument("--prepare", action="store_true", help="only cache the data and train the experts")
+    parser.add_argument("--no-record", action="store_true", help="do not append to the records (smoke tests)")
+    parser.add_argument("--experts", type=int, help="use the first N experts (default: the preset's number)")
     args = parser.parse_args()
 
     import torch
 
-    from distill.data import DataConfig
-    from distill.evaluate import EvalConfig, evaluate_set, summarize
-    from distill.experts import ExpertConfig, train_expert
-    from distill.matching import MatchConfig, match_trajectories
-    from distill.train import TrainConfig
-    from distill.trajectory import TrajectorySet, expert_file
-    from distill.transforms import Preprocessor
-
-    # One thread: on the shared 2-core box, two spinning threads per process made the double
-    # backward up to 10x slower (measured: 13.4 vs 1.3 s per iteration at load ~7).
     torch.set_num_threads(1)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     p = PRESETS[args.preset]
-    work = Path(args.work or tempfile.mkdtemp(prefix="tm-quality-"))
+    overrides = dict((kv.split("=", 1)[0], _parse_value(kv.split("=", 1)[1])) for kv in args.set)
+    zca = args.zca or p["zca"]
     t0 = time.perf_counter()
-    data = DataConfig(source=args.data, **p["data"])
-    train, test = data.load("train"), data.load("test")
-    pre = Preprocessor.fit(train.images, zca=data.zca)
-    train_x, test_x = pre(train.images), pre(test.images)
-    k = train.num_classes
-    print(f"data: {len(train)} train / {len(test)} test, {k} classes, zca={data.zca} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    load_start = _loadavg()
+    bench = Bench(args.preset, zca, Path(args.work), args.data, args.eval_epochs or p["eval"]["epochs"],
+                  args.nets or p["eval"]["num_models"])
+    print(f"data: {len(bench.d['train_y'])} train / {len(bench.d['test_y'])} test, zca={zca} "
+          f"(pixel std {float(bench.d['train_x'].std()):.3f})", flush=True)
+    experts = bench.experts(args.experts)
+    if args.prepare:
+        return
 
-    expert_cfg = ExpertConfig(recipe="mtt", net="convnet", net_kwargs=p["net_kwargs"], **p["experts"])
-    expert_dir = work / "experts"
-    t = time.perf_counter()
-    for i in range(expert_cfg.num_experts):
-        s = train_expert(expert_cfg, train_x, train.labels, test_x, test.labels, num_classes=k, expert_id=i,
-                         out_path=expert_dir / expert_file(i), dataset_fingerprint=train.fingerprint(),
-                         preprocessor_fingerprint=pre.fingerprint(), device="cpu")
-        print(f"expert {i}: test acc {s['test_acc']:.3f}", flush=True)
-    expert_seconds = time.perf_counter() - t
-    experts = TrajectorySet(expert_dir)
+    results = {}
+    for ipc in args.ipc or sorted(p["match"]):
+        marks = ([("its", float(v)) for v in args.its.split(",")] if args.its else []) + \
+                ([("min", float(v)) for v in args.minutes.split(",")] if args.minutes else [])
+        if not marks:
+            marks = [("its", float(v)) for v in p["marks"][ipc].get("its", [])] + \
+                    [("min", float(v)) for v in p["marks"][ipc].get("minutes", [])]
+        entry = {}
+        if not args.no_random:
+            entry["random_real"] = bench.random_real(ipc)
+            print(f"random real ipc{ipc}: {entry['random_real']['mean']:.2f} +- {entry['random_real']['std']:.2f}", flush=True)
+        entry.update(bench.run(experts, ipc, overrides, marks))
+        pts = entry["points"]
+        if ipc in p["anchor"]:
+            anchor_acc, anchor_min = p["anchor"][ipc]
+            reached = [q["minutes"] for q in pts if q["mean"] >= anchor_acc]
+            entry["minutes_to_anchor"] = min(reached) if reached else None
+            in_budget = [q for q in pts if q["minutes"] <= 10.5]
+            entry["acc_at_10min"] = in_budget[-1]["mean"] if in_budget else None
+            entry["goal_acc"] = entry["acc_at_10min"] is not None and entry["acc_at_10min"] >= p["goal"][ipc]
+            entry["goal_time"] = entry["minutes_to_anchor"] is not None and entry["minutes_to_anchor"] <= anchor_min / 2
+        results[str(ipc)] = entry
 
-    eval_cfg = EvalConfig(net="convnet", net_kwargs={**p["net_kwargs"], "norm": "instance"},
-                          train=TrainConfig(epochs=p["eval"]["epochs"], batch_size=256, lr=0.01, momentum=0.9,
-                                            weight_decay=5e-4, schedule="step", augment="dsa"),
-                          num_models=p["eval"]["num_models"])
-
-    def judge(x, y, lr):
-        accs = [evaluate_set(x, y, test_x, test.labels, eval_cfg, num_classes=k, seed=s, learned_lr=lr,
-                             device="cpu")["test_acc"] for s in range(eval_cfg.num_models)]
-        return summarize(accs)
-
-    results, timings = {}, {}
-    for ipc, settings in p["match"].items():
-        idx = torch.cat([torch.nonzero(train.labels == c).flatten()[torch.randperm(
-            int((train.labels == c).sum()), generator=torch.Generator().manual_seed(c))[:ipc]] for c in range(k)])
-        results[f"random-real/ipc{ipc}"] = judge(train_x[idx], train.labels[idx], None)
-        print(f"random-real ipc{ipc}: {results[f'random-real/ipc{ipc}']}", flush=True)
-        for method, extra in (("mtt", {}), ("ast", AST_SWITCHES)):
-            cfg = MatchConfig(ipc=ipc, **COMMON_MATCH, **settings, **extra)
-            t = time.perf_counter()
-            r = match_trajectories(cfg, experts, train_x, train.labels, num_classes=k, device="cpu",
-                                   work_dir=work / f"{method}-ipc{ipc}", dataset_fingerprint=train.fingerprint(),
-                                   preprocessor_fingerprint=pre.fingerprint())
-            timings[f"{method}/ipc{ipc}"] = round(time.perf_counter() - t, 1)
-            name = f"tm-{method}/ipc{ipc}"
-            results[name] = {**judge(r.images, r.labels, r.lr), "learned_lr": r.lr,
-                             "loss_first10": sum(r.losses[:10]) / len(r.losses[:10]),
-                             "loss_last10": sum(r.losses[-10:]) / len(r.losses[-10:])}
-            print(f"{name}: {results[name]} (distill {timings[f'{method}/ipc{ipc}']} s)", flush=True)
-
-    first = min(p["match"])
-    gain = {m: results[f"tm-{m}/ipc{first}"]["mean"] - results[f"random-real/ipc{first}"]["mean"] for m in ("mtt", "ast")}
     summary = {
-        "benchmark": "tm_quality", "preset": args.preset,
-        "setting": {"data": data.model_dump(mode="json"), "net_kwargs": p["net_kwargs"], "experts": p["experts"],
-                    "match": {str(i): {**COMMON_MATCH, **s} for i, s in p["match"].items()}, "ast": AST_SWITCHES,
-                    "eval": p["eval"]},
-        "accuracy": {n: {"mean": round(r["mean"], 4), "std": round(r["std"], 4), "n": r["n"],
-                         **({"learned_lr": round(r["learned_lr"], 6)} if "learned_lr" in r else {})}
-                     for n, r in results.items()},
-        f"gain_points_ipc{first}": {m: round(100 * g, 2) for m, g in gain.items()},
-        "goal_10_points_at_ipc1": first == 1 and max(gain.values()) >= 0.10,
-        "seconds": {"experts": round(expert_seconds, 1), **timings, "total": round(time.perf_counter() - t0, 1)},
+        "benchmark": "tm_quality", "preset": args.preset, "label": args.label, "zca": zca, "overrides": overrides,
+        "eval": {"epochs": bench.eval_epochs, "num_models": bench.nets, "test_images": len(bench.d["test_y"])},
+        "experts": bench.expert_stats, "expert_dir": experts.directory, "results": results,
+        "seconds": round(time.perf_counter() - t0, 1),
     }
+    for ipc, entry in results.items():
+        if "goal_acc" in entry:
+            summary[f"goal_ipc{ipc}_acc_{p['goal'][int(ipc)]}"] = entry["goal_acc"]
+            summary[f"goal_ipc{ipc}_half_anchor_time"] = entry["goal_time"]
+    record = {**summary, "git": _git_rev(), "threads": torch.get_num_threads(), "loadavg_start": load_start,
+              "loadavg_end": _loadavg(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if not args.no_record:
+        RECORDS.parent.mkdir(parents=True, exist_ok=True)
+        with RECORDS.open("a") as f:
+            f.write(json.dumps(record) + "\n")
     print(json.dumps(summary))
 
 

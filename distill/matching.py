@@ -21,6 +21,19 @@ AST's changes are config switches, all off by default (MTT):
                          scaled to unit Frobenius norm (AST: s = 1).
   student_momentum       inner steps b = mu * b + g, theta -= lr * b (AST: 0.9, like its experts).
 
+Follow-up switches (FOLLOW_UPS), each off by default and independent of the others:
+  ema_decay              publish an exponential moving average of the images instead of the last
+                         iterate (FTD, Du et al. 2023; ATT), bias-corrected: ema_t / (1 - d^t) with
+                         ema_t = d * ema_{t-1} + (1 - d) * images_t, ema_0 = 0.
+  soft_labels            learnable soft labels (DATM, Guo et al. 2024, "Towards Lossless Dataset
+                         Distillation via Difficulty-Aligned Trajectory Matching"): logits
+                         initialised from the experts' mean logits on the initial images, the inner
+                         CE taken against their softmax, updated by SGD (lr_labels, momentum 0.9).
+  min_start_epoch, initial_max_start_epoch, window_growth
+                         DATM's difficulty-aligned window: start epochs uniform over [min, upper],
+                         upper growing linearly from initial_max_start_epoch to max_start_epoch over
+                         window_growth iterations (its "sequential generation").
+
 Memory modes (MEMORY_MODES), both exact:
   unrolled  backprop through the whole inner loop (MTT); the graph of every step is kept, so
             memory grows linearly with syn_steps.
@@ -106,6 +119,17 @@ class MatchConfig(BaseModel, frozen=True, extra="forbid"):
     intermediate_loss: Literal["none", "constant", "adaptive"] = "none"  # AST --agg_middle_loss / adaptive
     weight_perturb: float = Field(0.0, ge=0)  # AST --weight_perturb uses 1.0; 0 = off
     student_momentum: float = Field(0.0, ge=0, lt=1)  # AST 0.9 (its experts use momentum 0.9)
+    # Follow-up switches (FOLLOW_UPS), all off by default; see the module docstring.
+    ema_decay: float = Field(0.0, ge=0, lt=1)  # FTD/ATT: publish an EMA of the images; 0 = the last iterate
+    soft_labels: bool = False  # DATM: learn soft labels (logits) initialised from the experts' logits
+    lr_labels: float = Field(5.0, ge=0)  # DATM lr_y (5 at CIFAR-10 ipc 1, 2 at ipc 10); 0 = fixed soft labels
+    momentum_labels: float = Field(0.9, ge=0, lt=1)  # DATM Momentum_y
+    label_epoch: int | None = Field(None, ge=0)  # expert snapshot whose logits start the labels; None = last
+    min_start_epoch: int = Field(0, ge=0)  # DATM: lower end of the start-epoch window
+    # DATM sequential generation: the window's upper end grows linearly from initial_max_start_epoch
+    # to max_start_epoch over window_growth iterations; None = fixed at max_start_epoch
+    initial_max_start_epoch: int | None = Field(None, ge=0)
+    window_growth: int = Field(1000, ge=1)  # DATM expansion_end_epoch, in iterations
     memory: str = "unrolled"  # a MEMORY_MODES name: unrolled (MTT) or constant (exact, O(1) graphs)
     checkpoint_every: int = Field(50, ge=1)  # iterations between checkpoints (needs a work_dir)
     on_divergence: Literal["stop", "rollback"] = "stop"
@@ -128,6 +152,16 @@ class MatchConfig(BaseModel, frozen=True, extra="forbid"):
         return name
 
     @model_validator(mode="after")
+    def _window_is_ordered(self) -> MatchConfig:
+        upper = self.max_start_epoch if self.initial_max_start_epoch is None else self.initial_max_start_epoch
+        if not self.min_start_epoch <= upper <= self.max_start_epoch:
+            raise ValueError(
+                f"the start-epoch window needs min_start_epoch <= initial_max_start_epoch <= max_start_epoch; got "
+                f"{self.min_start_epoch}, {self.initial_max_start_epoch}, {self.max_start_epoch}"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _intermediate_fits(self) -> MatchConfig:
         if self.intermediate_loss != "none" and self.syn_steps < self.expert_epochs:
             raise ValueError(
@@ -139,9 +173,18 @@ class MatchConfig(BaseModel, frozen=True, extra="forbid"):
     def identity(self) -> dict:
         """What a run's result depends on: every field but how long it runs and how often it saves.
 
-        iterations is left out, so a finished run can be extended by resuming with more.
+        iterations is left out, so a finished run can be extended by resuming with more; follow-up
+        switches at their defaults are left out, so runs from before they existed still resume.
         """
-        return self.model_dump(mode="json", exclude={"iterations", "checkpoint_every"})
+        out = self.model_dump(mode="json", exclude={"iterations", "checkpoint_every"})
+        for name in FOLLOW_UPS:
+            if out[name] == type(self).model_fields[name].default:
+                del out[name]
+        return out
+
+
+FOLLOW_UPS = ("ema_decay", "soft_labels", "lr_labels", "momentum_labels", "label_epoch", "min_start_epoch",
+              "initial_max_start_epoch", "window_growth")
 
 
 # ---------------------------------------------------------------- checks (before any long computation)
@@ -196,6 +239,8 @@ def check_experts(
             f"{cfg.max_start_epoch + cfg.expert_epochs} is beyond the stored trajectories (last epoch "
             f"{last_epoch}); lower them or train longer experts"
         )
+    if cfg.soft_labels and cfg.label_epoch is not None and cfg.label_epoch > last_epoch:
+        raise MatchingError(f"label_epoch {cfg.label_epoch} is beyond the stored trajectories (last epoch {last_epoch})")
 
 
 # ---------------------------------------------------------------- the student
@@ -243,7 +288,9 @@ def _inner_grad(student: Student, theta: torch.Tensor, images: torch.Tensor, lab
     x = images[idx]
     if aug is not None:
         x = apply_params(x, aug)
-    ce = F.cross_entropy(student(theta, x), labels[idx])
+    target = labels[idx]
+    # float labels are soft-label logits (DATM): cross-entropy against their softmax
+    ce = F.cross_entropy(student(theta, x), target.softmax(1) if target.is_floating_point() else target)
     (g,) = torch.autograd.grad(ce * scale if scale != 1.0 else ce, theta, create_graph=create_graph)
     return g
 
@@ -265,20 +312,20 @@ def _unrolled(student: Student, images: torch.Tensor, labels: torch.Tensor, lr: 
         if k + 1 in weights:
             target, w = weights[k + 1]
             loss = loss + w * _match_term(theta, seg.start, target)
-    grad_images, grad_lr = torch.autograd.grad(loss, [images, lr])
-    return float(loss.detach()), grad_images, grad_lr
+    wrt = [images, lr] + ([labels] if labels.requires_grad else [])
+    return (float(loss.detach()), *torch.autograd.grad(loss, wrt))
 
 
 def _constant(student: Student, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor,
               seg: Segment) -> tuple[float, torch.Tensor, torch.Tensor]:
     """Exact adjoint of the inner loop, one step's graph at a time (see the module docstring)."""
     alpha, mu = lr.detach(), seg.momentum
-    fixed = images.detach()
+    fixed, fixed_labels, learn_labels = images.detach(), labels.detach(), labels.requires_grad
     thetas = [seg.start.detach()]
     velocity = None
     for step in seg.plan:
         theta = thetas[-1].clone().requires_grad_(True)
-        g = _inner_grad(student, theta, fixed, labels, step, seg.scale, create_graph=False)
+        g = _inner_grad(student, theta, fixed, fixed_labels, step, seg.scale, create_graph=False)
         velocity = g if velocity is None else mu * velocity + g
         thetas.append((thetas[-1] - alpha * velocity).detach())
     loss = torch.zeros((), dtype=alpha.dtype, device=alpha.device)
@@ -293,18 +340,22 @@ def _constant(student: Student, images: torch.Tensor, labels: torch.Tensor, lr: 
     u = torch.zeros_like(seg.start)
     grad_images = torch.zeros_like(images)
     grad_lr = torch.zeros_like(alpha)
+    grad_labels = torch.zeros_like(labels) if learn_labels else None
     for k in reversed(range(n)):
         u = theta_bar + mu * u
         theta = thetas[k].clone().requires_grad_(True)
         g = _inner_grad(student, theta, images, labels, seg.plan[k], seg.scale, create_graph=True)
-        hv_theta, hv_images = torch.autograd.grad(g, [theta, images], grad_outputs=-alpha * u)
+        hv_theta, hv_images, *hv_labels = torch.autograd.grad(
+            g, [theta, images] + ([labels] if learn_labels else []), grad_outputs=-alpha * u)
         grad_lr = grad_lr - (g.detach() * u).sum()
         grad_images = grad_images + hv_images
+        if learn_labels:
+            grad_labels = grad_labels + hv_labels[0]
         theta_bar = theta_bar + hv_theta
         if k in direct and k > 0:
             theta_bar = theta_bar + direct[k]
-        del g, hv_theta, hv_images
-    return float(loss), grad_images, grad_lr.reshape(lr.shape)
+        del g, hv_theta, hv_images, hv_labels
+    return (float(loss), grad_images, grad_lr.reshape(lr.shape)) + ((grad_labels,) if learn_labels else ())
 
 
 # name -> fn(student, images (leaf, requires grad), labels, lr (leaf), segment) -> (loss, d images, d lr)
@@ -315,13 +366,29 @@ MEMORY_MODES: dict[str, Callable[..., tuple[float, torch.Tensor, torch.Tensor]]]
 
 
 def matching_grad(mode: str, student: Student, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor,
-                  seg: Segment) -> tuple[float, torch.Tensor, torch.Tensor]:
-    """The matching loss and its gradients w.r.t. the images and the lr, in a MEMORY_MODES mode."""
+                  seg: Segment, learn_labels: bool = False) -> tuple:
+    """The matching loss and its gradients w.r.t. the images and the lr, in a MEMORY_MODES mode.
+
+    labels: int class labels [N], or soft-label logits [N, K] (float); with learn_labels (float
+    labels only) a fourth element follows: the gradient w.r.t. the logits.
+    """
     if mode not in MEMORY_MODES:
         raise ValueError(f"unknown memory mode {mode!r}; valid: {', '.join(MEMORY_MODES)}")
+    if learn_labels and not labels.is_floating_point():
+        raise ValueError("learn_labels needs soft-label logits [N, K] (float), not class indices")
     images = images.detach().requires_grad_(True)
     lr = lr.detach().requires_grad_(True)
+    labels = labels.detach().requires_grad_(True) if learn_labels else labels.detach()
     return MEMORY_MODES[mode](student, images, labels, lr, seg)
+
+
+def start_window(cfg: MatchConfig, iteration: int) -> tuple[int, int]:
+    """The start epochs drawn at `iteration` (1-based), both ends inclusive (DATM's window)."""
+    upper = cfg.max_start_epoch
+    if cfg.initial_max_start_epoch is not None:
+        grown = (cfg.max_start_epoch - cfg.initial_max_start_epoch) * (iteration - 1) // cfg.window_growth
+        upper = min(cfg.initial_max_start_epoch + grown, cfg.max_start_epoch)
+    return cfg.min_start_epoch, upper
 
 
 def balance_scale(start_epoch: int, max_start_epoch: int) -> float:
@@ -348,15 +415,19 @@ def _perturb(theta: torch.Tensor, layout: list, scale: float, generator: torch.G
 
 
 def sample_segment(cfg: MatchConfig, experts: TrajectorySet, n_images: int, generator: torch.Generator,
-                   device: torch.device, dtype: torch.dtype = torch.float32) -> Segment:
+                   device: torch.device, dtype: torch.dtype = torch.float32, iteration: int = 1) -> Segment:
     """Draw one iteration: expert, start epoch, targets, perturbation, batches and DSA parameters."""
-    start, target, expert_id, start_epoch = experts.random_segment(generator, cfg.max_start_epoch, cfg.expert_epochs)
+    low, high = start_window(cfg, iteration)
+    # Same draws as TrajectorySet.random_segment (expert, then epoch), shifted by the window's low end.
+    i = int(torch.randint(len(experts), (), generator=generator))
+    start_epoch = low + int(torch.randint(high - low + 1, (), generator=generator))
+    reader, expert_id = experts.reader(i), experts.expert_ids[i]
+    start, target = reader.snapshot(start_epoch), reader.snapshot(start_epoch + cfg.expert_epochs)
     move = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
     start, target = move(start), move(target)
     n, m = cfg.syn_steps, cfg.expert_epochs
     targets = [(n, target, 1.0)]
     if cfg.intermediate_loss != "none":
-        reader = experts.reader(experts.expert_ids.index(expert_id))
         for i in range(1, m):
             weight = 1.0 if cfg.intermediate_loss == "constant" else i / m
             targets.append(((n // m) * i, move(reader.snapshot(start_epoch + i)), weight))
@@ -441,11 +512,14 @@ class _State:
     losses: list[float] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
     start_epochs: list[int] = field(default_factory=list)
+    # follow-up state: "ema" (image EMA accumulator), "labels" / "buf_labels" (soft-label logits, momentum)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def copy(self) -> _State:
         return replace(self, images=self.images.clone(), lr=self.lr.clone(), buf_images=self.buf_images.clone(),
                        buf_lr=self.buf_lr.clone(), rng=self.rng.clone(), losses=list(self.losses),
-                       lrs=list(self.lrs), start_epochs=list(self.start_epochs))
+                       lrs=list(self.lrs), start_epochs=list(self.start_epochs),
+                       extra={k: v.clone() for k, v in self.extra.items()})
 
 
 class _Checkpoint:
@@ -457,7 +531,8 @@ class _Checkpoint:
 
     def save(self, state: _State) -> None:
         tensors = {"images": state.images, "lr": state.lr.reshape(1), "buf_images": state.buf_images,
-                   "buf_lr": state.buf_lr.reshape(1), "rng": state.rng}
+                   "buf_lr": state.buf_lr.reshape(1), "rng": state.rng,
+                   **{f"extra.{k}": v for k, v in state.extra.items()}}
         self.state.save(state.iteration, tensors, {"lr_img": state.lr_img, "rollbacks": state.rollbacks,
                                                    "losses": state.losses, "lrs": state.lrs,
                                                    "start_epochs": state.start_epochs})
@@ -473,7 +548,8 @@ class _Checkpoint:
         dev = lambda v: v.to(device=device, dtype=dtype)  # noqa: E731
         return _State(saved.step, dev(t["images"]), dev(t["lr"]).reshape(()), dev(t["buf_images"]),
                       dev(t["buf_lr"]).reshape(()), t["rng"], r["lr_img"], r["rollbacks"],
-                      r["losses"], r["lrs"], r["start_epochs"])
+                      r["losses"], r["lrs"], r["start_epochs"],
+                      {k.removeprefix("extra."): dev(v) for k, v in t.items() if k.startswith("extra.")})
 
 
 def _tensor_digest(*tensors: torch.Tensor) -> str:
@@ -499,6 +575,8 @@ class MatchResult:
     resumed_from: int | None
     rollbacks: int
     init_images: torch.Tensor | None = None  # the starting images (None when resumed)
+    soft_labels: torch.Tensor | None = None  # float32 logits [num_classes * ipc, num_classes] (soft_labels)
+    last_images: torch.Tensor | None = None  # the last iterate when `images` is the EMA (ema_decay > 0)
 
 
 def match_trajectories(
@@ -554,6 +632,11 @@ def match_trajectories(
         init_images = images.detach().cpu().float().clone()
         lr = torch.tensor(cfg.lr_init, device=dev, dtype=dtype)
         state = _State(0, images, lr, torch.zeros_like(images), torch.zeros_like(lr), generator.get_state(), cfg.lr_img)
+        if cfg.soft_labels:
+            soft = initial_soft_labels(cfg, experts, images, dev, dtype)
+            state.extra.update(labels=soft, buf_labels=torch.zeros_like(soft))
+        if cfg.ema_decay > 0:
+            state.extra["ema"] = torch.zeros_like(images)
         if checkpoint:
             checkpoint.save(state)
     last_good = state.copy()
@@ -562,14 +645,24 @@ def match_trajectories(
 
     while state.iteration < cfg.iterations:
         it = state.iteration + 1
-        seg = sample_segment(cfg, experts, len(state.images), generator, dev, dtype)
-        loss, g_images, g_lr = matching_grad(cfg.memory, student, state.images, labels, state.lr, seg)
+        seg = sample_segment(cfg, experts, len(state.images), generator, dev, dtype, iteration=it)
+        learn_labels = cfg.soft_labels and cfg.lr_labels > 0
+        loss, g_images, g_lr, *g_labels = matching_grad(cfg.memory, student, state.images,
+                                                        state.extra.get("labels", labels), state.lr, seg, learn_labels)
         with torch.no_grad():
             buf_images = cfg.momentum_img * state.buf_images + g_images
             buf_lr = cfg.momentum_lr * state.buf_lr + g_lr
             images = state.images - state.lr_img * buf_images
             lr = state.lr - cfg.lr_lr * buf_lr
-        problem = _divergence(loss, g_images, float(lr))
+            extra = dict(state.extra)
+            if learn_labels:
+                extra["buf_labels"] = cfg.momentum_labels * state.extra["buf_labels"] + g_labels[0]
+                extra["labels"] = state.extra["labels"] - cfg.lr_labels * extra["buf_labels"]
+            if cfg.ema_decay > 0:
+                extra["ema"] = cfg.ema_decay * state.extra["ema"] + (1 - cfg.ema_decay) * images
+        problem = _divergence(loss, g_images, float(lr)) or (
+            "the soft labels have non-finite values" if learn_labels and not bool(torch.isfinite(extra["labels"]).all())
+            else None)
         if problem:
             if cfg.on_divergence == "stop" or state.rollbacks >= cfg.max_rollbacks:
                 tried = f" after {state.rollbacks} rollback(s)" if cfg.on_divergence == "rollback" else ""
@@ -582,7 +675,7 @@ def match_trajectories(
             state = replace(last_good.copy(), rollbacks=rollbacks, lr_img=lr_img)
             generator.set_state(state.rng)
             continue
-        state.images, state.lr, state.buf_images, state.buf_lr = images, lr, buf_images, buf_lr
+        state.images, state.lr, state.buf_images, state.buf_lr, state.extra = images, lr, buf_images, buf_lr, extra
         state.iteration = it
         state.losses.append(loss)
         state.lrs.append(float(lr))
@@ -596,12 +689,33 @@ def match_trajectories(
             progress(it, cfg.iterations, loss=loss, lr=float(lr), start_epoch=seg.start_epoch,
                      expert=seg.expert_id, lr_img=state.lr_img)
 
+    published, last_images = state.images, None
+    if cfg.ema_decay > 0 and state.iteration > 0:
+        # bias-corrected: the accumulator starts at 0, so the initial images carry no weight
+        published = state.extra["ema"] / (1 - cfg.ema_decay ** state.iteration)
+        last_images = state.images.detach().cpu().float()
+    soft_labels = state.extra["labels"].detach().cpu().float() if "labels" in state.extra else None
     return MatchResult(
-        images=state.images.detach().cpu().float(), labels=labels.cpu(), lr=float(state.lr),
+        images=published.detach().cpu().float(), labels=labels.cpu(), lr=float(state.lr),
         losses=state.losses, lrs=state.lrs, start_epochs=state.start_epochs,
         seconds=time.perf_counter() - t0, resumed_from=resumed_from, rollbacks=state.rollbacks,
-        init_images=init_images,
+        init_images=init_images, soft_labels=soft_labels, last_images=last_images,
     )
+
+
+@torch.no_grad()
+def initial_soft_labels(cfg: MatchConfig, experts: TrajectorySet, images: torch.Tensor, device: torch.device,
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """DATM: the soft labels start as the experts' logits on the initial images, averaged over the
+    experts, each at snapshot label_epoch (None: its last)."""
+    student = Student(experts.meta, device, dtype)
+    logits = []
+    for i in range(len(experts)):
+        reader = experts.reader(i)
+        theta = reader.snapshot(reader.last_epoch if cfg.label_epoch is None else cfg.label_epoch)
+        theta = theta.to(device=device, dtype=dtype)
+        logits.append(torch.cat([student(theta, batch) for batch in images.split(256)]))
+    return torch.stack(logits).mean(0)
 
 
 def _divergence(loss: float, g_images: torch.Tensor, lr: float) -> str | None:

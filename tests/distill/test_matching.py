@@ -305,3 +305,79 @@ def test_rollback_returns_to_the_checkpoint_with_a_smaller_image_lr(setup, monke
     _poisoned(monkeypatch, {1, 2, 3}, "nan")
     with pytest.raises(MatchingDiverged, match="after 2 rollback"):
         match_trajectories(cfg.model_copy(update={"max_rollbacks": 2}), experts, x, y, num_classes=NUM_CLASSES)
+
+
+# ---------------------------------------------------------------- follow-up switches (issue 14 part 2)
+
+
+def test_image_ema_equals_its_formula_and_survives_a_resume(setup, tmp_path):
+    """EMA images = sum_s (1-d) d^(t-s) x_s / (1 - d^t) over the iterates x_1..x_t; the dynamics are unchanged."""
+    experts, x, y = setup
+    d, t = 0.6, 3
+    iterates = [match_trajectories(_cfg(iterations=s), experts, x, y, num_classes=NUM_CLASSES).images
+                for s in range(1, t + 1)]
+    ema = match_trajectories(_cfg(iterations=t, ema_decay=d), experts, x, y, num_classes=NUM_CLASSES)
+    expected = sum((1 - d) * d ** (t - s) * iterates[s - 1] for s in range(1, t + 1)) / (1 - d**t)
+    torch.testing.assert_close(ema.images, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(ema.last_images, iterates[-1])
+    assert not torch.allclose(ema.images, iterates[-1])
+    # the accumulator rides in the checkpoint: 2 iterations, then resumed to 3, gives the same EMA
+    cfg = _cfg(iterations=2, ema_decay=d, checkpoint_every=1)
+    match_trajectories(cfg, experts, x, y, num_classes=NUM_CLASSES, work_dir=tmp_path)
+    resumed = match_trajectories(cfg.model_copy(update={"iterations": t}), experts, x, y, num_classes=NUM_CLASSES,
+                                 work_dir=tmp_path)
+    assert resumed.resumed_from == 2
+    torch.testing.assert_close(resumed.images, ema.images, rtol=0, atol=0)
+
+
+def test_soft_labels_start_from_the_experts_logits_and_receive_a_gradient(setup):
+    experts, x, y = setup
+    cfg = _cfg(ipc=2, soft_labels=True, lr_labels=5.0, iterations=2)
+    result = match_trajectories(cfg, experts, x, y, num_classes=NUM_CLASSES)
+    student = Student(experts.meta, torch.device("cpu"))
+    with torch.no_grad():
+        mean_logits = torch.stack([student(experts.reader(i).snapshot(experts.reader(i).last_epoch), result.init_images)
+                                   for i in range(len(experts))]).mean(0)
+    torch.testing.assert_close(matching.initial_soft_labels(cfg, experts, result.init_images, torch.device("cpu")),
+                               mean_logits)
+    assert result.soft_labels.shape == (6, NUM_CLASSES)
+    assert not torch.allclose(result.soft_labels, mean_logits), "the labels were updated"
+    # fixed soft labels (lr_labels 0) stay where they started
+    fixed = match_trajectories(cfg.model_copy(update={"lr_labels": 0.0}), experts, x, y, num_classes=NUM_CLASSES)
+    torch.testing.assert_close(fixed.soft_labels, mean_logits)
+
+    # the gradient w.r.t. the logits: non-zero, and the constant-memory adjoint equals backprop (float64)
+    student64 = Student(experts.meta, torch.device("cpu"), torch.float64)
+    images = x[[0, 1, 12, 13, 24, 25]].double()
+    logits = torch.randn(6, NUM_CLASSES, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    seg = sample_segment(_cfg(ipc=2, dsa=None, student_momentum=0.5), experts, 6, torch.Generator().manual_seed(3),
+                         torch.device("cpu"), torch.float64)
+    lr = torch.tensor(0.02, dtype=torch.float64)
+    unrolled = matching_grad("unrolled", student64, images, logits, lr, seg, learn_labels=True)
+    constant = matching_grad("constant", student64, images, logits, lr, seg, learn_labels=True)
+    assert len(unrolled) == 4 and unrolled[3].abs().max() > 0
+    for a, b in zip(unrolled[1:], constant[1:]):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="learn_labels needs soft-label logits"):
+        matching_grad("unrolled", student64, images, torch.arange(6) % 3, lr, seg, learn_labels=True)
+
+
+def test_difficulty_window_moves_and_defaults_draw_as_before(setup):
+    experts, _, _ = setup
+    cfg = _cfg(max_start_epoch=2, min_start_epoch=1, initial_max_start_epoch=1, window_growth=4)
+    # upper end: 1 + (2 - 1) * (it - 1) // 4, capped at 2
+    assert [matching.start_window(cfg, it)[1] for it in (1, 4, 5, 9, 100)] == [1, 1, 2, 2, 2]
+    assert matching.start_window(cfg, 1)[0] == 1
+    draws = lambda c, it: {sample_segment(c, experts, 3, torch.Generator().manual_seed(s), torch.device("cpu"),  # noqa: E731
+                                          iteration=it).start_epoch for s in range(40)}
+    assert draws(cfg, 1) == {1} and draws(cfg, 9) == {1, 2}
+    # the defaults draw exactly what TrajectorySet.random_segment draws from the same generator
+    plain = _cfg(max_start_epoch=2)
+    for s in range(5):
+        seg = sample_segment(plain, experts, 3, torch.Generator().manual_seed(s), torch.device("cpu"))
+        start, target, expert_id, start_epoch = experts.random_segment(torch.Generator().manual_seed(s), 2, 2)
+        assert (seg.expert_id, seg.start_epoch) == (expert_id, start_epoch) and torch.equal(seg.start, start)
+    with pytest.raises(ValidationError, match="min_start_epoch <= initial_max_start_epoch <= max_start_epoch"):
+        _cfg(max_start_epoch=2, min_start_epoch=2, initial_max_start_epoch=1)
+    # switches at their defaults stay out of the identity, so older runs still resume
+    assert "ema_decay" not in plain.identity() and cfg.identity()["min_start_epoch"] == 1
