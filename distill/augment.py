@@ -26,19 +26,22 @@ batches of any size, like DSA's seeded batch mode), or replayed on the same batc
 the same graph (TESLA-style constant-memory trajectory matching).
 Everything is batched (per-sample index maps, masks and affine matrices): 256x3x32x32 takes
 a few ms per family on two CPU cores.
+
+Also here: AUGMENTS, the registry of training augmentations by name ("none", "flip_crop" (the
+CIFAR recipe), "dsa"), which distill.train and every config with an `augment` field use.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, Field, field_validator
 
-from distill.train import register_augment
+from distill.registry import Registry
 
 FAMILIES = ("color", "crop", "cutout", "flip", "scale", "rotate")
 
@@ -234,6 +237,44 @@ def dsa(
     if params is None:
         params = sample_params(x.shape[0], cfg, generator)
     return apply_params(x, params)
+
+
+# ---------------------------------------------------------------- training augmentations by name
+
+# name -> fn(x [N,C,H,W], generator) -> augmented x. The generator is a CPU torch.Generator:
+# draw random parameters on it and move them to x.device, so a seed gives the same
+# augmentation on every device. Augmentations should stay differentiable w.r.t. x, because
+# distillation methods (DSA) push gradients through them to the synthetic images.
+AUGMENTS: Registry[Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = Registry("augment")
+register_augment = AUGMENTS.register  # decorator: @register_augment("name")
+AugmentName = AUGMENTS.name_type()  # a config field holding a registered augmentation name
+
+
+@register_augment("none")
+def no_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return x
+
+
+@register_augment("flip_crop")
+def flip_crop(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random horizontal flip and random crop after zero padding by 1/8 of the size (4 px at 32 px).
+
+    One gather per batch: flip and shift become per-sample index maps into the padded images.
+    """
+    n, _, h, w = x.shape
+    pad = max(1, min(h, w) // 8)
+    dy = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator)
+    flip = torch.rand(n, 1, generator=generator) < 0.5
+    cols = torch.arange(w)
+    # Reading columns right-to-left from a uniformly shifted window is a flip followed by a crop.
+    cols = dx + torch.where(flip, w - 1 - cols, cols)
+    rows = dy + torch.arange(h)
+    batch = torch.arange(n)[:, None, None]
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dev = x.device
+    out = padded[batch.to(dev), :, rows[:, :, None].to(dev), cols[:, None, :].to(dev)]  # [N, H, W, C]
+    return out.permute(0, 3, 1, 2).contiguous()
 
 
 @register_augment("dsa")

@@ -15,14 +15,14 @@ import time
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field
 
-from distill.nets import create_net, net_arg_problem
+from distill.nets import NetFields, create_net
 from distill.train import TrainConfig, evaluate, train
 from distill.utils import Progress, resolve_device, seed_everything
 
 
-class EvalConfig(BaseModel):
+class EvalConfig(NetFields):
     """How a training set is judged: N fresh networks, one recipe, final-epoch test accuracy."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -42,14 +42,6 @@ class EvalConfig(BaseModel):
     use_learned_lr: bool = Field(
         True, description="A distilled set's learned learning rate replaces train.lr (MTT's protocol)."
     )
-
-    @model_validator(mode="after")
-    def _net_args_fit(self) -> EvalConfig:
-        problem = net_arg_problem(self.net, self.net_kwargs)
-        if problem:
-            raise ValueError(problem)
-        return self
-
     def recipe(self, learned_lr: float | None = None) -> dict[str, Any]:
         """The recipe as stored with a dataset, with the learning rate actually used."""
         train_cfg = self.train_config(learned_lr)

@@ -38,8 +38,9 @@ from typing import Any, Callable, Iterator, Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from distill.augment import AUGMENTS, AugmentName
 from distill.checkpoint import (
     Checkpoint,
     check_identity,
@@ -48,8 +49,9 @@ from distill.checkpoint import (
     module_tensors,
     optimizer_tensors,
 )
-from distill.nets import create_net, flatten_params, net_arg_problem, param_layout
-from distill.train import AUGMENTS, AugmentName, check_finite_losses, evaluate
+from distill.nets import NetFields, create_net, flatten_params, param_layout
+from distill.registry import Registry
+from distill.train import check_finite_losses, evaluate
 from distill.trajectory import Snapshot, TrajectoryReader, param_change, write_trajectory
 from distill.utils import Progress, derive_seed, resolve_device
 
@@ -57,7 +59,7 @@ from distill.utils import Progress, derive_seed, resolve_device
 AST_LOSS_RAMP = [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95]
 
 # recipe name -> the field values it presets; fields given explicitly override them.
-RECIPES: dict[str, dict[str, Any]] = {
+RECIPES: Registry[dict[str, Any]] = Registry("expert recipe", {
     "mtt": {},  # the ExpertConfig defaults are MTT's
     "ast": {
         "lr": 0.003,
@@ -69,13 +71,14 @@ RECIPES: dict[str, dict[str, Any]] = {
         "grad_penalty": 2.0,
     },
     "sam": {"sam_rho": 0.01},  # FTD: buffer_FTD.py --rho_max 0.01 --rho_min 0.01 on MTT's recipe
-}
+})
+RecipeName = RECIPES.name_type()
 
 
-class ExpertConfig(BaseModel, frozen=True, extra="forbid"):
+class ExpertConfig(NetFields, frozen=True, extra="forbid"):
     """How to train a pool of experts. `recipe` presets the other fields (see RECIPES)."""
 
-    recipe: str = "mtt"  # a RECIPES name; fills the fields it presets unless they are given
+    recipe: RecipeName = "mtt"  # a RECIPES name; fills the fields it presets unless they are given
     net: str = "convnet"  # a distill.nets name; distillation must use the same net
     net_kwargs: dict[str, Any] = {}  # e.g. {"width": 128, "depth": 3}: MTT's ConvNet-3 at 32 px
     epochs: int = Field(50, ge=1)  # MTT/AST train_epochs; matching needs max_start_epoch + expert_epochs of them
@@ -87,7 +90,7 @@ class ExpertConfig(BaseModel, frozen=True, extra="forbid"):
     # MTT --decay and AST drop (both after their 0-based epoch epochs // 2 + 1); None = constant lr
     lr_drop_epoch: int | Literal["mid"] | None = None
     lr_drop_factor: float = Field(0.1, gt=0)  # MTT --decay x0.1; AST x0.6
-    augment: AugmentName = "dsa"  # a name in distill.train.AUGMENTS; MTT and AST train experts with DSA
+    augment: AugmentName = "dsa"  # a name in distill.augment.AUGMENTS; MTT and AST train experts with DSA
     # CE multipliers for epochs 1..len(loss_ramp), 1 afterwards (AST "clipping loss": a warm-up)
     loss_ramp: list[float] | None = None
     grad_penalty: float = Field(0.0, ge=0)  # AST lambda (2); 0 disables the extra forward + double backward
@@ -100,12 +103,7 @@ class ExpertConfig(BaseModel, frozen=True, extra="forbid"):
     def _apply_recipe(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        recipe = data.get("recipe", "mtt")
-        if recipe not in RECIPES:
-            raise ValueError(f"unknown expert recipe {recipe!r}; known recipes: {', '.join(RECIPES)}")
-        return {**RECIPES[recipe], **data}
-
-
+        return {**RECIPES[RECIPES.check(data.get("recipe", "mtt"))], **data}
 
     @field_validator("loss_ramp")
     @classmethod
@@ -113,13 +111,6 @@ class ExpertConfig(BaseModel, frozen=True, extra="forbid"):
         if ramp is not None and (not ramp or any(not (s > 0 and math.isfinite(s)) for s in ramp)):
             raise ValueError(f"loss_ramp must be a non-empty list of positive numbers or None, got {ramp}")
         return ramp
-
-    @model_validator(mode="after")
-    def _net_args_fit(self) -> ExpertConfig:
-        problem = net_arg_problem(self.net, self.net_kwargs)
-        if problem:
-            raise ValueError(problem)
-        return self
 
     def lr_at(self, epoch: int) -> float:
         """Learning rate during 1-based `epoch`."""

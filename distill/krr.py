@@ -50,9 +50,9 @@ from typing import Any, Callable, Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import Field
 
-from distill.nets import create_net, net_arg_problem
+from distill.augment import AUGMENTS, AugmentName
 from distill.checkpoint import (
     Checkpoint,
     load_module_tensors,
@@ -60,20 +60,26 @@ from distill.checkpoint import (
     module_tensors,
     optimizer_tensors,
 )
-from distill.train import AUGMENTS, AugmentName, TrainConfig, fine_tune, linear_probe, train
+from distill.nets import NetFields, create_net
+from distill.registry import Registry
+from distill.train import TrainConfig, fine_tune, linear_probe, train
 from distill.utils import Progress, derive_seed, resolve_device
 
 
 # ---------------------------------------------------------------- config
 
+# name -> pool class (registered below): how KRR-ST's feature maps are drawn every outer step
+POOL_MODES: Registry[type] = Registry("pool_mode")
+PoolMode = POOL_MODES.name_type()
 
-class KRRConfig(BaseModel, frozen=True, extra="forbid"):
+
+class KRRConfig(NetFields, frozen=True, extra="forbid"):
     """KRR-ST distillation. Defaults: the CPU-feasible setting of the methods brief (3.6)."""
 
     num_images: int = Field(100, ge=1)  # synthetic images; the paper: 2% of the source (1000 for CIFAR-100)
     net: str = "convnet_bn"  # pool models (and, by default, the students); KRR-ST's BN ConvNet
     net_kwargs: dict[str, Any] = {}  # convnet_bn defaults to 32-64-128 (paper: 128-256-512 at 32 px)
-    pool_mode: str = "online"  # a POOL_MODES name: "online" (trained pool) or "random-features"
+    pool_mode: PoolMode = "online"  # a POOL_MODES name: "online" (trained pool) or "random-features"
     num_models: int = Field(4, ge=1)  # pool size M (paper 10)
     online_iterations: int = Field(100, ge=1)  # T: steps a pool model trains before it is reset (paper 1000)
     online_lr: float = Field(0.1, gt=0)  # pool SGD (paper: lr 0.1, momentum 0.9, wd 1e-3, full batch)
@@ -85,25 +91,10 @@ class KRRConfig(BaseModel, frozen=True, extra="forbid"):
     learn_targets: bool = True  # Y_s learnable (paper: yes); False keeps the teacher's representations
     real_batch: int = Field(256, ge=1)  # augmented real images per outer step (paper 1024)
     ridge: float = Field(1e-6, gt=0)  # lambda = ridge * trace(K_ss), the paper's rule
-    augment: AugmentName = "flip_crop"  # real-batch augmentation, a distill.train.AUGMENTS name (paper: crop + flip)
+    augment: AugmentName = "flip_crop"  # real-batch augmentation, a distill.augment.AUGMENTS name (paper: crop + flip)
     grad_clip: float = Field(0.0, ge=0)  # max grad norm of (X_s, Y_s); 0 = off (paper default)
     checkpoint_every: int = Field(50, ge=1)  # outer steps between checkpoints
     seed: int = 0  # init images, pool inits, batches and augmentation
-
-    @field_validator("pool_mode")
-    @classmethod
-    def _known_pool(cls, name: str) -> str:
-        if name not in POOL_MODES:
-            raise ValueError(f"unknown pool_mode {name!r}; valid: {', '.join(POOL_MODES)}")
-        return name
-
-
-    @model_validator(mode="after")
-    def _net_args_fit(self) -> KRRConfig:
-        problem = net_arg_problem(self.net, self.net_kwargs)
-        if problem:
-            raise ValueError(problem)
-        return self
 
 
 # ---------------------------------------------------------------- the KRR solve
@@ -140,6 +131,7 @@ def krr_predict(f_syn: torch.Tensor, f_real: torch.Tensor, y_syn: torch.Tensor, 
 NetFactory = Callable[[int], nn.Module]  # seed -> a fresh net on the right device
 
 
+@POOL_MODES.register("online")
 class OnlinePool:
     """M models trained online on (X_s, Y_s): staggered ages, reset to a fresh net (age 0) after T steps."""
 
@@ -211,6 +203,7 @@ class OnlinePool:
             load_optimizer_tensors(f"pool{i}opt", self.optimizers[i], tensors, record["optimizers"][i])
 
 
+@POOL_MODES.register("random-features")
 class RandomFeaturePool:
     """A fresh, untrained net for every outer step (random-feature KRR): the ablation of the trained pool."""
 
@@ -236,9 +229,6 @@ class RandomFeaturePool:
 
     def load_state(self, tensors: dict[str, torch.Tensor], record: dict) -> None:
         self.draws = int(record["draws"])
-
-
-POOL_MODES: dict[str, type] = {"online": OnlinePool, "random-features": RandomFeaturePool}
 
 
 # ---------------------------------------------------------------- distillation
@@ -460,7 +450,7 @@ def _finetune_default() -> TrainConfig:
                        schedule="cosine", augment="flip_crop")
 
 
-class TransferConfig(BaseModel, frozen=True, extra="forbid"):
+class TransferConfig(NetFields, frozen=True, extra="forbid"):
     """Pretrain a fresh student on a set, then linear probe and fine-tune it on a labelled target."""
 
     net: str = "convnet_bn"  # the student (paper: the distillation's ConvNet)
@@ -468,13 +458,6 @@ class TransferConfig(BaseModel, frozen=True, extra="forbid"):
     pretrain: TrainConfig = Field(default_factory=_pretrain_default)  # loss is overridden per method
     linear_probe: TrainConfig = Field(default_factory=_probe_default)
     fine_tune: TrainConfig = Field(default_factory=_finetune_default)
-
-    @model_validator(mode="after")
-    def _net_args_fit(self) -> TransferConfig:
-        problem = net_arg_problem(self.net, self.net_kwargs)
-        if problem:
-            raise ValueError(problem)
-        return self
 
 
 @dataclass(frozen=True)
@@ -486,21 +469,18 @@ class Method:
     description: str
 
 
-METHODS: dict[str, Method] = {
+METHODS: Registry[Method] = Registry("method", {
     "krr-st": Method("distilled", "mse", "student pretrained by MSE on the distilled images and learned targets"),
     "random-real-targets": Method(
         "initial", "mse", "same random real images with the teacher's representations (KRR-ST at step 0)"),
     "random-real-ce": Method("initial", "ce", "same random real images, cross-entropy on their true labels"),
     "no-pretrain": Method("none", None, "a randomly initialized student"),
     "teacher": Method("teacher", None, "the self-supervised teacher itself (upper bound)"),
-}
+})
 
 
 def check_methods(names: list[str]) -> list[str]:
-    unknown = [m for m in names if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}; valid: {', '.join(METHODS)}")
-    return names
+    return METHODS.check_all(names)
 
 
 def check_labels(method: str, labels: torch.Tensor | None) -> torch.Tensor:

@@ -82,6 +82,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from distill.augment import DSAConfig, DSAParams, apply_params, sample_params
 from distill.checkpoint import Checkpoint, CheckpointError
 from distill.nets import create_net, unflatten_params
+from distill.registry import Registry
 from distill.trajectory import TrajectorySet, layout_from_json
 from distill.utils import Progress, resolve_device
 
@@ -359,10 +360,10 @@ def _constant(student: Student, images: torch.Tensor, labels: torch.Tensor, lr: 
 
 
 # name -> fn(student, images (leaf, requires grad), labels, lr (leaf), segment) -> (loss, d images, d lr)
-MEMORY_MODES: dict[str, Callable[..., tuple[float, torch.Tensor, torch.Tensor]]] = {
+MEMORY_MODES: Registry[Callable[..., tuple[float, torch.Tensor, torch.Tensor]]] = Registry("memory mode", {
     "unrolled": _unrolled,
     "constant": _constant,
-}
+})
 
 
 def matching_grad(mode: str, student: Student, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor,
@@ -489,11 +490,11 @@ def _init_representative(cfg, experts, x, y, num_classes, generator, device) -> 
 
 
 # name -> fn(cfg, experts, train_x, train_y, num_classes, generator, device) -> images [C*ipc, ...] class-major
-INITS: dict[str, Callable[..., torch.Tensor]] = {
+INITS: Registry[Callable[..., torch.Tensor]] = Registry("init", {
     "real": _init_real,
     "noise": _init_noise,
     "representative": _init_representative,
-}
+})
 
 
 # ---------------------------------------------------------------- state and checkpoints

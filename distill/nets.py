@@ -1,8 +1,12 @@
 """Network registry and the networks of the papers: MTT's ConvNet, KRR-ST's BN ConvNet, CIFAR ResNet-18.
 
 timm-style: `@register_net(name)` adds a builder to NETS, `create_net(name, num_classes=...)`
-builds one and refuses unknown names and arguments with the valid choices. Every net has the
-same surface, so probing, fine-tuning and KRR code never special-case an architecture:
+builds one and refuses unknown names and arguments with the valid choices. A builder's
+keyword arguments carry their types and ranges (width >= 1, depth >= 1, a registered norm...),
+so `NetSpec` and the configs that name a net (`NetFields`: `net` + `net_kwargs`) refuse a
+bad setting when the config is built, before any data is loaded or any worker started.
+Every net has the same surface, so probing, fine-tuning and KRR code never special-case an
+architecture:
 
     net.embed(x)     -> [N, net.feature_dim]   penultimate features
     net.classifier   -> nn.Linear(feature_dim, num_classes)
@@ -15,61 +19,120 @@ Expert trajectories store parameters flattened in `param_layout(net)` order.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
-from typing import Any, Callable
+import typing
+from typing import Annotated, Any, Callable
 
 import torch
 import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-NETS: dict[str, Callable[..., nn.Module]] = {}
+from distill.registry import Registry
+
+NETS: Registry[Callable[..., nn.Module]] = Registry("net")
 
 # Arguments every builder receives from create_net; everything else is net-specific.
 _COMMON_ARGS = ("num_classes", "channels", "image_size")
 
 
 def register_net(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator adding a builder `fn(*, num_classes, channels, image_size, **options)` to NETS."""
+    """Decorator adding a builder `fn(*, num_classes, channels, image_size, **options)` to NETS.
 
-    def add(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in NETS:
-            raise ValueError(f"net {name!r} is already registered")
-        NETS[name] = builder
-        return builder
-
-    return add
+    Annotate the options with their types and ranges (e.g. `width: Width = 128`): NetSpec
+    validates configs against them.
+    """
+    return NETS.register(name)
 
 
 def list_nets() -> list[str]:
     return sorted(NETS)
 
 
-def net_arg_problem(name: str, kwargs: dict[str, Any]) -> str | None:
-    """Why `create_net(name, **kwargs)` would be refused (unknown net or argument), or None.
+@functools.cache
+def _options_model(builder: Callable[..., nn.Module]) -> type[BaseModel]:
+    """A pydantic model of a builder's keyword options (types, ranges, defaults) from its signature."""
+    hints = typing.get_type_hints(builder, include_extras=True)
+    fields = {
+        p.name: (hints.get(p.name, Any), ... if p.default is inspect.Parameter.empty else p.default)
+        for p in inspect.signature(builder).parameters.values()
+        if p.name not in _COMMON_ARGS
+    }
+    return create_model(f"{builder.__name__}_options", __config__=ConfigDict(extra="forbid"), **fields)
 
-    Configs call this at validation time, so a bad net is refused before any data is loaded.
-    """
+
+def _validated_options(name: str, kwargs: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """(the options as the builder takes them, None) or (None, why `create_net(name, **kwargs)` is refused)."""
     if name not in NETS:
-        return f"unknown net {name!r}; registered nets: {', '.join(list_nets())}"
-    options = [p for p in inspect.signature(NETS[name]).parameters if p not in _COMMON_ARGS]
-    unknown = sorted(set(kwargs) - set(options))
+        return None, NETS.unknown(name)
+    model = _options_model(NETS[name])
+    unknown = sorted(set(kwargs) - set(model.model_fields))
     if unknown:
-        return f"net {name!r} got unknown argument(s) {', '.join(unknown)}; valid: {', '.join(options)}"
-    return None
+        return None, f"net {name!r} got unknown argument(s) {', '.join(unknown)}; valid: {', '.join(model.model_fields)}"
+    try:
+        options = model(**kwargs)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{_where(err['loc'])}={err['input']!r}: {err['msg'].removeprefix('Value error, ')}"
+            for err in e.errors()
+        )
+        return None, f"net {name!r} got invalid argument(s): {problems}"
+    return {k: getattr(options, k) for k in kwargs}, None
+
+
+def _where(loc: tuple) -> str:
+    """('widths', 1) -> 'widths[1]'."""
+    return str(loc[0]) + "".join(f"[{i}]" if isinstance(i, int) else f".{i}" for i in loc[1:])
+
+
+def net_arg_problem(name: str, kwargs: dict[str, Any]) -> str | None:
+    """Why `create_net(name, **kwargs)` would be refused (unknown net, unknown argument, bad value), or None."""
+    return _validated_options(name, kwargs)[1]
 
 
 def create_net(name: str, *, num_classes: int, channels: int = 3, image_size: int = 32, **kwargs) -> nn.Module:
     """Build a registered net; `num_classes` is any output dim (KRR-ST regresses 512-d targets)."""
-    problem = net_arg_problem(name, kwargs)
+    options, problem = _validated_options(name, kwargs)
     if problem:
-        raise (ValueError if name not in NETS else TypeError)(problem)
-    return NETS[name](num_classes=num_classes, channels=channels, image_size=image_size, **kwargs)
+        raise ValueError(problem)
+    return NETS[name](num_classes=num_classes, channels=channels, image_size=image_size, **options)
 
 
-def _choose(kind: str, name: str, table: dict[str, Callable]) -> Callable:
-    if name not in table:
-        raise ValueError(f"unknown {kind} {name!r}; valid: {', '.join(table)}")
-    return table[name]
+class NetSpec(BaseModel, frozen=True, extra="forbid"):
+    """A registered net and its constructor options, validated against the builder when the spec is made."""
+
+    name: str = "convnet"  # a NETS name
+    kwargs: dict[str, Any] = {}  # the builder's options, e.g. {"width": 128, "depth": 3}
+
+    @model_validator(mode="after")
+    def _fits(self) -> NetSpec:
+        problem = net_arg_problem(self.name, self.kwargs)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    def build(self, *, num_classes: int, channels: int = 3, image_size: int = 32) -> nn.Module:
+        return create_net(self.name, num_classes=num_classes, channels=channels, image_size=image_size, **self.kwargs)
+
+
+class NetFields(BaseModel):
+    """Base of configs naming a net by the fields `net` (a NETS name) and `net_kwargs` (its options).
+
+    The subclass declares both fields with its own defaults (so its JSON shape and cache keys
+    stay as they are); this base validates them as one NetSpec when the config is built.
+    """
+
+    @model_validator(mode="after")
+    def _net_args_fit(self) -> NetFields:
+        problem = net_arg_problem(self.net, self.net_kwargs)  # type: ignore[attr-defined]
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    @property
+    def net_spec(self) -> NetSpec:
+        return NetSpec(name=self.net, kwargs=self.net_kwargs)  # type: ignore[attr-defined]
 
 
 # Norm layers, by name -> factory(num_channels).
@@ -82,27 +145,35 @@ def _choose(kind: str, name: str, table: dict[str, Callable]) -> Callable:
 # "layer" normalizes over (C, H, W) with a per-channel affine, so its parameter count does not
 # depend on the resolution (MTT's nn.LayerNorm([C, H, W]) has a per-pixel affine).
 # "group" uses 32 groups (Wu & He), or fewer when the width is not a multiple of 32.
-NORMS: dict[str, Callable[[int], nn.Module]] = {
+NORMS: Registry[Callable[[int], nn.Module]] = Registry("norm", {
     "instance": lambda c: nn.GroupNorm(c, c),
     "batch": nn.BatchNorm2d,
     "layer": lambda c: nn.GroupNorm(1, c),
     "group": lambda c: nn.GroupNorm(math.gcd(32, c), c),
     "none": lambda c: nn.Identity(),
-}
+})
 
 # Never in-place: an in-place activation can overwrite a tensor the double backward needs.
-ACTS: dict[str, Callable[[], nn.Module]] = {
+ACTS: Registry[Callable[[], nn.Module]] = Registry("act", {
     "relu": nn.ReLU,
     "leakyrelu": lambda: nn.LeakyReLU(0.01),
     "sigmoid": nn.Sigmoid,
     "gelu": nn.GELU,
-}
+})
 
-POOLS: dict[str, Callable[[], nn.Module]] = {
+POOLS: Registry[Callable[[], nn.Module]] = Registry("pooling", {
     "avg": lambda: nn.AvgPool2d(2, 2),
     "max": lambda: nn.MaxPool2d(2, 2),
     "none": nn.Identity,
-}
+})
+
+# Option types of the builders, with the ranges NetSpec enforces.
+Width = Annotated[int, Field(ge=1)]  # channels of a conv block
+Depth = Annotated[int, Field(ge=1)]  # conv blocks
+Widths = Annotated[tuple[Width, ...], Field(min_length=1)]  # channels per block, one block at least
+Norm = NORMS.name_type()
+Act = ACTS.name_type()
+Pooling = POOLS.name_type()
 
 
 class ConvNet(nn.Module):
@@ -119,9 +190,7 @@ class ConvNet(nn.Module):
         pooling: str = "avg",
     ):
         super().__init__()
-        make_norm = _choose("norm", norm, NORMS)
-        make_act = _choose("act", act, ACTS)
-        make_pool = _choose("pooling", pooling, POOLS)
+        make_norm, make_act, make_pool = NORMS[norm], ACTS[act], POOLS[pooling]
         if not widths:
             raise ValueError("ConvNet needs at least one block (depth >= 1)")
         layers: list[nn.Module] = []
@@ -157,11 +226,11 @@ def convnet(
     num_classes: int,
     channels: int = 3,
     image_size: int = 32,
-    width: int = 128,
-    depth: int = 3,
-    norm: str = "instance",
-    act: str = "relu",
-    pooling: str = "avg",
+    width: Width = 128,
+    depth: Depth = 3,
+    norm: Norm = "instance",
+    act: Act = "relu",
+    pooling: Pooling = "avg",
 ) -> ConvNet:
     """MTT's ConvNet: width 128, depth 3 for 32 px (use depth 4 for 64 px, 5 for 128 px)."""
     return ConvNet(num_classes, channels, image_size, (width,) * depth, norm, act, pooling)
@@ -173,10 +242,10 @@ def _convnet_of_depth(depth: int) -> Callable[..., ConvNet]:
         num_classes: int,
         channels: int = 3,
         image_size: int = 32,
-        width: int = 128,
-        norm: str = "instance",
-        act: str = "relu",
-        pooling: str = "avg",
+        width: Width = 128,
+        norm: Norm = "instance",
+        act: Act = "relu",
+        pooling: Pooling = "avg",
     ) -> ConvNet:
         return ConvNet(num_classes, channels, image_size, (width,) * depth, norm, act, pooling)
 
@@ -194,10 +263,10 @@ def convnet_bn(
     num_classes: int,
     channels: int = 3,
     image_size: int = 32,
-    widths: tuple[int, ...] = (32, 64, 128),
-    norm: str = "batch",
-    act: str = "relu",
-    pooling: str = "avg",
+    widths: Widths = (32, 64, 128),
+    norm: Norm = "batch",
+    act: Act = "relu",
+    pooling: Pooling = "avg",
 ) -> ConvNet:
     """KRR-ST's ConvNet: per-block widths with BatchNorm.
 
@@ -214,7 +283,7 @@ class ResNet18(nn.Module):
         super().__init__()
         import torchvision  # deferred: importing it costs ~1.4 s in every process that only needs ConvNets
 
-        body = torchvision.models.resnet18(norm_layer=_choose("norm", norm, NORMS))
+        body = torchvision.models.resnet18(norm_layer=NORMS[norm])
         body.conv1 = nn.Conv2d(channels, 64, 3, stride=1, padding=1, bias=False)
         body.maxpool = nn.Identity()
         body.fc = nn.Identity()
@@ -233,7 +302,7 @@ class ResNet18(nn.Module):
 
 
 @register_net("resnet18")
-def resnet18(*, num_classes: int, channels: int = 3, image_size: int = 32, norm: str = "batch") -> ResNet18:
+def resnet18(*, num_classes: int, channels: int = 3, image_size: int = 32, norm: Norm = "batch") -> ResNet18:
     """CIFAR ResNet-18 (KRR-ST's teacher architecture); any image_size works (global pooling)."""
     return ResNet18(num_classes, channels, norm)
 

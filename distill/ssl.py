@@ -37,7 +37,7 @@ import safetensors
 import safetensors.torch
 import torch
 import torch.nn as nn
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field
 
 from distill.augment import DSAConfig, dsa
 from distill.checkpoint import (
@@ -47,7 +47,7 @@ from distill.checkpoint import (
     module_tensors,
     optimizer_tensors,
 )
-from distill.nets import create_net, net_arg_problem
+from distill.nets import NetFields, create_net
 from distill.train import check_finite_losses
 from distill.fsio import atomic_file
 from distill.utils import Progress, derive_seed, resolve_device
@@ -56,7 +56,7 @@ TEACHER_FILE = "teacher.safetensors"
 TEACHER_FORMAT = "distillery.ssl-teacher/1"
 
 
-class SSLConfig(BaseModel, frozen=True, extra="forbid"):
+class SSLConfig(NetFields, frozen=True, extra="forbid"):
     """How the Barlow Twins teacher is trained. Defaults: a CPU-sized teacher (brief 3.6)."""
 
     net: str = "convnet_bn"  # a distill.nets name; the paper's teacher is "resnet18" (512-d)
@@ -73,13 +73,6 @@ class SSLConfig(BaseModel, frozen=True, extra="forbid"):
     # rotate are left out as BT's views are crops, flips and colour changes
     augment: DSAConfig = DSAConfig(strategy="color_crop_flip_scale", mode="all")
     seed: int = 0  # init, batch order and views
-
-    @model_validator(mode="after")
-    def _net_args_fit(self) -> SSLConfig:
-        problem = net_arg_problem(self.net, self.net_kwargs)
-        if problem:
-            raise ValueError(problem)
-        return self
 
 
 # ---------------------------------------------------------------- the loss

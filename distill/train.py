@@ -16,107 +16,16 @@ import math
 import resource
 import time
 from dataclasses import dataclass
-from typing import Annotated, Callable, Literal
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import AfterValidator, BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
+from distill.augment import AUGMENTS, AugmentName
+from distill.registry import Registry
 from distill.utils import Progress, resolve_device
-
-# name -> fn(x [N,C,H,W], generator) -> augmented x. The generator is a CPU torch.Generator:
-# draw random parameters on it and move them to x.device, so a seed gives the same
-# augmentation on every device. Augmentations should stay differentiable w.r.t. x, because
-# distillation methods (DSA) push gradients through them to the synthetic images.
-AUGMENTS: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = {}
-
-
-def register_augment(name: str):
-    """Decorator adding an augmentation to AUGMENTS (e.g. "dsa" from its own module)."""
-
-    def add(fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor]):
-        if name in AUGMENTS:
-            raise ValueError(f"augment {name!r} is already registered")
-        AUGMENTS[name] = fn
-        return fn
-
-    return add
-
-
-def known_augment(name: str) -> str:
-    """Refuse an augmentation name that is not registered, listing the registered ones."""
-    if name not in AUGMENTS:
-        raise ValueError(f"unknown augment {name!r}; registered: {', '.join(sorted(AUGMENTS))}")
-    return name
-
-
-# A config field holding a registered augmentation name (validated when the config is built).
-AugmentName = Annotated[str, AfterValidator(known_augment)]
-
-
-@register_augment("none")
-def no_augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    return x
-
-
-@register_augment("flip_crop")
-def flip_crop(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random horizontal flip and random crop after zero padding by 1/8 of the size (4 px at 32 px).
-
-    One gather per batch: flip and shift become per-sample index maps into the padded images.
-    """
-    n, _, h, w = x.shape
-    pad = max(1, min(h, w) // 8)
-    dy = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator)
-    flip = torch.rand(n, 1, generator=generator) < 0.5
-    cols = torch.arange(w)
-    # Reading columns right-to-left from a uniformly shifted window is a flip followed by a crop.
-    cols = dx + torch.where(flip, w - 1 - cols, cols)
-    rows = dy + torch.arange(h)
-    batch = torch.arange(n)[:, None, None]
-    padded = F.pad(x, (pad, pad, pad, pad))
-    dev = x.device
-    out = padded[batch.to(dev), :, rows[:, :, None].to(dev), cols[:, None, :].to(dev)]  # [N, H, W, C]
-    return out.permute(0, 3, 1, 2).contiguous()
-
-
-class TrainConfig(BaseModel, frozen=True, extra="forbid"):
-    """How to train one net on in-memory tensors. Defaults: the MTT/DC evaluation recipe."""
-
-    epochs: int = Field(300, ge=1)  # full passes over x; DC/DM evaluate with 300, MTT with 1000 (paper preset)
-    batch_size: int = Field(256, ge=1)  # images per step; clipped to N, so a 10-image set trains full-batch
-    lr: float = Field(0.01, gt=0)  # peak learning rate; MTT replaces it by the learned syn_lr
-    momentum: float = Field(0.9, ge=0, lt=1)  # SGD only; MTT experts use 0, evaluation 0.9
-    weight_decay: float = Field(5e-4, ge=0)  # L2 on all parameters (incl. norms and biases, as MTT/DC)
-    # lr multiplier, updated every step: "step" = x0.1 from half of training (MTT/DC evaluation),
-    # "cosine" = to 0 (KRR-ST fine-tuning), "constant" = MTT experts without --decay
-    schedule: Literal["step", "cosine", "constant"] = "step"
-    # ce: int labels [N]; soft_ce: [N, K] probabilities or logits; mse: regression targets (KRR-ST)
-    loss: Literal["ce", "soft_ce", "mse"] = "ce"
-    # a name in AUGMENTS: flip_crop = CIFAR recipe; "dsa" (registered by its module) for distilled
-    # sets as MTT evaluates them; "none" for KRR-ST pretraining (no augmentation in the paper)
-    augment: AugmentName = "flip_crop"
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"  # adamw: KIP/FRePo pretraining recipe
-    label_smoothing: float = Field(0.0, ge=0, lt=1)  # ce/soft_ce only
-    # epochs between held-out evaluations; 0 = only after the last. Logged, never used to pick a number
-    eval_every: int = Field(0, ge=0)
-
-
-    @model_validator(mode="after")
-    def _smoothing_needs_classes(self) -> TrainConfig:
-        if self.loss == "mse" and self.label_smoothing > 0:
-            raise ValueError(f"label_smoothing={self.label_smoothing} has no meaning with loss='mse'")
-        return self
-
-
-@dataclass
-class TrainResult:
-    history: list[dict]  # one record per epoch: epoch, loss, train_acc (+ test_acc, test_loss when evaluated)
-    final: dict  # the last epoch's record: the reported numbers
-    seconds: float  # wall time of the training loop, evaluations included
-    peak_memory_mb: float  # CUDA: peak allocated during this run; CPU: peak RSS of the process so far
 
 
 def _sgd(params, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -131,20 +40,60 @@ def _adamw(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"sgd": _sgd, "adam": _adam, "adamw": _adamw}
+OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry(
+    "optimizer", {"sgd": _sgd, "adam": _adam, "adamw": _adamw}
+)
 
 # lr multiplier as a function of the fraction of training done, t in [0, 1).
-SCHEDULES: dict[str, Callable[[float], float]] = {
+SCHEDULES: Registry[Callable[[float], float]] = Registry("schedule", {
     "step": lambda t: 0.1 if t >= 0.5 else 1.0,
     "cosine": lambda t: 0.5 * (1.0 + math.cos(math.pi * t)),
     "constant": lambda t: 1.0,
-}
+})
 
-LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = {
+LOSSES: Registry[Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = Registry("loss", {
     "ce": lambda out, y, smoothing: F.cross_entropy(out, y, label_smoothing=smoothing),
     "soft_ce": lambda out, y, smoothing: F.cross_entropy(out, y, label_smoothing=smoothing),
     "mse": lambda out, y, smoothing: F.mse_loss(out, y),
-}
+})
+
+OptimizerName, ScheduleName, LossName = OPTIMIZERS.name_type(), SCHEDULES.name_type(), LOSSES.name_type()
+
+
+class TrainConfig(BaseModel, frozen=True, extra="forbid"):
+    """How to train one net on in-memory tensors. Defaults: the MTT/DC evaluation recipe."""
+
+    epochs: int = Field(300, ge=1)  # full passes over x; DC/DM evaluate with 300, MTT with 1000 (paper preset)
+    batch_size: int = Field(256, ge=1)  # images per step; clipped to N, so a 10-image set trains full-batch
+    lr: float = Field(0.01, gt=0)  # peak learning rate; MTT replaces it by the learned syn_lr
+    momentum: float = Field(0.9, ge=0, lt=1)  # SGD only; MTT experts use 0, evaluation 0.9
+    weight_decay: float = Field(5e-4, ge=0)  # L2 on all parameters (incl. norms and biases, as MTT/DC)
+    # lr multiplier, updated every step: "step" = x0.1 from half of training (MTT/DC evaluation),
+    # "cosine" = to 0 (KRR-ST fine-tuning), "constant" = MTT experts without --decay
+    schedule: ScheduleName = "step"
+    # ce: int labels [N]; soft_ce: [N, K] probabilities or logits; mse: regression targets (KRR-ST)
+    loss: LossName = "ce"
+    # a name in AUGMENTS: flip_crop = CIFAR recipe; "dsa" (registered by its module) for distilled
+    # sets as MTT evaluates them; "none" for KRR-ST pretraining (no augmentation in the paper)
+    augment: AugmentName = "flip_crop"
+    optimizer: OptimizerName = "sgd"  # adamw: KIP/FRePo pretraining recipe
+    label_smoothing: float = Field(0.0, ge=0, lt=1)  # ce/soft_ce only
+    # epochs between held-out evaluations; 0 = only after the last. Logged, never used to pick a number
+    eval_every: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _smoothing_needs_classes(self) -> TrainConfig:
+        if self.loss == "mse" and self.label_smoothing > 0:
+            raise ValueError(f"label_smoothing={self.label_smoothing} has no meaning with loss='mse'")
+        return self
+
+
+@dataclass
+class TrainResult:
+    history: list[dict]  # one record per epoch: epoch, loss, train_acc (+ test_acc, test_loss when evaluated)
+    final: dict  # the last epoch's record: the reported numbers
+    seconds: float  # wall time of the training loop, evaluations included
+    peak_memory_mb: float  # CUDA: peak allocated during this run; CPU: peak RSS of the process so far
 
 
 def _prepare_targets(y: torch.Tensor, loss: str, n: int) -> torch.Tensor:
@@ -372,7 +321,3 @@ def fine_tune(
     )
     return _transfer_summary(result, time.perf_counter() - start)
 
-
-# Registers "dsa" in AUGMENTS, so `import distill.train` alone offers it. At the bottom because
-# distill.augment imports register_augment from this module.
-import distill.augment  # noqa: E402,F401

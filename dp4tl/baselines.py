@@ -1,10 +1,12 @@
-"""Baselines for DP4TL source pruning: random class pruning and MODERATE data-wise selection.
+"""Baselines for DP4TL source pruning: MODERATE data-wise selection at a matched image budget.
 
 The honest comparison for class selection at a pruning ratio is random class pruning at the same
-ratio (ARCHITECTURE.md section 5; DP4TL implies it, brief 1.2), and the LM bottom-K ablation
-(the reference `--reverse`), which is `ClassSelection.kept_classes(ratio, reverse=True)` rather
-than a selector of its own. A data-wise selector kept at the *same number of images* separates
-"which classes" from "how many images": MODERATE (Xia et al., ICLR 2023), as in the reference's
+ratio, which DP4TL ("Selectivity Drives Productivity", Zhang et al., NeurIPS 2023) compares
+against; it is a class-level selector, `dp4tl.selection.random_classes` (registered "random"
+beside label and feature mapping). The LM bottom-K ablation (the reference `--reverse`) is
+`ClassSelection.kept_classes(ratio, reverse=True)` rather than a selector of its own. A
+data-wise selector kept at the *same number of images* separates "which classes" from "how many
+images": MODERATE (Xia et al., ICLR 2023), as in the reference's
 `data_wise_moderate_selection.py`, keeps per class the samples of median difficulty, measured by
 the distance of their feature to the class's median feature.
 """
@@ -12,32 +14,6 @@ the distance of their feature to the class's median feature.
 from __future__ import annotations
 
 import torch
-
-from dp4tl.selection import ClassSelection, SelectionInputs, register_selector
-
-
-def random_classes(num_classes: int, seed: int) -> ClassSelection:
-    """A uniformly random ranking of the source classes, fixed by `seed` (method "random").
-
-    scores are 1 - rank / C so that, as for every selection, higher is better; votes are zero.
-    """
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1; got {num_classes}")
-    ranking = torch.randperm(num_classes, generator=torch.Generator().manual_seed(seed))
-    rank = torch.empty(num_classes, dtype=torch.int64)
-    rank[ranking] = torch.arange(num_classes)
-    return ClassSelection(
-        scores=1.0 - rank.double() / num_classes,
-        votes=torch.zeros(num_classes, dtype=torch.int64),
-        ranking=ranking,
-        method="random",
-        details={"seed": seed},
-    )
-
-
-@register_selector("random")
-def _random(inputs: SelectionInputs) -> ClassSelection:
-    return random_classes(inputs.num_classes, inputs.seed)
 
 
 def proportional_quotas(counts: torch.Tensor, budget: int, seed: int) -> torch.Tensor:

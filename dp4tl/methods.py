@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from pydantic import BaseModel, Field, field_validator
 
+from distill.registry import Registry
 from dp4tl.baselines import moderate_samples
 from dp4tl.formats import KeptSamples
 from dp4tl.selection import SELECTORS, ClassSelection
@@ -35,19 +36,26 @@ class PruneMethod:
     data_wise: bool = False  # keep individual samples at an image budget, not whole classes
     description: str = ""
 
+    @property
+    def needs_source_images(self) -> bool:
+        """Whether the method reads the source images: data-wise methods embed them, feature mapping
+        votes over their features; label mapping and random pruning need only the target (and labels)."""
+        return self.data_wise or "source_x" in SELECTORS[self.selector].needs
 
-PRUNE_METHODS: dict[str, PruneMethod] = {
+
+PRUNE_METHODS: Registry[PruneMethod] = Registry("pruning method", {
     **{name: PruneMethod(name, description=f"top classes by selector {name!r}") for name in SELECTORS},
     "lm_bottom": PruneMethod("lm", reverse=True, description="bottom-K label mapping (DP4TL --reverse ablation)"),
     "moderate": PruneMethod(
         "lm", data_wise=True, description="MODERATE data-wise selection (surrogate features) at the same image budget"
     ),
-}
+})
+
+
+PruneMethodName = PRUNE_METHODS.name_type()
 
 
 def get_method(name: str) -> PruneMethod:
-    if name not in PRUNE_METHODS:
-        raise ValueError(f"unknown pruning method {name!r}; valid methods: {', '.join(sorted(PRUNE_METHODS))}")
     return PRUNE_METHODS[name]
 
 
@@ -109,7 +117,7 @@ class SelectionConfig(BaseModel, frozen=True, extra="forbid"):
     """Which pruning methods to run, at which ratios and seeds, and how the target is read."""
 
     # The issue's comparison: both mappings, random class pruning and the bottom-K ablation.
-    methods: list[str] = Field(default_factory=lambda: ["lm", "fm", "random", "lm_bottom"], min_length=1)
+    methods: list[PruneMethodName] = Field(default_factory=lambda: ["lm", "fm", "random", "lm_bottom"], min_length=1)
     ratios: list[float] = Field(default_factory=lambda: [0.5, 0.8], min_length=1)  # fractions of classes pruned
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)  # brief 1.6: at least 3; the effect is small
     k_clusters: int | None = Field(None, ge=1)  # fm_kmeans groups; None = the number of source classes (the paper)
@@ -120,9 +128,7 @@ class SelectionConfig(BaseModel, frozen=True, extra="forbid"):
 
     @field_validator("methods")
     @classmethod
-    def _known_methods(cls, methods: list[str]) -> list[str]:
-        for m in methods:
-            get_method(m)
+    def _distinct_methods(cls, methods: list[str]) -> list[str]:
         if len(set(methods)) != len(methods):
             raise ValueError(f"methods must be distinct; got {methods}")
         return methods

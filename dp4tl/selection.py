@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from distill.registry import Registry
 from distill.train import extract_features
 from distill.utils import resolve_device
 
@@ -309,25 +310,33 @@ class SelectionInputs:
             raise ValueError(f"selector {method!r} needs {', '.join(missing)} in its SelectionInputs")
 
 
-Selector = Callable[[SelectionInputs], ClassSelection]
-SELECTORS: dict[str, Selector] = {}
+@dataclass(frozen=True)
+class Selector:
+    """A registered class-level selector: `fn(SelectionInputs) -> ClassSelection` and the inputs it reads."""
+
+    name: str
+    fn: Callable[[SelectionInputs], ClassSelection]
+    needs: tuple[str, ...]  # SelectionInputs fields that must not be None
+
+    def __call__(self, inputs: SelectionInputs) -> ClassSelection:
+        inputs.require(self.name, *self.needs)
+        return self.fn(inputs)
 
 
-def register_selector(name: str) -> Callable[[Selector], Selector]:
-    """Decorator adding a class-level selector `fn(SelectionInputs) -> ClassSelection` to SELECTORS."""
+SELECTORS: Registry[Selector] = Registry("selector")
 
-    def add(fn: Selector) -> Selector:
-        if name in SELECTORS:
-            raise ValueError(f"selector {name!r} is already registered")
-        SELECTORS[name] = fn
+
+def register_selector(name: str, needs: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+    """Decorator adding `fn(SelectionInputs) -> ClassSelection` to SELECTORS; `needs`: the inputs it reads."""
+
+    def add(fn: Callable[[SelectionInputs], ClassSelection]) -> Callable[[SelectionInputs], ClassSelection]:
+        SELECTORS.register(name)(Selector(name, fn, tuple(needs)))
         return fn
 
     return add
 
 
 def get_selector(name: str) -> Selector:
-    if name not in SELECTORS:
-        raise ValueError(f"unknown selector {name!r}; registered selectors: {', '.join(sorted(SELECTORS))}")
     return SELECTORS[name]
 
 
@@ -341,32 +350,28 @@ def select_classes(name: str, inputs: SelectionInputs) -> ClassSelection:
     return selection
 
 
-@register_selector("lm")
+@register_selector("lm", needs=("surrogate", "target_x"))
 def _lm(inputs: SelectionInputs) -> ClassSelection:
-    inputs.require("lm", "surrogate", "target_x")
     return label_mapping(inputs.surrogate, inputs.target_x, batch_size=inputs.batch_size, device=inputs.device)
 
 
-@register_selector("lm_soft")
+@register_selector("lm_soft", needs=("surrogate", "target_x"))
 def _lm_soft(inputs: SelectionInputs) -> ClassSelection:
-    inputs.require("lm_soft", "surrogate", "target_x")
     return label_mapping(
         inputs.surrogate, inputs.target_x, batch_size=inputs.batch_size, device=inputs.device, soft=True
     )
 
 
-@register_selector("fm")
+@register_selector("fm", needs=("surrogate", "source_x", "source_y", "target_x"))
 def _fm(inputs: SelectionInputs) -> ClassSelection:
-    inputs.require("fm", "surrogate", "source_x", "source_y", "target_x")
     return feature_mapping(
         inputs.surrogate, inputs.source_x, inputs.source_y, inputs.target_x,
         num_classes=inputs.num_classes, seed=inputs.seed, batch_size=inputs.batch_size, device=inputs.device,
     )
 
 
-@register_selector("fm_kmeans")
+@register_selector("fm_kmeans", needs=("surrogate", "source_x", "target_x"))
 def _fm_kmeans(inputs: SelectionInputs) -> ClassSelection:
-    inputs.require("fm_kmeans", "surrogate", "source_x", "target_x")
     return feature_mapping(
         inputs.surrogate, inputs.source_x, None, inputs.target_x,
         k_clusters=inputs.k_clusters or inputs.num_classes, seed=inputs.seed,
@@ -374,6 +379,27 @@ def _fm_kmeans(inputs: SelectionInputs) -> ClassSelection:
     )
 
 
-# Registers the baselines ("random"), so importing this module alone offers them. At the bottom
-# because dp4tl.baselines imports ClassSelection and register_selector from here.
-import dp4tl.baselines  # noqa: E402,F401
+
+def random_classes(num_classes: int, seed: int) -> ClassSelection:
+    """A uniformly random ranking of the source classes, fixed by `seed` (method "random").
+
+    The honest baseline of every class selection: random class pruning at the same ratio.
+    scores are 1 - rank / C so that, as for every selection, higher is better; votes are zero.
+    """
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1; got {num_classes}")
+    ranking = torch.randperm(num_classes, generator=torch.Generator().manual_seed(seed))
+    rank = torch.empty(num_classes, dtype=torch.int64)
+    rank[ranking] = torch.arange(num_classes)
+    return ClassSelection(
+        scores=1.0 - rank.double() / num_classes,
+        votes=torch.zeros(num_classes, dtype=torch.int64),
+        ranking=ranking,
+        method="random",
+        details={"seed": seed},
+    )
+
+
+@register_selector("random")
+def _random(inputs: SelectionInputs) -> ClassSelection:
+    return random_classes(inputs.num_classes, inputs.seed)

@@ -21,18 +21,17 @@ import safetensors
 import safetensors.torch
 import torch
 import torch.nn as nn
-from pydantic import BaseModel, model_validator
 
 from distill.formats import FormatError
 from distill.fsio import read_bytes, write_bytes
-from distill.nets import create_net, net_arg_problem
+from distill.nets import NetFields, create_net
 from distill.train import TrainConfig, train
 from distill.utils import Progress
 
 SURROGATE_FORMAT = "distillery.surrogate/1"
 
 
-class SurrogateConfig(BaseModel, frozen=True, extra="forbid"):
+class SurrogateConfig(NetFields, frozen=True, extra="forbid"):
     """How to train the surrogate. Defaults: the CPU-scale recipe of brief 1.6 (about a minute per 10k images)."""
 
     net: str = "convnet"  # a distill.nets name; DP4TL uses torchvision ResNet-18 ("resnet18" is the CIFAR variant)
@@ -44,14 +43,6 @@ class SurrogateConfig(BaseModel, frozen=True, extra="forbid"):
         epochs=5, batch_size=256, lr=0.1, momentum=0.9, weight_decay=5e-5, schedule="cosine", augment="flip_crop"
     )
     seed: int = 0  # seeds the weight init and the training batches/augmentation
-
-
-    @model_validator(mode="after")
-    def _net_args_fit(self) -> SurrogateConfig:
-        problem = net_arg_problem(self.net, self.net_kwargs)
-        if problem:
-            raise ValueError(problem)
-        return self
 
 
 def _build(cfg: SurrogateConfig, num_classes: int, channels: int, image_size: int) -> nn.Module:

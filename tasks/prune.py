@@ -170,7 +170,7 @@ def select(
     labels, _ = read_labels(str(source.local_dir()), "train")
     net = load_surrogate_net(surrogate_ref)
     fingerprint = _manifest(surrogate_ref)["fingerprint"]
-    needs_source = spec.data_wise or spec.selector.startswith("fm")
+    needs_source = spec.needs_source_images
     source_x = None
     if needs_source:
         source_x, _, _ = preprocessed(source, "train")

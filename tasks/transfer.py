@@ -26,13 +26,13 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 from prefect import task
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from distill.data import DataError, resize_uint8
 from distill.evaluate import summarize
 from distill.formats import write_metrics
 from distill.fsio import read_bytes
-from distill.nets import create_net, net_arg_problem
+from distill.nets import NetFields, create_net
 from distill.train import TrainConfig, evaluate, fine_tune, linear_probe, train
 from tasks import reports
 from tasks.artifacts import ArtifactRef
@@ -56,7 +56,7 @@ def run_progress(title: str, key: str):
     return reports.prefect_progress(title, key=key)
 
 
-class PretrainConfig(BaseModel):
+class PretrainConfig(NetFields):
     """Pretraining on a (pruned) source: the same fixed epoch budget for every arm, so fewer images = less time."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -70,13 +70,6 @@ class PretrainConfig(BaseModel):
             epochs=5, batch_size=256, lr=0.05, momentum=0.9, weight_decay=5e-5, schedule="cosine", augment="flip_crop"
         )
     )
-
-    @model_validator(mode="after")
-    def _net_args_fit(self) -> PretrainConfig:
-        problem = net_arg_problem(self.net, self.net_kwargs)
-        if problem:
-            raise ValueError(problem)
-        return self
 
 
 class TransferConfig(BaseModel):

@@ -99,10 +99,14 @@ def test_recipe_presets_and_overrides():
     [
         ({"num_experts": 0}, "num_experts"),
         ({"epochs": 0}, "epochs"),
-        ({"recipe": "tesla"}, "unknown expert recipe 'tesla'; known recipes: mtt, ast, sam"),
+        ({"recipe": "tesla"}, "unknown expert recipe 'tesla'; valid: mtt, ast, sam"),
         ({"augment": "mixup"}, "unknown augment 'mixup'"),
         ({"net": "vit"}, "unknown net 'vit'"),
         ({"net_kwargs": {"widht": 8}}, "unknown argument.*widht"),
+        # issue 12: a zero width used to die with ZeroDivisionError inside the (Ray) training task
+        ({"net_kwargs": {"width": 0}}, r"net 'convnet' got invalid argument\(s\): width=0: .*greater than or equal to 1"),
+        ({"net_kwargs": {"depth": 0}}, "depth=0"),
+        ({"net_kwargs": {"norm": "bn"}}, "norm='bn': unknown norm 'bn'; valid: instance, batch"),
         ({"loss_ramp": [0.5, -1.0]}, "loss_ramp"),
         ({"momentum": 1.0}, "momentum"),
         ({"colour": 1}, "colour"),

@@ -170,8 +170,10 @@ def test_non_finite_loss_stops_with_a_clear_message():
 def test_bad_config_lists_valid_choices():
     with pytest.raises(ValidationError, match="valid: online, random-features"):
         _cfg(pool_mode="trained")
-    with pytest.raises(ValidationError, match="registered"):
+    with pytest.raises(ValidationError, match="unknown augment 'mixup'; valid: none, flip_crop, dsa"):
         _cfg(augment="mixup")
+    with pytest.raises(ValidationError, match=r"net 'convnet_bn' got invalid argument\(s\): widths\[1\]=0"):
+        _cfg(net_kwargs={"widths": [8, 0]})
 
 
 TINY_TRANSFER = TransferConfig(

@@ -92,9 +92,9 @@ def test_mtt_sizes():
 
 
 def test_unknown_names_list_the_choices():
-    with pytest.raises(ValueError, match="unknown net 'vgg'; registered nets: convnet, convnet_bn"):
+    with pytest.raises(ValueError, match="unknown net 'vgg'; valid: convnet, convnet_d4, convnet_d5, convnet_bn"):
         create_net("vgg", num_classes=10)
-    with pytest.raises(TypeError, match="unknown argument.*wdith.*valid: width, depth, norm, act, pooling"):
+    with pytest.raises(ValueError, match="unknown argument.*wdith.*valid: width, depth, norm, act, pooling"):
         create_net("convnet", num_classes=10, wdith=32)
     with pytest.raises(ValueError, match="unknown norm 'instancenorm'; valid: instance, batch, layer, group, none"):
         create_net("convnet", num_classes=10, norm="instancenorm")

@@ -40,7 +40,7 @@ def test_loss_refuses_mismatched_or_single_sample_batches():
 
 
 def test_config_refuses_unknown_net():
-    with pytest.raises(ValidationError, match="registered nets"):
+    with pytest.raises(ValidationError, match="unknown net 'vgg'; valid: convnet"):
         SSLConfig(net="vgg", net_kwargs={})
 
 

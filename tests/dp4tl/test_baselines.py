@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dp4tl.baselines import moderate_samples, proportional_quotas, random_classes
-from dp4tl.selection import SELECTORS, SelectionInputs
+from dp4tl.baselines import moderate_samples, proportional_quotas
+from dp4tl.selection import SELECTORS, SelectionInputs, random_classes
 
 
 def test_random_ranking_is_a_seeded_permutation():

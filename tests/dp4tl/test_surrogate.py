@@ -77,7 +77,7 @@ def test_unreadable_or_foreign_weights(trained, tmp_path):
 
 
 def test_config_refuses_unknown_net_and_arguments():
-    with pytest.raises(ValidationError, match="registered nets"):
+    with pytest.raises(ValidationError, match="unknown net 'vgg99'; valid: convnet"):
         SurrogateConfig(net="vgg99")
     with pytest.raises(ValidationError, match="unknown argument.*widht"):
         SurrogateConfig(net_kwargs={"widht": 32})

@@ -91,7 +91,7 @@ def test_summary_and_plot():
 
 
 def test_bad_configs_are_refused():
-    with pytest.raises(ValueError, match="registered nets"):
+    with pytest.raises(ValueError, match="unknown net 'vgg'; valid: convnet"):
         PretrainConfig(net="vgg")
     with pytest.raises(ValueError):
         TransferConfig(modes=["probe"])
