@@ -35,7 +35,7 @@ FLOWS: dict[str, dict[str, str]] = {
         "with each recipe's final accuracies and a smoothness plot (MTT vs AST).",
     },
     "distill-krr": {
-        "entrypoint": "flows.distill_krr:distill_krr",
+        "entrypoint": "flows.distill_krr:distill_krr_flow",
         "description": "Self-supervised dataset distillation (KRR-ST): a Barlow Twins teacher on the source, "
         "a distilled set of images with learned target representations, and target accuracy (linear probe, "
         "fine-tune; mean and std over seeds) of KRR-ST against its baselines.",

@@ -31,9 +31,10 @@ from flows.presets import load_preset, resolve_store
 from tasks.artifacts import ArtifactRef
 from tasks.datasets import materialize_dataset, validate_data
 from tasks.krr import (
+    KRRResult,
     check_inputs,
     check_num_images,
-    distill_task,
+    distill_krr_st,
     evaluate_method,
     report_distilled,
     report_metrics,
@@ -73,27 +74,28 @@ class DistillKRRConfig(KRRStage):
     store: str | None = Field(None, description="Artifact store URI; default $DISTILLERY_STORE or ./artifacts.")
 
 
-def run_krr(source: ArtifactRef, target: ArtifactRef, config: DistillKRRConfig, store: str, name: str) -> dict[str, Any]:
+def run_krr(source: ArtifactRef, target: ArtifactRef, stage: KRRStage, resources: Resources, store: str,
+            name: str) -> KRRResult:
     """Teacher, distilled set and comparison table for a materialized source and target (inside a flow)."""
-    check_inputs(source, target, config.krr, config.methods)  # from manifests: before any training
-    with heavy(config.resources):
-        teacher = train_teacher_task.submit(source, config.teacher, store).result()
-        distilled = distill_task.submit(source, teacher, config.krr, config.transfer, store).result()
+    check_inputs(source, target, stage.krr, stage.methods)  # from manifests: before any training
+    with heavy(resources):
+        teacher = train_teacher_task.submit(source, stage.teacher, store).result()
+        distilled = distill_krr_st.submit(source, teacher, stage.krr, stage.transfer, store).result()
     grid = report_distilled.submit(distilled, name)
-    with heavy(config.resources):
+    with heavy(resources):
         runs = [
-            evaluate_method.submit(method, seed, source, teacher, distilled, target, config.transfer, store)
-            for method in config.methods
-            for seed in range(config.seeds)
+            evaluate_method.submit(method, seed, source, teacher, distilled, target, stage.transfer, store)
+            for method in stage.methods
+            for seed in range(stage.seeds)
         ]
     rows = [r.result() for r in runs]
     grid.result()
-    result = report_metrics.submit(rows, name, store).result()
-    return {**result, "teacher_uri": teacher.uri, "distilled_uri": distilled.uri, "teacher": teacher, "distilled": distilled}
+    table = report_metrics.submit(rows, name, store).result()
+    return KRRResult(source=source, target=target, teacher=teacher, distilled=distilled, metrics=table)
 
 
 @flow(name="distill-krr", task_runner=ray_task_runner(), log_prints=True)
-def distill_krr(config: DistillKRRConfig) -> dict[str, Any]:
+def distill_krr_flow(config: DistillKRRConfig) -> dict[str, Any]:
     """KRR-ST: teacher, distilled set, and transfer accuracy of KRR-ST vs its baselines (mean/std over seeds)."""
     store = resolve_store(config.store)
     # In the flow process, from label columns only: fails fast, before anything is decoded or trained.
@@ -102,17 +104,20 @@ def distill_krr(config: DistillKRRConfig) -> dict[str, Any]:
     validate_data(config.target)
     source = materialize_dataset.submit(config.source, store).result()
     target = materialize_dataset.submit(config.target, store).result()
-    result = run_krr(source, target, config, store, f"krr-st-{config.source.name}-to-{config.target.name}")
-    print(json.dumps({"summary": result["summary"], "metrics": result["metrics_uri"],
-                      "distilled": result["distilled_uri"], "teacher": result["teacher_uri"]}, indent=1))
-    return result
+    result = run_krr(source, target, config, config.resources, store,
+                     f"krr-st-{config.source.name}-to-{config.target.name}")
+    out = {"summary": result.metrics.summary, "metrics_uri": result.metrics.ref.uri,
+           "distilled_uri": result.distilled.uri, "teacher_uri": result.teacher.uri}
+    print(json.dumps({"summary": out["summary"], "metrics": out["metrics_uri"], "distilled": out["distilled_uri"],
+                      "teacher": out["teacher_uri"]}, indent=1))
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", help="preset in deployments/presets/distill-krr.yaml")
     args = parser.parse_args()
-    distill_krr(DistillKRRConfig(**load_preset("distill-krr", args.preset)))
+    distill_krr_flow(DistillKRRConfig(**load_preset("distill-krr", args.preset)))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import argparse
 import contextvars
 import json
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -35,12 +35,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from distill.data import DataConfig, DataError
 from dp4tl.methods import SelectionConfig, check_ratio, get_method, num_kept_classes
 from dp4tl.surrogate import SurrogateConfig
-from flows.distill_krr import DistillKRRConfig, KRRStage, run_krr
+from flows.distill_krr import KRRStage, run_krr
 from flows.distill_tm import TMStage, run_tm
 from flows.presets import load_preset, resolve_store
 from tasks.artifacts import ArtifactRef
 from tasks.datasets import materialize_dataset, validate_data
-from tasks.pipeline import chain_cost, data_bytes, report_pipeline, selection_note, tm_rows
+from tasks.pipeline import PipelineResults, TransferPath, report_pipeline
 from tasks.prune import materialize_pruned, report_selection, select, surrogate
 from tasks.runtime import Resources, heavy, ray_task_runner
 
@@ -132,54 +132,18 @@ def check_plan(config: PipelineConfig) -> None:
         validate_data(config.tm.data or config.target, max(m.ipc for m in config.tm.distill))
 
 
-def _krr_rows(result: dict[str, Any], chain: list[ArtifactRef], teacher: ArtifactRef, distilled: ArtifactRef,
-              pruned: ArtifactRef) -> list[dict[str, Any]]:
-    made_from = {  # what each compared arm's pretraining data cost to produce
-        "krr-st": chain + [teacher, distilled], "random-real-targets": chain + [teacher],
-        "random-real-ce": chain, "teacher": chain + [teacher], "no-pretrain": [],
-    }
-    # the random-real arms pretrain on as many images as the distilled set; the teacher saw the pruned source
-    distilled_bytes = data_bytes(distilled, ("data/",))
-    data = {"no-pretrain": 0, "teacher": data_bytes(pruned)}
-    rows = []
-    for s in result["summary"]:
-        method = s["method"]
-        rows.append({
-            "path": "prune -> KRR-ST -> transfer", "method": method, "kind": "method" if method == "krr-st" else "baseline",
-            "linear_probe_acc_mean": s.get("linear_probe_acc_mean"), "linear_probe_acc_std": s.get("linear_probe_acc_std"),
-            "fine_tune_acc_mean": s.get("fine_tune_acc_mean"), "fine_tune_acc_std": s.get("fine_tune_acc_std"),
-            "test_acc_mean": None, "test_acc_std": None, "seeds": s["seeds"],
-            "data_mib": round(data.get(method, distilled_bytes) / 2**20, 3),
-            **chain_cost(made_from.get(method, chain)),
-        })
-    return rows
-
-
 def _transfer_path(config: PipelineConfig, source: ArtifactRef, target: ArtifactRef, store: str,
-                   name: str) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+                   name: str) -> TransferPath:
     """Prune the source for the target -> teacher -> KRR-ST -> pretrain -> transfer, with KRR-ST's baselines."""
     assert config.krr is not None
-    sel = config.prune.selection()
     with heavy(config.resources):
         sur = surrogate.submit(source, config.prune.surrogate, store, config.prune.surrogate_weights).result()
-        selection = select.submit(source, target, sur, config.prune.method, config.prune.seed, sel, store).result()
+        selection = select.submit(source, target, sur, config.prune.method, config.prune.seed, config.prune.selection(),
+                                  store).result()
     report_selection([selection], f"{name}-selection", 10)
     pruned = materialize_pruned(source, selection, config.prune.ratio, store)
-    krr_cfg = DistillKRRConfig(
-        **dict(config.krr), source=config.source, target=config.transfer_target()[0],
-        resources=config.resources, store=store,
-    )
-    krr = run_krr(pruned, target, krr_cfg, store, f"{name}-krr-st")
-    rows = _krr_rows(krr, [source, sur, selection, pruned], krr["teacher"], krr["distilled"], pruned)
-    return rows, [selection_note(selection, config.prune.ratio)], [krr["metrics_uri"].rsplit("/", 1)[-1]]
-
-
-def _target_path(config: PipelineConfig, tm_target: ArtifactRef, store: str,
-                 name: str) -> tuple[list[dict[str, Any]], list[str], list[str]]:
-    """Experts -> trajectory matching on the target, beside the random real subset."""
-    assert config.tm is not None
-    tm = run_tm(tm_target, config.tm, config.resources, store, f"{name}-tm")
-    return tm_rows(tm), [], [tm.metrics.ref.key]
+    krr = run_krr(pruned, target, config.krr, config.resources, store, f"{name}-krr-st")
+    return TransferPath(chain=[source, sur, selection, pruned], selection=selection, ratio=config.prune.ratio, krr=krr)
 
 
 @flow(name="pipeline", task_runner=ray_task_runner(), log_prints=True)
@@ -190,25 +154,23 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
     transfer_target, resize_note = config.transfer_target()
     name = f"pipeline-{config.source.name}-to-{config.target.name}"
 
-    paths = []
+    paths: dict[str, Callable[[], Any]] = {}
     if config.krr is not None:
         source_f = materialize_dataset.submit(config.source, store)
         target_f = materialize_dataset.submit(transfer_target, store)
-        paths.append(lambda: _transfer_path(config, source_f.result(), target_f.result(), store, name))
+        paths["transfer"] = lambda: _transfer_path(config, source_f.result(), target_f.result(), store, name)
     if config.tm is not None:
         tm_f = materialize_dataset.submit(config.tm.data or config.target, store)
-        paths.append(lambda: _target_path(config, tm_f.result(), store, name))
+        paths["target"] = lambda: run_tm(tm_f.result(), config.tm, config.resources, store, f"{name}-tm")
     # The two paths share no stage: run them side by side, so the target path's experts and
     # evaluations fill the CPUs (or GPUs) that the transfer path's serial stages leave idle.
     # Each thread runs in a copy of this flow run's context, so its tasks belong to this run.
     with ThreadPoolExecutor(max_workers=len(paths)) as pool:
-        done = [f.result() for f in [pool.submit(contextvars.copy_context().run, p) for p in paths]]
-    rows = [r for path_rows, _, _ in done for r in path_rows]
-    notes = ([resize_note] if resize_note else []) + [n for _, path_notes, _ in done for n in path_notes]
-    inputs = [k for _, _, path_inputs in done for k in path_inputs]
-    report = report_pipeline.submit(rows, notes, name, store, inputs).result()
-    print("\n".join(notes) + f"\nreport: {report['report_uri']}")
-    return report
+        futures = {k: pool.submit(contextvars.copy_context().run, p) for k, p in paths.items()}
+        results = PipelineResults(**{k: f.result() for k, f in futures.items()})
+    report = report_pipeline.submit(results, [resize_note] if resize_note else [], name, store).result()
+    print("\n".join(report.notes) + f"\nreport: {report.report_uri}")
+    return report.model_dump()
 
 
 def main() -> None:

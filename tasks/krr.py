@@ -3,7 +3,7 @@
 - `train_teacher_task`: a Barlow Twins teacher on a source dataset artifact (any artifact in
   the `dataset` layout: a materialized input or a DP4TL-pruned source). Its key is (teacher
   config, source key), so every run on the same source reuses it.
-- `distill_task`: KRR-ST on (source, teacher); checkpoints in a work directory that outlives
+- `distill_krr_st`: KRR-ST on (source, teacher); checkpoints in a work directory that outlives
   task retries, published as a distilled-format dataset with a `target` column, the
   pretraining recipe, the source normalization, the teacher's fingerprint and a dataset card,
   plus the outer-loss history (`loss.parquet`).
@@ -12,17 +12,19 @@
   linear probe and fine-tune on the target; one Ray task each, cached per (method, seed,
   transfer config, the artifacts that method reads).
 - `report_metrics`: metrics Parquet, mean/std per method, a table artifact.
+
+Every stage is a `tasks.stage` body: keyed, cached and published by the decorator.
 """
 
 from __future__ import annotations
 
 import io
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from prefect import task
+from pydantic import BaseModel, ConfigDict
 
 from distill.evaluate import summarize
 from distill.formats import read_distilled, read_metrics, write_distilled, write_metrics
@@ -42,9 +44,11 @@ from distill.ssl import TEACHER_FILE, SSLConfig, load_teacher, train_teacher
 from distill.transforms import Preprocessor
 from tasks import reports
 from tasks.artifacts import ArtifactRef
-from tasks.datasets import load_preprocessor, preprocessed
+from tasks.datasets import DatasetInfo, load_preprocessor, preprocessed
+from tasks.evaluation import DistilledInfo, MetricsTable, metrics_key, metrics_row
 from tasks.runtime import task_device
-from tasks.store import ArtifactStore, Staging, store_cache_key_fn, work_dir
+from tasks.stage import Key, Publish, RowsInfo, StageInfo, StageRun, stage
+from tasks.store import Staging
 from tasks.tables import markdown_table
 
 TEACHER_STAGE = "ssl-teacher"
@@ -53,8 +57,39 @@ EVAL_STAGE = "krr-eval"
 METRICS_STAGE = "krr-metrics"
 
 
-def _manifest(ref: ArtifactRef) -> dict[str, Any]:
-    return ref.open(verify=False).manifest
+class TeacherInfo(StageInfo):
+    feature_dim: int
+    epochs: int
+    loss: float
+    fingerprint: str  # of the teacher's weights; recorded with every distilled set made from it
+    seconds: float
+
+
+class KRRSetInfo(DistilledInfo):
+    """Manifest fields of a KRR-ST distilled set."""
+
+    final_loss: float
+    seconds: float
+    teacher_fingerprint: str
+    pool: Any  # the online model pool's settings (distill.krr.KRRResult.pool)
+
+
+class KRREvalInfo(StageInfo):
+    rows: int
+    linear_probe_acc: float
+    fine_tune_acc: float
+
+
+class KRRResult(BaseModel):
+    """What KRR-ST on one source produced: its teacher, distilled set and the comparison table."""
+
+    model_config = ConfigDict(frozen=True)
+
+    source: ArtifactRef
+    target: ArtifactRef
+    teacher: ArtifactRef
+    distilled: ArtifactRef
+    metrics: MetricsTable
 
 
 def check_num_images(krr: KRRConfig, available: int, where: str) -> None:
@@ -69,15 +104,15 @@ def check_num_images(krr: KRRConfig, available: int, where: str) -> None:
 def check_inputs(source: ArtifactRef, target: ArtifactRef, krr: KRRConfig, methods: list[str]) -> None:
     """Refuse, from the manifests alone, what would fail after minutes of training."""
     check_methods(methods)
-    src, tgt = _manifest(source), _manifest(target)
-    check_num_images(krr, src["rows"]["train"], source.uri)
-    if src["image_shape"] != tgt["image_shape"]:
+    src, tgt = DatasetInfo.of(source), DatasetInfo.of(target)
+    check_num_images(krr, src.rows["train"], source.uri)
+    if src.image_shape != tgt.image_shape:
         raise ValueError(
-            f"source images are {src['image_shape']} but target images are {tgt['image_shape']}; "
+            f"source images are {src.image_shape} but target images are {tgt.image_shape}; "
             "set the same image_size in both data blocks (the paper resizes targets to the source resolution)"
         )
     needs_labels = [m for m in methods if METHODS[m].loss == "ce"]
-    labelled = sum(1 for c in src["class_counts"]["train"] if c > 0)
+    labelled = sum(1 for c in src.class_counts["train"] if c > 0)
     if needs_labels and labelled < 2:
         check_labels(needs_labels[0], torch.zeros(1, dtype=torch.long))  # raises with the standard message
 
@@ -85,43 +120,31 @@ def check_inputs(source: ArtifactRef, target: ArtifactRef, krr: KRRConfig, metho
 # ---------------------------------------------------------------- teacher
 
 
-def teacher_key(store: str, source: ArtifactRef, cfg: SSLConfig) -> str:
-    return ArtifactStore(store).key(TEACHER_STAGE, cfg, [source.key])
+def teacher_key(source: ArtifactRef, cfg: SSLConfig) -> Key:
+    return Key(cfg, [source.key])
 
 
-def _teacher_key_of(p: dict[str, Any]) -> tuple[str, str]:
-    return p["store"], teacher_key(p["store"], p["source"], p["cfg"])
+@stage(TEACHER_STAGE, key=teacher_key)
+def train_teacher_task(source: ArtifactRef, cfg: SSLConfig, store: str, run: StageRun) -> Publish:
+    """Train (or resume) the Barlow Twins teacher of a source; publish teacher.safetensors."""
+    device = task_device()
+    x, _, _ = preprocessed(source, "train")
+    summary = train_teacher(cfg, x, out_dir=run.work_dir(), dataset_fingerprint=DatasetInfo.of(source).fingerprints["train"],
+                            device=device, progress=reports.progress("Barlow Twins teacher", "ssl-teacher"))
+    reports.run_logger().info("teacher: Barlow Twins loss %.4f after %d epochs (%.0f s)",
+                              summary["loss"], summary["epochs"], summary["seconds"])
 
+    def write(staging: Staging) -> TeacherInfo:
+        write_bytes(staging.fs, staging.file(TEACHER_FILE), Path(summary["path"]).read_bytes())
+        write_metrics(staging.file("history.parquet"), summary["history"], filesystem=staging.fs)
+        return TeacherInfo(**{k: summary[k] for k in ("feature_dim", "epochs", "loss", "fingerprint", "seconds")})
 
-@task(name="ssl-teacher", cache_key_fn=store_cache_key_fn(TEACHER_STAGE, _teacher_key_of),
-      result_serializer="json", retries=1)
-def train_teacher_task(source: ArtifactRef, cfg: SSLConfig, store: str) -> ArtifactRef:
-    """Train (or resume, or reuse) the Barlow Twins teacher of a source; publish teacher.safetensors."""
-    key = teacher_key(store, source, cfg)
-    st = ArtifactStore(store)
-    if not st.exists(TEACHER_STAGE, key):
-        device = task_device()
-        x, _, _ = preprocessed(source, "train")
-        work = work_dir(store, TEACHER_STAGE, key)
-        progress = reports.prefect_progress("Barlow Twins teacher", key=reports.ui_key("progress", "ssl-teacher"))
-        summary = train_teacher(cfg, x, out_dir=work, dataset_fingerprint=_manifest(source)["fingerprints"]["train"],
-                                device=device, progress=progress)
-
-        def write(staging: Staging) -> dict[str, Any]:
-            write_bytes(staging.fs, staging.file(TEACHER_FILE), Path(summary["path"]).read_bytes())
-            write_metrics(staging.file("history.parquet"), summary["history"], filesystem=staging.fs)
-            return {k: summary[k] for k in ("feature_dim", "epochs", "loss", "fingerprint", "seconds")}
-
-        st.publish(TEACHER_STAGE, key, write, config=cfg, inputs=[source.key], seeds={"teacher": cfg.seed})
-        shutil.rmtree(work, ignore_errors=True)
-        reports.run_logger().info("teacher: Barlow Twins loss %.4f after %d epochs (%.0f s)",
-                                  summary["loss"], summary["epochs"], summary["seconds"])
-    return ArtifactRef(store=store, stage=TEACHER_STAGE, key=key)
+    return Publish(write, seeds={"teacher": cfg.seed})
 
 
 def open_teacher(ref: ArtifactRef) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The teacher backbone (eval mode) and its manifest."""
-    return load_teacher(ref.local_dir() / TEACHER_FILE), _manifest(ref)
+    return load_teacher(ref.local_dir() / TEACHER_FILE), ref.open(verify=False).manifest
 
 
 # ---------------------------------------------------------------- distillation
@@ -133,36 +156,27 @@ def pretrain_recipe(transfer_cfg: TransferConfig) -> dict[str, Any]:
     return {"net": transfer_cfg.net, "net_kwargs": dict(transfer_cfg.net_kwargs), "train": train_cfg.model_dump(mode="json")}
 
 
-def distill_key(store: str, source: ArtifactRef, teacher: ArtifactRef, cfg: KRRConfig, recipe: dict) -> str:
-    return ArtifactStore(store).key(DISTILL_STAGE, {"krr": cfg, "recipe": recipe}, [source.key, teacher.key])
+def distill_key(source: ArtifactRef, teacher: ArtifactRef, cfg: KRRConfig, transfer: TransferConfig) -> Key:
+    return Key({"krr": cfg, "recipe": pretrain_recipe(transfer)}, [source.key, teacher.key])
 
 
-def _distill_key_of(p: dict[str, Any]) -> tuple[str, str]:
-    return p["store"], distill_key(p["store"], p["source"], p["teacher"], p["cfg"], pretrain_recipe(p["transfer"]))
-
-
-@task(name="distill-krr-st", cache_key_fn=store_cache_key_fn(DISTILL_STAGE, _distill_key_of),
-      result_serializer="json", retries=1)
-def distill_task(source: ArtifactRef, teacher: ArtifactRef, cfg: KRRConfig, transfer: TransferConfig,
-                 store: str) -> ArtifactRef:
+@stage(DISTILL_STAGE, key=distill_key, task_name="distill-krr-st")
+def distill_krr_st(source: ArtifactRef, teacher: ArtifactRef, cfg: KRRConfig, transfer: TransferConfig,
+                   store: str, run: StageRun) -> Publish:
     """Distill the source into cfg.num_images images with learned targets; publish it in the distilled format."""
-    recipe = pretrain_recipe(transfer)
-    key = distill_key(store, source, teacher, cfg, recipe)
-    st = ArtifactStore(store)
-    if st.exists(DISTILL_STAGE, key):
-        return ArtifactRef(store=store, stage=DISTILL_STAGE, key=key)
     device = task_device()
     pre = load_preprocessor(source)
     x, labels, names = preprocessed(source, "train", pre)
     teacher_net, teacher_manifest = open_teacher(teacher)
-    source_fp = _manifest(source)["fingerprints"]["train"]
-    work = work_dir(store, DISTILL_STAGE, key)
-    progress = reports.prefect_progress("KRR-ST distillation", key=reports.ui_key("progress", "krr-st"))
-    result = distill_krr(cfg, x, teacher_net, work_dir=work, device=device, progress=progress,
+    source_fp = DatasetInfo.of(source).fingerprints["train"]
+    result = distill_krr(cfg, x, teacher_net, work_dir=run.work_dir(), device=device,
+                         progress=reports.progress("KRR-ST distillation", "krr-st"),
                          identity={"source": source_fp, "teacher": teacher_manifest["fingerprint"]})
     idx = result.source_indices
+    reports.run_logger().info("KRR-ST: %d images, outer loss %.4g -> %.4g (%.0f s)", len(idx),
+                              result.history[0]["loss"], result.history[-1]["loss"], result.seconds)
 
-    def write(staging: Staging) -> dict[str, Any]:
+    def write(staging: Staging) -> KRRSetInfo:
         info = write_distilled(
             staging.path,
             pixels=result.images.float().contiguous(),
@@ -170,7 +184,7 @@ def distill_task(source: ArtifactRef, teacher: ArtifactRef, cfg: KRRConfig, tran
             class_names=names,
             preprocessor_config=pre.config(),
             preprocessor_tensors=pre.state_dict(),
-            recipe=recipe,
+            recipe=pretrain_recipe(transfer),
             method="krr-st",
             provenance={
                 "source": source.uri, "source_fingerprint": source_fp, "teacher": teacher.uri,
@@ -183,15 +197,10 @@ def distill_task(source: ArtifactRef, teacher: ArtifactRef, cfg: KRRConfig, tran
             filesystem=staging.fs,
         )
         write_metrics(staging.file("loss.parquet"), result.history, filesystem=staging.fs)
-        return {**info, "final_loss": result.history[-1]["loss"], "seconds": result.seconds,
-                "teacher_fingerprint": teacher_manifest["fingerprint"], "pool": result.pool}
+        return KRRSetInfo(**info, final_loss=result.history[-1]["loss"], seconds=result.seconds,
+                          teacher_fingerprint=teacher_manifest["fingerprint"], pool=result.pool)
 
-    st.publish(DISTILL_STAGE, key, write, config={"krr": cfg, "recipe": recipe}, inputs=[source.key, teacher.key],
-               seeds={"krr": cfg.seed})
-    shutil.rmtree(work, ignore_errors=True)
-    reports.run_logger().info("KRR-ST: %d images, outer loss %.4g -> %.4g (%.0f s)", len(idx),
-                              result.history[0]["loss"], result.history[-1]["loss"], result.seconds)
-    return ArtifactRef(store=store, stage=DISTILL_STAGE, key=key)
+    return Publish(write, seeds={"krr": cfg.seed})
 
 
 def image_grid_png(images_uint8: torch.Tensor, columns: int = 20, scale: int = 2) -> bytes:
@@ -258,58 +267,46 @@ def _inputs_of(method: str, source: ArtifactRef, teacher: ArtifactRef, distilled
     return [target.key]
 
 
-def eval_key(store: str, method: str, seed: int, transfer_cfg: TransferConfig, inputs: list[str]) -> str:
-    return ArtifactStore(store).key(EVAL_STAGE, {"method": method, "seed": seed, "transfer": transfer_cfg}, inputs)
+def eval_key(method: str, seed: int, source: ArtifactRef, teacher: ArtifactRef, distilled: ArtifactRef,
+             target: ArtifactRef, transfer: TransferConfig) -> Key:
+    return Key({"method": method, "seed": seed, "transfer": transfer}, _inputs_of(method, source, teacher, distilled, target))
 
 
-def _eval_key_of(p: dict[str, Any]) -> tuple[str, str]:
-    inputs = _inputs_of(p["method"], p["source"], p["teacher"], p["distilled"], p["target"])
-    return p["store"], eval_key(p["store"], p["method"], p["seed"], p["transfer"], inputs)
-
-
-@task(name="krr-transfer", task_run_name="transfer-{method}-seed{seed}",
-      cache_key_fn=store_cache_key_fn(EVAL_STAGE, _eval_key_of), result_serializer="json", retries=1)
+@stage(EVAL_STAGE, key=eval_key, result=metrics_row, task_name="krr-transfer", task_run_name="transfer-{method}-seed{seed}")
 def evaluate_method(method: str, seed: int, source: ArtifactRef, teacher: ArtifactRef, distilled: ArtifactRef,
-                    target: ArtifactRef, transfer: TransferConfig, store: str) -> dict[str, Any]:
+                    target: ArtifactRef, transfer: TransferConfig, store: str, run: StageRun) -> Publish:
     """Pretrain per `method`, then linear probe + fine-tune on the target; one metrics row."""
     from distill.krr import transfer as run_transfer
 
-    _, key = _eval_key_of({"method": method, "seed": seed, "source": source, "teacher": teacher,
-                           "distilled": distilled, "target": target, "transfer": transfer, "store": store})
-    st = ArtifactStore(store)
-    if not st.exists(EVAL_STAGE, key):
-        device = task_device()
-        spec = METHODS[method]
-        syn = read_distilled(str(distilled.local_dir()))
-        shape = tuple(syn.pixels.shape[1:])
-        images = targets = labels = teacher_net = None
-        if spec.data == "distilled":
-            images, targets = syn.pixels, syn.targets
-        if spec.data in ("initial", "teacher"):
-            teacher_net, _ = open_teacher(teacher)
-        if spec.data == "initial":
-            idx = torch.tensor(syn.provenance["source_indices"])
-            x, y, _ = preprocessed(source, "train")
-            images, labels = x[idx], y[idx]
-            targets = representations(teacher_net, images)
-        backbone, info = pretrained_backbone(method, transfer, image_shape=shape, images=images, targets=targets,
-                                             labels=labels, teacher=teacher_net, seed=seed, device=device)
-        train_x, train_y, names = preprocessed(target, "train")
-        test_x, test_y, _ = preprocessed(target, "test")
-        result = run_transfer(backbone, train_x, train_y, test_x, test_y, transfer, num_classes=len(names),
-                              seed=seed, device=device)
-        row = {"method": method, "seed": seed, **result, **info, "eval_key": key}
+    device = task_device()
+    spec = METHODS[method]
+    syn = read_distilled(str(distilled.local_dir()))
+    shape = tuple(syn.pixels.shape[1:])
+    images = targets = labels = teacher_net = None
+    if spec.data == "distilled":
+        images, targets = syn.pixels, syn.targets
+    if spec.data in ("initial", "teacher"):
+        teacher_net, _ = open_teacher(teacher)
+    if spec.data == "initial":
+        idx = torch.tensor(syn.provenance["source_indices"])
+        x, y, _ = preprocessed(source, "train")
+        images, labels = x[idx], y[idx]
+        targets = representations(teacher_net, images)
+    backbone, info = pretrained_backbone(method, transfer, image_shape=shape, images=images, targets=targets,
+                                         labels=labels, teacher=teacher_net, seed=seed, device=device)
+    train_x, train_y, names = preprocessed(target, "train")
+    test_x, test_y, _ = preprocessed(target, "test")
+    result = run_transfer(backbone, train_x, train_y, test_x, test_y, transfer, num_classes=len(names),
+                          seed=seed, device=device)
+    row = {"method": method, "seed": seed, **result, **info, "eval_key": run.key}
+    reports.run_logger().info("%s seed %d: linear %.4f, fine-tune %.4f", method, seed, row["linear_probe_acc"],
+                              row["fine_tune_acc"])
 
-        def write(staging: Staging) -> dict[str, Any]:
-            write_metrics(staging.file("metrics.parquet"), [row], filesystem=staging.fs)
-            return {"rows": 1, "linear_probe_acc": row["linear_probe_acc"], "fine_tune_acc": row["fine_tune_acc"]}
+    def write(staging: Staging) -> KRREvalInfo:
+        write_metrics(staging.file("metrics.parquet"), [row], filesystem=staging.fs)
+        return KRREvalInfo(rows=1, linear_probe_acc=row["linear_probe_acc"], fine_tune_acc=row["fine_tune_acc"])
 
-        st.publish(EVAL_STAGE, key, write, config={"method": method, "seed": seed, "transfer": transfer},
-                   inputs=_inputs_of(method, source, teacher, distilled, target), seeds={"eval": seed})
-        reports.run_logger().info("%s seed %d: linear %.4f, fine-tune %.4f", method, seed, row["linear_probe_acc"],
-                                  row["fine_tune_acc"])
-    art = st.open(EVAL_STAGE, key)
-    return read_metrics(art.file("metrics.parquet"), filesystem=art.fs)[0]
+    return Publish(write, seeds={"eval": seed})
 
 
 def summarize_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -323,25 +320,24 @@ def summarize_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _metrics_key(p: dict[str, Any]) -> tuple[str, str]:
-    return p["store"], ArtifactStore(p["store"]).key(METRICS_STAGE, {"name": p["name"]}, [r["eval_key"] for r in p["rows"]])
-
-
-@task(name="report-krr-metrics", result_serializer="json")
-def report_metrics(rows: list[dict[str, Any]], name: str, store: str) -> dict[str, Any]:
-    """Metrics Parquet (every row) and summary Parquet (mean/std per method), plus a table artifact."""
-    _, key = _metrics_key({"rows": rows, "name": name, "store": store})
-    summary = summarize_rows(rows)
-
-    def write(staging: Staging) -> dict[str, Any]:
-        write_metrics(staging.file("metrics.parquet"), rows, filesystem=staging.fs)
-        write_metrics(staging.file("summary.parquet"), summary, filesystem=staging.fs)
-        return {"rows": len(rows)}
-
-    art = ArtifactStore(store).publish(METRICS_STAGE, key, write, config={"name": name},
-                                       inputs=[r["eval_key"] for r in rows])
+def show_metrics(ref: ArtifactRef, name: str) -> MetricsTable:
+    """The published table, shown in this flow run's UI and log (a cache hit shows it too)."""
+    art = ref.open()
+    summary = read_metrics(art.file("summary.parquet"), filesystem=art.fs)
     reports.table(summary, key=reports.ui_key(name, "transfer"),
                   description=f"{name}: target accuracy after pretraining (linear probe, fine-tune; final epoch, "
                   f"mean and std over seeds). Metrics: {art.uri}")
     reports.run_logger().info("\n%s", markdown_table(summary))
-    return {"summary": summary, "metrics_uri": art.uri}
+    return MetricsTable(summary=summary, ref=ref)
+
+
+@stage(METRICS_STAGE, key=metrics_key, result=show_metrics, cache=False, task_name="report-krr-metrics")
+def report_metrics(rows: list[dict[str, Any]], name: str, store: str, run: StageRun) -> Publish:
+    """Metrics Parquet (every row) and summary Parquet (mean/std per method)."""
+
+    def write(staging: Staging) -> RowsInfo:
+        write_metrics(staging.file("metrics.parquet"), rows, filesystem=staging.fs)
+        write_metrics(staging.file("summary.parquet"), summarize_rows(rows), filesystem=staging.fs)
+        return RowsInfo(rows=len(rows))
+
+    return Publish(write)

@@ -5,31 +5,64 @@ the training data it needed (images and bytes on disk), and the cost of producin
 summed wall time of every stage artifact on its chain (from their manifests) and the
 highest process memory any of those stages reached. Costs come from manifests, so a warm
 re-run reports the cost of the run that made each artifact, not of the cache lookup.
+
+The rows are built here, inside the report task, from the paths' typed results
+(`PipelineResults`); the flow only hands them over.
 """
 
 from __future__ import annotations
 
 from typing import Any, Iterable
 
-from prefect import task
+from pydantic import BaseModel, ConfigDict
 
-from distill.formats import write_metrics
+from distill.formats import read_metrics, write_metrics
+from distill.krr import METHODS
 from tasks import reports
 from tasks.artifacts import ArtifactRef
+from tasks.krr import KRRResult
 from tasks.matching import TMResult
-from tasks.store import ArtifactStore, Staging
+from tasks.stage import Key, Manifest, Publish, StageInfo, StageRun, stage
+from tasks.store import Staging
 from tasks.tables import markdown_table
 
 STAGE = "pipeline-report"
 
 
-def stage_seconds(manifest: dict[str, Any]) -> float:
-    """What producing an artifact cost: the compute a stage declared (e.g. experts trained in other
-    tasks), else the publishing task run's duration, else the write alone."""
-    for key in ("compute_s", "task_s", "wall_time_s"):
-        if manifest.get(key) is not None:
-            return float(manifest[key])
-    return 0.0
+class TransferPath(BaseModel):
+    """The transfer path's results: the pruning chain and KRR-ST on the pruned source."""
+
+    model_config = ConfigDict(frozen=True)
+
+    chain: list[ArtifactRef]  # source, surrogate, selection, pruned source (the artifacts before KRR-ST)
+    selection: ArtifactRef
+    ratio: float
+    krr: KRRResult
+
+
+class PipelineResults(BaseModel):
+    """What the pipeline's paths produced (a path switched off is None)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    transfer: TransferPath | None = None
+    target: TMResult | None = None
+
+    def metrics_keys(self) -> list[str]:
+        return [r.metrics.ref.key for r in (self.transfer and self.transfer.krr, self.target) if r is not None]
+
+
+class ReportInfo(StageInfo):
+    rows: int
+    notes: list[str]
+
+
+class PipelineReport(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    rows: list[dict[str, Any]]
+    notes: list[str]
+    report_uri: str
 
 
 def chain_cost(refs: Iterable[ArtifactRef | None]) -> dict[str, float | None]:
@@ -38,11 +71,10 @@ def chain_cost(refs: Iterable[ArtifactRef | None]) -> dict[str, float | None]:
     for ref in refs:
         if ref is None:
             continue
-        m = ref.open(verify=False).manifest
-        wall += stage_seconds(m)
-        rss = m.get("peak_rss_mb")
-        if rss is not None:
-            peak = rss if peak is None else max(peak, rss)
+        m = Manifest.of(ref)
+        wall += m.cost_s()
+        if m.peak_rss_mb is not None:
+            peak = m.peak_rss_mb if peak is None else max(peak, m.peak_rss_mb)
     return {"wall_s": round(wall, 1), "peak_rss_mb": peak}
 
 
@@ -50,8 +82,88 @@ def data_bytes(ref: ArtifactRef | None, files: tuple[str, ...] = ()) -> int:
     """Bytes on disk of an artifact's data files (all of them, or only those under `files` prefixes)."""
     if ref is None:
         return 0
-    listed = ref.open(verify=False).manifest.get("files", {})
-    return sum(v["bytes"] for k, v in listed.items() if not files or k.startswith(files))
+    return sum(v.bytes for k, v in Manifest.of(ref).files.items() if not files or k.startswith(files))
+
+
+_EMPTY = {"linear_probe_acc_mean": None, "linear_probe_acc_std": None, "fine_tune_acc_mean": None,
+          "fine_tune_acc_std": None, "test_acc_mean": None, "test_acc_std": None}
+
+
+def krr_rows(path: TransferPath) -> list[dict[str, Any]]:
+    """One report row per compared method of the transfer path (KRR-ST and its baselines)."""
+    chain, teacher, distilled = path.chain, path.krr.teacher, path.krr.distilled
+    distilled_bytes = data_bytes(distilled, ("data/",))
+    rows = []
+    for s in path.krr.metrics.summary:
+        spec = METHODS[s["method"]]
+        # what each arm's pretraining data cost to produce; the random-real arms pretrain on as many
+        # images as the distilled set (with teacher targets, or labels), the teacher saw the pruned source
+        made_from = {"distilled": chain + [teacher, distilled], "teacher": chain + [teacher], "none": [],
+                     "initial": chain + [teacher] if spec.loss == "mse" else chain}[spec.data]
+        data = {"none": 0, "teacher": data_bytes(chain[-1])}.get(spec.data, distilled_bytes)
+        rows.append({
+            "path": "prune -> KRR-ST -> transfer", "method": s["method"],
+            "kind": "method" if spec.data == "distilled" else "baseline",
+            **_EMPTY, **{k: s.get(k) for k in ("linear_probe_acc_mean", "linear_probe_acc_std", "fine_tune_acc_mean",
+                                               "fine_tune_acc_std")},
+            "seeds": s["seeds"], "data_mib": round(data / 2**20, 3), **chain_cost(made_from),
+        })
+    return rows
+
+
+def tm_rows(result: TMResult) -> list[dict[str, Any]]:
+    """One report row per (set, evaluation net) of a trajectory-matching run: distilled sets and their baselines."""
+    sets = {(s.method, s.setting): s for s in result.sets}
+    rows = []
+    for summary in result.metrics.summary:
+        evaluated = sets[(summary["method"], summary["setting"])]
+        rows.append({
+            "path": f"experts -> TM on target ({evaluated.setting})", "method": evaluated.method,
+            "kind": "baseline" if evaluated.baseline else "method",
+            **_EMPTY, "test_acc_mean": summary["test_acc_mean"], "test_acc_std": summary["test_acc_std"],
+            "seeds": summary["seeds"], "data_mib": round(data_bytes(evaluated.made_from[-1], ("data/",)) / 2**20, 3),
+            **chain_cost(evaluated.made_from),
+        })
+    return rows
+
+
+def selection_note(selection_ref: ArtifactRef, ratio: float) -> str:
+    """Why the pruned source looks as it does: how many classes were kept and how many earned target votes."""
+    from dp4tl.formats import read_selection
+    from dp4tl.methods import num_kept_classes
+
+    art = selection_ref.open(verify=False)
+    method = art.manifest.get("method", "?")
+    if "selection.parquet" not in art.manifest["files"]:  # data-wise selectors keep samples, not classes
+        return f"source pruned by {method} at ratio {ratio} (a per-sample selection at the matched image budget)"
+    art = selection_ref.open()  # the votes are read from the file: verified
+    selection, names, _ = read_selection(art.file("selection.parquet"), filesystem=art.fs)
+    n = selection.num_classes
+    kept = num_kept_classes(ratio, n)
+    kept_ids = selection.ranking[:kept]
+    voted = int((selection.votes[kept_ids] > 0).sum())
+    note = (f"{method} kept {kept} of {n} source classes (pruning ratio {ratio}); {voted} of the kept classes "
+            f"received target votes (top: {', '.join(names[c] for c in kept_ids[:3].tolist())})")
+    if voted < kept:
+        note += (f"; the other {kept - voted} had no vote and were ranked by the selector's tie-break score, so the "
+                 "target maps onto fewer source classes than were kept")
+    return note
+
+
+def report_rows(results: PipelineResults) -> list[dict[str, Any]]:
+    return (krr_rows(results.transfer) if results.transfer else []) + (tm_rows(results.target) if results.target else [])
+
+
+def report_notes(results: PipelineResults, notes: list[str]) -> list[str]:
+    """The plan's notes (e.g. a resized target), then what the run itself explains (the pruned source)."""
+    path = results.transfer
+    return notes + ([selection_note(path.selection, path.ratio)] if path is not None else [])
+
+
+def report_key(results: PipelineResults, notes: list[str], name: str) -> Key:
+    # the report's content: a re-made upstream artifact (another cost) makes another report
+    rows, notes = report_rows(results), report_notes(results, notes)
+    return Key({"name": name, "rows": rows, "notes": notes}, results.metrics_keys())
 
 
 def accuracy_bars(rows: list[dict[str, Any]]) -> bytes:
@@ -73,33 +185,11 @@ def accuracy_bars(rows: list[dict[str, Any]]) -> bytes:
     return reports.figure_png(fig)
 
 
-def tm_rows(result: TMResult) -> list[dict[str, Any]]:
-    """One report row per (set, evaluation net) of a trajectory-matching run: distilled sets and their baselines."""
-    sets = {(s.method, s.setting): s for s in result.sets}
-    rows = []
-    for summary in result.metrics.summary:
-        evaluated = sets[(summary["method"], summary["setting"])]
-        rows.append({
-            "path": f"experts -> TM on target ({evaluated.setting})", "method": evaluated.method,
-            "kind": "baseline" if evaluated.baseline else "method",
-            "linear_probe_acc_mean": None, "linear_probe_acc_std": None, "fine_tune_acc_mean": None,
-            "fine_tune_acc_std": None, "test_acc_mean": summary["test_acc_mean"], "test_acc_std": summary["test_acc_std"],
-            "seeds": summary["seeds"], "data_mib": round(data_bytes(evaluated.made_from[-1], ("data/",)) / 2**20, 3),
-            **chain_cost(evaluated.made_from),
-        })
-    return rows
-
-
-@task(name="pipeline-report", result_serializer="json")
-def report_pipeline(rows: list[dict[str, Any]], notes: list[str], name: str, store: str, inputs: list[str]) -> dict[str, Any]:
-    """Publish the comparison (Parquet), show it as a table, a bar plot and the run's notes in the UI."""
-    key = ArtifactStore(store).key(STAGE, {"name": name, "rows": rows, "notes": notes}, inputs)
-
-    def write(staging: Staging) -> dict[str, Any]:
-        write_metrics(staging.file("report.parquet"), rows, filesystem=staging.fs)
-        return {"rows": len(rows), "notes": notes}
-
-    art = ArtifactStore(store).publish(STAGE, key, write, config={"name": name}, inputs=inputs)
+def show_report(ref: ArtifactRef, name: str) -> PipelineReport:
+    """The published report as a table, a bar plot and the run's notes in this flow run's UI."""
+    art = ref.open()
+    rows = read_metrics(art.file("report.parquet"), filesystem=art.fs)
+    notes = ReportInfo.of(art).notes
     reports.table(rows, key=reports.ui_key(name, "report"),
                   description=f"{name}: every path and its baselines; accuracy = final epoch, mean and std over "
                   f"seeds; wall time and peak memory summed/maxed over the stages that made it. Data: {art.uri}")
@@ -107,26 +197,16 @@ def report_pipeline(rows: list[dict[str, Any]], notes: list[str], name: str, sto
     text += reports.png_markdown(accuracy_bars(rows), "target accuracy per path (blue: method, grey: baseline)")
     reports.markdown(text, key=reports.ui_key(name, "report-plot"), description=f"{name}: report and plot")
     reports.run_logger().info("\n%s", markdown_table(rows))
-    return {"rows": rows, "notes": notes, "report_uri": art.uri}
+    return PipelineReport(rows=rows, notes=notes, report_uri=art.uri)
 
 
-def selection_note(selection_ref: ArtifactRef, ratio: float) -> str:
-    """Why the pruned source looks as it does: how many classes were kept and how many earned target votes."""
-    from dp4tl.formats import read_selection
-    from dp4tl.methods import num_kept_classes
+@stage(STAGE, key=report_key, result=show_report, cache=False)
+def report_pipeline(results: PipelineResults, notes: list[str], name: str, store: str, run: StageRun) -> Publish:
+    """Publish the comparison of every path (Parquet) with the notes that explain the run."""
+    rows, notes = report_rows(results), report_notes(results, notes)
 
-    art = selection_ref.open(verify=False)
-    method = art.manifest.get("method", "?")
-    if "selection.parquet" not in art.manifest["files"]:  # data-wise selectors keep samples, not classes
-        return f"source pruned by {method} at ratio {ratio} (a per-sample selection at the matched image budget)"
-    selection, names, _ = read_selection(art.file("selection.parquet"), filesystem=art.fs)
-    n = selection.num_classes
-    kept = num_kept_classes(ratio, n)
-    kept_ids = selection.ranking[:kept]
-    voted = int((selection.votes[kept_ids] > 0).sum())
-    note = (f"{method} kept {kept} of {n} source classes (pruning ratio {ratio}); {voted} of the kept classes "
-            f"received target votes (top: {', '.join(names[c] for c in kept_ids[:3].tolist())})")
-    if voted < kept:
-        note += (f"; the other {kept - voted} had no vote and were ranked by the selector's tie-break score, so the "
-                 "target maps onto fewer source classes than were kept")
-    return note
+    def write(staging: Staging) -> ReportInfo:
+        write_metrics(staging.file("report.parquet"), rows, filesystem=staging.fs)
+        return ReportInfo(rows=len(rows), notes=notes)
+
+    return Publish(write)

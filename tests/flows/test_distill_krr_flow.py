@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from distill.formats import read_distilled, read_metrics
 from distill.krr import METHODS
 from distill.ssl import load_teacher
-from flows.distill_krr import DistillKRRConfig, distill_krr
+from flows.distill_krr import DistillKRRConfig, distill_krr_flow
 from flows.presets import load_preset, presets
 from tests.conftest import data_path
 
@@ -39,7 +39,7 @@ def test_distill_krr_tiny_produces_teacher_distilled_set_and_table(prefect_serve
     data_path("tiny-imagenet-200", "train.parquet")
     data_path("cifar10", "train.parquet")
     cfg = DistillKRRConfig(**{**load_preset("distill-krr", "tiny"), "store": str(tmp_path)})
-    result = distill_krr(cfg)
+    result = distill_krr_flow(cfg)
     assert [r["method"] for r in result["summary"]] == list(METHODS)
     for row in result["summary"]:
         assert 0 <= row["linear_probe_acc_mean"] <= 1 and 0 <= row["fine_tune_acc_mean"] <= 1 and row["seeds"] == 1
@@ -64,5 +64,5 @@ def test_more_synthetic_images_than_source_images_fails_before_training(prefect_
     params = load_preset("distill-krr", "tiny")
     cfg = DistillKRRConfig(**{**params, "krr": {**params["krr"], "num_images": 61}, "store": str(tmp_path)})
     with pytest.raises(ValueError, match="num_images=61 .* only 60 train images"):
-        distill_krr(cfg)
+        distill_krr_flow(cfg)
     assert not (tmp_path / "dataset").exists(), "nothing may be materialized for a refused run"

@@ -165,3 +165,57 @@ def test_prefect_cache_keys_separate_tasks_and_result_parameters(tmp_path, upstr
     first, second = cache_key(None, params), cache_key(None, {**params, "part": 1})
     assert own.startswith(f"toy-{ref.key}") and first.startswith(f"toy-{ref.key}")
     assert len({own, first, second}) == 3, "one artifact, three different task results"
+
+
+def test_krr_keys_are_unchanged(tmp_path):
+    from distill.krr import KRRConfig, TransferConfig
+    from distill.ssl import SSLConfig
+    from tasks.krr import distill_krr_st, evaluate_method, report_metrics, train_teacher_task
+
+    r = _refs(str(tmp_path))
+    transfer = TransferConfig()
+    assert stage_key(train_teacher_task, source=r["dataset"], cfg=SSLConfig()) == "f7a02fc96f2c9a59"
+    assert stage_key(distill_krr_st, source=r["dataset"], teacher=r["ssl-teacher"], cfg=KRRConfig(num_images=12),
+                     transfer=transfer) == "a60dfe960f1c2d42"
+    pinned = {"krr-st": "26ec84634a2da720", "random-real-targets": "70c7775df545940c", "teacher": "436b677de7be9e0d",
+              "no-pretrain": "563ec5b4e903c47b"}
+    for method, key in pinned.items():
+        assert stage_key(evaluate_method, method=method, seed=2, source=r["dataset"], teacher=r["ssl-teacher"],
+                         distilled=r["krr-st"], target=r["target"], transfer=transfer) == key, method
+    rows = [{"eval_key": "b"}, {"eval_key": "a"}]
+    assert stage_key(report_metrics, rows=rows, name="krr-x") == "9fe2e296d6614d2d"
+
+
+def test_metrics_stages_have_one_schema_each():
+    """The one `metrics` folder held two schemas; each now has its own stage name (so new keys)."""
+    from tasks.evaluation import METRICS_STAGE as EVAL_METRICS
+    from tasks.evaluation import collect_metrics
+    from tasks.krr import METRICS_STAGE as KRR_METRICS
+
+    rows = [{"eval_key": "a"}, {"eval_key": "b"}]
+    assert (EVAL_METRICS, KRR_METRICS) == ("eval-metrics", "krr-metrics")
+    assert stage_key(collect_metrics, rows=rows, name="baseline-x") == artifact_key("eval-metrics", {"name": "baseline-x"},
+                                                                                    ["a", "b"])
+
+
+def test_pipeline_report_key_is_unchanged(tmp_path, monkeypatch):
+    from tasks import pipeline
+    from tasks.evaluation import MetricsTable
+    from tasks.krr import KRRResult
+    from tasks.matching import TMResult
+
+    r = _refs(str(tmp_path))
+    rows, notes = [{"path": "p", "method": "m", "test_acc_mean": 0.5}], ["n"]
+    monkeypatch.setattr(pipeline, "report_rows", lambda results: rows)
+    monkeypatch.setattr(pipeline, "report_notes", lambda results, plan: notes)
+
+    def table(key: str) -> MetricsTable:
+        return MetricsTable(summary=[], ref=ArtifactRef(store=str(tmp_path), stage="krr-metrics", key=key))
+
+    krr = KRRResult(source=r["dataset"], target=r["target"], teacher=r["ssl-teacher"], distilled=r["krr-st"],
+                    metrics=table("a"))
+    results = pipeline.PipelineResults(
+        transfer=pipeline.TransferPath(chain=[r["dataset"]], selection=r["dataset"], ratio=0.5, krr=krr),
+        target=TMResult(dataset=r["target"], experts=r["experts"], distilled={}, sets=[], metrics=table("b")),
+    )
+    assert stage_key(pipeline.report_pipeline, results=results, notes=[], name="pipeline-x") == "9955d087aa3d2c23"
