@@ -5,7 +5,7 @@
 
 .PHONY: demo test test-all venv server worker deploy stop results clean-state
 
-demo: venv        ## start/reuse server + worker, deploy everything, run baseline-cpu, print results
+demo: venv        ## start/reuse server + worker, deploy everything, run pipeline/cpu, print the report
 	scripts/distillery.sh demo
 
 test: venv        ## the whole fast test suite (what CI runs)
