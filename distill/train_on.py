@@ -11,7 +11,8 @@ the recipe's lr, and the loss follows the labels: cross-entropy on hard labels, 
 cross-entropy on soft labels, or, for a regression-target set (KRR-ST), MSE pretraining
 followed by a linear probe and a full fine-tune on the real data's train split. `--arch`
 trains another architecture under the same recipe (cross-architecture generalization).
-Accuracy is the final epoch's, per seed, with mean and std; the last line is JSON.
+Accuracy is the final epoch's, per seed, with mean and std: a progress bar per network on
+stderr and a table at the end, or with `--json` one JSON line per seed and the summary last.
 The artifact is verified against its `manifest.json` (sizes and sha256) before anything is
 read; `--no-verify` skips that for a folder you trust. Bad arguments end with one line on
 stderr and exit code 2, before any training.
@@ -22,8 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -32,7 +34,7 @@ from distill.downstream import DistilledDataset, load_distilled
 from distill.evaluate import EvalConfig, evaluate_set, summarize
 from distill.krr import TransferConfig, pretrained_backbone, transfer
 from distill.nets import create_net, list_nets, net_arg_problem
-from distill.utils import resolve_device
+from distill.utils import Progress, resolve_device
 
 def _positive_int(text: str) -> int:
     try:
@@ -76,12 +78,13 @@ def _net(ds: DistilledDataset, arch: str | None, net_kwargs: dict[str, Any] | No
 
 def train_labelled(
     ds: DistilledDataset, test: tuple[torch.Tensor, torch.Tensor], *, net: str, net_kwargs: dict[str, Any],
-    seed: int, epochs: int | None, device: torch.device,
+    seed: int, epochs: int | None, device: torch.device, progress: Progress | None = None,
 ) -> dict[str, Any]:
     """One fresh network on a labelled set (hard or soft labels), tested on the real test split."""
     train_cfg = ds.train_config(**({"epochs": epochs} if epochs else {}))
     cfg = EvalConfig(net=net, net_kwargs=net_kwargs, train=train_cfg, num_models=1, use_learned_lr=False)
-    row = evaluate_set(ds.pixels, ds.y, *test, cfg, num_classes=len(ds.class_names), seed=seed, device=str(device))
+    row = evaluate_set(ds.pixels, ds.y, *test, cfg, num_classes=len(ds.class_names), seed=seed, device=str(device),
+                       progress=progress)
     return {"net": net, **row}
 
 
@@ -111,7 +114,7 @@ def train_targets(
 def run(
     artifact: str, *, data: str | None = None, arch: str | None = None, net_kwargs: dict[str, Any] | None = None,
     seeds: list[int] = (0,), epochs: int | None = None, device: str | None = None,
-    test_split: str | None = None, verify: bool = True,
+    test_split: str | None = None, verify: bool = True, reporter: Callable[[int], Progress | None] | None = None,
 ) -> dict[str, Any]:
     """Train one network per seed on `artifact`; returns per-seed rows and the summary."""
     if epochs is not None and epochs < 1:
@@ -131,7 +134,8 @@ def run(
         rows = [train_targets(ds, data, net=net, net_kwargs=kwargs, seed=s, epochs=epochs, device=dev) for s in seeds]
     else:
         test = ds.test_set(data)
-        rows = [train_labelled(ds, test, net=net, net_kwargs=kwargs, seed=s, epochs=epochs, device=dev) for s in seeds]
+        rows = [train_labelled(ds, test, net=net, net_kwargs=kwargs, seed=s, epochs=epochs, device=dev,
+                               progress=reporter(s) if reporter else None) for s in seeds]
     summary: dict[str, Any] = {"artifact": artifact, "method": ds.method, "kind": ds.kind, "net": net,
                                "images": len(ds), "classes": len(ds.class_names)}
     for metric in ("test_acc", "linear_probe_acc", "fine_tune_acc"):
@@ -155,24 +159,70 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-verify", action="store_true", help="skip checking the artifact against its manifest")
     parser.add_argument("--device", default="auto", help='"auto", "cpu", "cuda" or "cuda:N"')
     parser.add_argument("--out", help="also write the per-seed rows as a metrics Parquet file")
+    parser.add_argument("--json", action="store_true", help="print one JSON line per seed and the summary "
+                        "as the last line (for machines), instead of progress and a table")
     args = parser.parse_args(argv)
     if args.arch is not None and args.arch not in list_nets():
         parser.error(f"unknown architecture {args.arch!r}; valid: {', '.join(list_nets())}")
     try:
         result = run(args.artifact, data=args.data, arch=args.arch, net_kwargs=args.net_kwargs,
                      seeds=args.seeds, epochs=args.epochs, device=args.device,
-                     test_split=args.test_split, verify=not args.no_verify)
+                     test_split=args.test_split, verify=not args.no_verify,
+                     reporter=None if args.json else EpochBar)
     except (DataError, ValueError) as e:  # pydantic's ValidationError is a ValueError
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    for row in result["rows"]:
-        print(json.dumps(row))
     if args.out:
         from distill.formats import write_metrics
 
         write_metrics(args.out, [{**r, "artifact": args.artifact} for r in result["rows"]])
-    print(json.dumps(result["summary"]))
+    if args.json:
+        for row in result["rows"]:
+            print(json.dumps(row))
+        print(json.dumps(result["summary"]))
+    else:
+        print(summary_table(result))
     return 0
+
+
+class EpochBar:
+    """Per-network progress on stderr: a live bar on a terminal, a line per 10% otherwise."""
+
+    def __init__(self, seed: int, stream: Any = None):
+        self.seed, self.stream = seed, stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.start = time.monotonic()
+        self.last_decile = -1
+
+    def __call__(self, step: int, total: int, **metrics: Any) -> None:
+        frac = step / max(total, 1)
+        elapsed = time.monotonic() - self.start
+        eta = elapsed / frac - elapsed if frac > 0 else float("nan")
+        loss = metrics.get("loss")
+        text = (f"seed {self.seed}: epoch {step}/{total} [{'#' * int(20 * frac):<20}] {100 * frac:3.0f}%"
+                f"{f'  loss {loss:.3f}' if isinstance(loss, float) else ''}  {elapsed:4.0f}s elapsed, ETA {eta:4.0f}s")
+        if self.tty:
+            print("\r" + text + ("\n" if step >= total else ""), end="", file=self.stream, flush=True)
+        elif int(10 * frac) > self.last_decile or step >= total:
+            self.last_decile = int(10 * frac)
+            print(text, file=self.stream, flush=True)
+
+
+def summary_table(result: dict[str, Any]) -> str:
+    """Per-seed accuracies and their mean +- std as a small text table (percent, one decimal)."""
+    summary, rows = result["summary"], result["rows"]
+    metrics = [m for m in ("test_acc", "linear_probe_acc", "fine_tune_acc") if m in rows[0]]
+    if summary["kind"] == "targets":
+        metrics = [m for m in metrics if m != "test_acc"]
+    names = {"test_acc": "test accuracy", "linear_probe_acc": "linear probe", "fine_tune_acc": "fine-tune"}
+    lines = [f"{summary['artifact']}: {summary['method'] or 'dataset'} ({summary['kind']}), {summary['images']} images, "
+             f"{summary['classes']} classes, net {summary['net']}",
+             "  " + "seed".ljust(6) + "".join(names[m].rjust(16) for m in metrics)]
+    for row in rows:
+        lines.append("  " + str(row["seed"]).ljust(6) + "".join(f"{100 * row[m]:15.1f}%" for m in metrics))
+    lines.append("  " + "mean".ljust(6) + "".join(
+        f"{100 * summary[f'{m}_mean']:9.1f} +- {100 * summary[f'{m}_std']:3.1f}" for m in metrics))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

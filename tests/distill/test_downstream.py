@@ -180,7 +180,7 @@ def test_a_copied_artifact_alone_reproduces_the_reported_accuracy(prefect_server
     shutil.copytree(result["subset_uri"], copy)
     shutil.rmtree(tmp_path / "store")  # nothing of the pipeline is left but the copy
     proc = subprocess.run(
-        [sys.executable, "-m", "distill.train_on", str(copy), "--seeds", *map(str, sorted(reported))],
+        [sys.executable, "-m", "distill.train_on", str(copy), "--json", "--seeds", *map(str, sorted(reported))],
         capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "DISTILLERY_DEVICE": "cpu"},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -232,3 +232,30 @@ def test_train_on_bad_arguments_are_one_line_and_exit_2(tmp_path, args, message)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert message in proc.stderr.strip().splitlines()[-1]  # one line says it (argparse prints usage above)
+
+
+def test_train_on_prints_progress_and_a_table_or_json(capsys):
+    from distill.train_on import main
+
+    cifar = data_path("cifar10")
+    from distill.data import DataConfig
+
+    data = {"source": str(cifar), "classes": [3, 5], "train_per_class": 4, "test_per_class": 10}
+    real = DataConfig(**data).load("train")
+    pre = Preprocessor.fit(real.images)
+    out = ROOT / ".pytest_cache" / "train_on_table"
+    shutil.rmtree(out, ignore_errors=True)
+    write_distilled(str(out), pixels=pre(real.images), labels=real.labels, class_names=real.class_names,
+                    preprocessor_config=pre.config(), preprocessor_tensors=pre.state_dict(),
+                    recipe={"net": "convnet", "net_kwargs": {"width": 8, "depth": 2},
+                            "train": {"epochs": 3, "batch_size": 8, "augment": "none"}},
+                    method="test", provenance={"data": data})
+    write_folder_manifest(str(out))
+    assert main([str(out), "--seeds", "0", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "seed 1: epoch 3/3" in captured.err and "100%" in captured.err
+    table = captured.out.splitlines()
+    assert "test accuracy" in table[1] and table[-1].lstrip().startswith("mean") and "+-" in table[-1]
+    assert main([str(out), "--seeds", "0", "--json"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert json.loads(lines[-1])["seeds"] == [0] and json.loads(lines[0])["seed"] == 0
