@@ -213,8 +213,8 @@ def check_gpu_tests(p: dict, size: str) -> dict[str, Any]:
         suite = ET.parse(junit).getroot()
         suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
         cases = suite.findall("testcase")
-    failed = [f"{c.get('name')}: {(c.find('failure') if c.find('failure') is not None else c.find('error')).get('message', '')[:300]}"
-              for c in cases if c.find("failure") is not None or c.find("error") is not None]
+    problems = [(c, c.find("failure") if c.find("failure") is not None else c.find("error")) for c in cases]
+    failed = [f"{c.get('name')}: {bad.get('message', '')[:300]}" for c, bad in problems if bad is not None]
     skipped = [c for c in cases if c.find("skipped") is not None]
     reasons = sorted({c.find("skipped").get("message", "")[:200] for c in skipped})
     row = {"tests": len(cases), "passed": len(cases) - len(failed) - len(skipped), "failed": len(failed),
@@ -585,6 +585,10 @@ def _spawn(name: str, size: str, timeout: float, log_dir: Path) -> dict[str, Any
     start = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONUNBUFFERED": "1"}
+    if size == "smoke":
+        # One torch thread per process (Ray workers inherit it): the smoke size's tiny ops ran up to
+        # 30x slower with two spinning OpenMP threads on a 2-core box that other work keeps busy.
+        env.setdefault("OMP_NUM_THREADS", "1")
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, __file__, "--one", name, "--size", size], cwd=ROOT, env=env,
                                 stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
@@ -633,7 +637,6 @@ def _device_name() -> str:
 def summarize(rows: list[dict[str, Any]], size: str, wall: float) -> dict[str, Any]:
     """The last line: every check's status, headline figures and the goal booleans."""
     by = {r["check"]: r for r in rows}
-    limit = TOTAL_BUDGET_S[size] + 10  # the orchestrator's own start-up and record writing
     summary: dict[str, Any] = {
         "benchmark": "gpu_check", "preset": size, "device": _device_name(), "wall_s": round(wall, 1),
         "checks": {r["check"]: r["status"] for r in rows},
@@ -660,7 +663,7 @@ def summarize(rows: list[dict[str, Any]], size: str, wall: float) -> dict[str, A
         if "packing_speedup" in by.get("expert_packing", {}):
             summary["goal_packing_faster_than_1_per_gpu"] = by["expert_packing"]["packing_speedup"] > 1.0
     else:
-        summary["goal_under_2_min"] = wall <= limit
+        summary["goal_under_2_min"] = wall <= 2 * 60
     return summary
 
 
