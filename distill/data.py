@@ -105,6 +105,35 @@ class ImageSet:
         return torch.bincount(self.labels, minlength=self.num_classes)
 
 
+def check_ipc(
+    class_counts: Sequence[int],
+    ipc: int,
+    class_names: Sequence[str] | None = None,
+    *,
+    where: str = "",
+    hint: str = "",
+    name: str = "ipc",
+    error: type[Exception] = DataError,
+) -> None:
+    """The one rule for k images per class (random subsets, distillation, capped loading): k >= 1
+    and no class smaller than k. class_counts: the images of every class that will be drawn from
+    (a caller that skips empty classes leaves them out). `name`: the caller's name for k, in the
+    message. Raises `error` naming the short classes."""
+    names = list(class_names) if class_names is not None else [str(c) for c in range(len(class_counts))]
+    if ipc < 1:
+        raise error(f"{name}={ipc} images per class is not possible; use {name} >= 1")
+    of = f" of {where}" if where else ""
+    if not len(class_counts):
+        raise error(f"{name}={ipc} images per class: no class{of} has images")
+    short = [(name, int(n)) for name, n in zip(names, class_counts) if n < ipc]
+    if short:
+        detail = ", ".join(f"{name!r} has {n}" for name, n in short[:5]) + (", ..." if len(short) > 5 else "")
+        raise error(
+            f"{name}={ipc} images per class is larger than a class{of}: {detail}; "
+            f"use {name} <= {min(map(int, class_counts))}{hint}"
+        )
+
+
 def sample_per_class(
     labels: torch.Tensor, k: int, seed: int, classes: Sequence[int] | None = None
 ) -> torch.Tensor:
@@ -114,18 +143,14 @@ def sample_per_class(
     depend on which other classes were asked for, and the first k of a k+1 sample are the k sample.
     `classes=None` means every class present in `labels`.
     """
-    if k < 1:
-        raise DataError(f"per_class must be >= 1; got {k}")
     labels = torch.as_tensor(labels, dtype=torch.int64)
     wanted = sorted(set(int(c) for c in classes)) if classes is not None else torch.unique(labels).tolist()
     order = torch.argsort(labels, stable=True)
     sorted_labels = labels[order]
+    bounds = [torch.searchsorted(sorted_labels, torch.tensor([c, c + 1])).tolist() for c in wanted]
+    check_ipc([hi - lo for lo, hi in bounds], k, [str(c) for c in wanted], name="per_class")
     picked = []
-    for c in wanted:
-        lo, hi = torch.searchsorted(sorted_labels, torch.tensor([c, c + 1])).tolist()
-        if hi - lo < k:
-            kind = "has no images" if hi == lo else f"has only {hi - lo} images"
-            raise DataError(f"class {c} {kind}; per_class={k} needs at least {k} per class")
+    for c, (lo, hi) in zip(wanted, bounds):
         g = torch.Generator().manual_seed(derive_seed(seed, c, sep=":"))  # ":" keeps earlier samples
         picked.append(order[lo:hi][torch.randperm(hi - lo, generator=g)[:k]])
     return torch.cat(picked) if picked else torch.empty(0, dtype=torch.int64)
@@ -223,13 +248,7 @@ def _select_rows(
             f"{', ...' if len(empty) > 10 else ''}; pass classes= with classes that have images"
         )
     if per_class is not None:
-        small = [c for c in wanted if counts[c] < per_class]
-        if small:
-            named = ", ".join(f"{c} ({class_names[c]!r}: {int(counts[c])} images)" for c in small[:5])
-            raise DataError(
-                f"per_class={per_class} exceeds the size of {len(small)} classes: {named}"
-                f"{', ...' if len(small) > 5 else ''}; use per_class <= {int(counts[wanted].min())}"
-            )
+        check_ipc([int(counts[c]) for c in wanted], per_class, [class_names[c] for c in wanted], name="per_class")
         rows = sample_per_class(labels, per_class, seed, wanted)
     elif classes is not None:
         rows = torch.nonzero(torch.isin(labels, torch.tensor(classes)), as_tuple=True)[0]
@@ -800,15 +819,12 @@ class DataConfig(BaseModel):
             kept = self.classes if self.classes is not None else list(range(len(names)))
             per_class = torch.bincount(labels[rows], minlength=len(names))[kept].tolist()
             counts[split] = per_class
+            if split == self.train_split:
+                train_names = [names[c] for c in kept]
         if min_train_per_class is not None:
-            train = counts[self.train_split]
-            present = [n for n in train if n > 0]
-            if not present or min(present) < min_train_per_class:
-                raise DataError(
-                    f"{min_train_per_class} images per class requested, but the smallest selected class of "
-                    f"{self.source} [{self.train_split}] has {min(present) if present else 0}; "
-                    f"use at most {min(present) if present else 0} or raise train_per_class"
-                )
+            present = [(n, name) for n, name in zip(counts[self.train_split], train_names) if n > 0]
+            check_ipc([n for n, _ in present], min_train_per_class, [name for _, name in present],
+                      where=f"{self.source} [{self.train_split}]", hint=" or raise train_per_class")
         return counts
 
     def load(self, split: str) -> ImageSet:

@@ -4,22 +4,22 @@ Every method and its baselines go through `evaluate_set` with the same `EvalConf
 distilled set and the random real subset it is compared with differ only in their images
 (and, where the method learned one, the learning rate). The reported number is the
 accuracy after the final epoch, never the maximum over test evaluations; `summarize` gives
-mean and std over seeds.
+mean and std over seeds, `summarize_groups` one such row per (method, setting, ...) of a
+metrics table.
 """
 
 from __future__ import annotations
 
 import math
-import resource
 import time
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 from pydantic import ConfigDict, Field
 
 from distill.nets import NetFields, create_net
 from distill.train import TrainConfig, evaluate, train
-from distill.utils import Progress, resolve_device, seed_everything
+from distill.utils import Progress, peak_rss_mb, resolve_device, seed_everything
 
 
 class EvalConfig(NetFields):
@@ -90,7 +90,7 @@ def evaluate_set(
         "lr": float(train_cfg.lr),
         "epochs": int(train_cfg.epochs),
         "train_seconds": round(seconds, 3),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": peak_rss_mb(),
         "device": str(dev),
     }
 
@@ -103,3 +103,34 @@ def summarize(values: list[float]) -> dict[str, float]:
     mean = sum(values) / n
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
     return {"mean": mean, "std": std, "n": n}
+
+
+def summarize_groups(
+    rows: list[dict[str, Any]],
+    by: Sequence[str],
+    metrics: Sequence[str],
+    *,
+    sort_key: Callable[[tuple], Any] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per group of `rows` sharing the values of `by`: those values, `<metric>_mean` and
+    `<metric>_std` (summarize) of every metric, and `seeds`, the number of rows in the group.
+
+    A metric missing or None in a row is skipped there; a metric no row of a group has gets no
+    columns in it. Groups come in first-seen order, or sorted by sort_key(group values).
+    """
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in by), []).append(row)
+    keys = sorted(groups, key=sort_key) if sort_key is not None else list(groups)
+    out = []
+    for key in keys:
+        members = groups[key]
+        entry: dict[str, Any] = dict(zip(by, key))
+        for metric in metrics:
+            values = [r[metric] for r in members if r.get(metric) is not None]
+            if values:
+                s = summarize(values)
+                entry[f"{metric}_mean"], entry[f"{metric}_std"] = s["mean"], s["std"]
+        entry["seeds"] = len(members)
+        out.append(entry)
+    return out

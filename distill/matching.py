@@ -67,6 +67,7 @@ Pure: imports neither prefect nor ray.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -81,6 +82,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from distill.augment import DSAConfig, DSAParams, apply_params, sample_params
 from distill.checkpoint import Checkpoint, CheckpointError
+from distill.data import check_ipc as data_check_ipc
 from distill.nets import create_net, unflatten_params
 from distill.registry import Registry
 from distill.trajectory import TrajectorySet, layout_from_json
@@ -191,13 +193,9 @@ FOLLOW_UPS = ("ema_decay", "soft_labels", "lr_labels", "momentum_labels", "label
 # ---------------------------------------------------------------- checks (before any long computation)
 
 
-def check_ipc(class_counts: list[int], ipc: int, class_names: list[str] | None = None) -> None:
-    """Refuse ipc larger than a class (each class needs ipc distinct real images to start from)."""
-    names = class_names or [str(c) for c in range(len(class_counts))]
-    short = [(names[c], n) for c, n in enumerate(class_counts) if n < ipc]
-    if short:
-        detail = ", ".join(f"{name!r} has {n}" for name, n in short[:5])
-        raise MatchingError(f"ipc={ipc} images per class is larger than a class: {detail}; lower ipc")
+# The one ipc rule (distill.data.check_ipc), raising MatchingError like every check here: each
+# class needs ipc distinct real images to start from. check_ipc(class_counts, ipc, class_names).
+check_ipc = functools.partial(data_check_ipc, error=MatchingError)
 
 
 def check_experts(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import math
-import resource
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -25,7 +24,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from distill.augment import AUGMENTS, AugmentName
 from distill.registry import Registry
-from distill.utils import Progress, resolve_device
+from distill.utils import Progress, peak_memory_mb, resolve_device
 
 
 def _sgd(params, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -115,12 +114,6 @@ def _prepare_targets(y: torch.Tensor, loss: str, n: int) -> torch.Tensor:
     return y
 
 
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def check_finite_losses(step_losses: torch.Tensor, where: str, settings: str) -> None:
     """Raise FloatingPointError naming the first non-finite step of an epoch's per-step losses.
 
@@ -201,7 +194,7 @@ def train(
         if progress is not None:
             extra = {k: record[k] for k in ("test_acc", "test_loss") if k in record}
             progress(epoch, cfg.epochs, loss=record["loss"], acc=record["train_acc"], **extra)
-    return TrainResult(history, dict(history[-1]), time.perf_counter() - start, _peak_memory_mb(dev))
+    return TrainResult(history, dict(history[-1]), time.perf_counter() - start, peak_memory_mb(dev))
 
 
 @torch.no_grad()

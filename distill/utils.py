@@ -1,4 +1,4 @@
-"""Small helpers shared by the distill core: seeding, device resolution, the progress type.
+"""Small helpers shared by the distill core: seeding, device resolution, peak memory, the progress type.
 
 Devices follow timm's convention: code asks for "auto" and an environment variable
 (`DISTILLERY_DEVICE`) can pin the choice for a whole process, e.g. a Ray worker that was
@@ -11,6 +11,8 @@ import hashlib
 import os
 import random
 import re
+import resource
+import sys
 from typing import Any, Callable
 
 import numpy as np
@@ -41,6 +43,19 @@ def derive_seed(*parts: Any, sep: str = "/") -> int:
     """
     digest = hashlib.sha256(sep.join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (one decimal)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(rss / (2**20 if sys.platform == "darwin" else 1024), 1)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: peak allocated on `device` since its last reset_peak_memory_stats; otherwise the process's peak RSS."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return peak_rss_mb()
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:

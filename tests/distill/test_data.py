@@ -24,6 +24,7 @@ from distill.data import (
     SOURCE_FORMATS,
     DataError,
     ImageSet,
+    check_ipc,
     dataset_splits,
     load_images,
     sample_per_class,
@@ -202,10 +203,23 @@ def test_sample_per_class_grouped_deterministic_nested():
 
 def test_sample_per_class_errors():
     labels = torch.tensor([0, 0, 1])
-    with pytest.raises(DataError, match="class 1 has only 1 images"):
+    with pytest.raises(DataError, match="per_class=2 images per class is larger than a class: '1' has 1; use per_class <= 1"):
         sample_per_class(labels, 2, 0)
-    with pytest.raises(DataError, match="per_class must be >= 1"):
+    with pytest.raises(DataError, match="per_class=0 images per class is not possible"):
         sample_per_class(labels, 0, 0)
+
+
+def test_one_ipc_rule_names_the_short_classes():
+    check_ipc([5, 3, 4], 3)
+    with pytest.raises(DataError, match=r"^ipc=4 images per class is larger than a class of cifar \[train\]: "
+                                        r"'cat' has 3; use ipc <= 3 or raise train_per_class$"):
+        check_ipc([5, 3, 4], 4, ["dog", "cat", "frog"], where="cifar [train]", hint=" or raise train_per_class")
+    with pytest.raises(DataError, match=r"'6' has 0, '7' has 0, '8' has 0, '9' has 0, '10' has 0, \.\.\."):
+        check_ipc([5] * 6 + [0] * 6, 1)
+    with pytest.raises(DataError, match="no class of x has images"):
+        check_ipc([], 1, where="x")
+    with pytest.raises(KeyError):
+        check_ipc([1], 2, error=KeyError)
 
 
 # --- formats -------------------------------------------------------------------------------------
@@ -403,7 +417,7 @@ def test_empty_class_and_bad_class_ids(parquet_dir: Path, tmp_path: Path):
 
 
 def test_per_class_larger_than_class(parquet_dir: Path):
-    with pytest.raises(DataError, match=r"per_class=11 exceeds.*0 \('ant': 10 images\)"):
+    with pytest.raises(DataError, match=r"per_class=11 images per class is larger than a class: 'ant' has 10, 'bee' has 10.*; use per_class <= 10"):
         load_images(parquet_dir, per_class=11)
 
 

@@ -49,6 +49,6 @@ def test_k_larger_than_a_class_fails_before_any_stage(prefect_server, tmp_path):
     data_path("cifar10", "train.parquet")
     params = load_preset("baseline", "tiny")
     cfg = BaselineConfig(**{**params, "ipc": 25, "store": str(tmp_path)})  # tiny keeps 20 per class
-    with pytest.raises(DataError, match="25 images per class requested.*has 20"):
+    with pytest.raises(DataError, match="ipc=25 images per class is larger than a class of .*has 20"):
         baseline(cfg)
     assert not (tmp_path / "dataset").exists(), "nothing may be materialized for a refused run"
