@@ -2,6 +2,7 @@
 
     python -m flows.cli results            # newest pipeline report or metrics summary in the store
     python -m flows.cli results --all      # every one of them, newest last
+    python -m flows.cli datasets           # published datasets: folder and a ready train_on command
 """
 
 from __future__ import annotations
@@ -41,15 +42,66 @@ def results(show_all: bool = False, store_uri: str | None = None) -> str:
     return "\n".join(out)
 
 
+# Stages whose artifacts are datasets a user trains on, with what they are.
+DATASETS = {
+    "distill-tm": "distilled by trajectory matching",
+    "krr-st": "KRR-ST pretraining set",
+    "pruned": "DP4TL-pruned source",
+    "random-real": "random real subset (baseline)",
+}
+
+
+def _recorded_test_split(manifest: dict) -> str | None:
+    """A non-default test split recorded anywhere in the manifest's config (e.g. Tiny-ImageNet's 'valid')."""
+    found: list[str] = []
+
+    def walk(obj: object) -> None:
+        if isinstance(obj, dict):
+            if isinstance(obj.get("test_split"), str):
+                found.append(obj["test_split"])
+            for value in obj.values():
+                walk(value)
+        elif isinstance(obj, list):
+            for value in obj:
+                walk(value)
+
+    walk(manifest.get("config"))
+    return next((s for s in found if s != "test"), None)
+
+
+def datasets(store_uri: str | None = None, since: float | None = None, newest: int = 3) -> str:
+    """The published datasets (newest first per kind; with `since`, those created after it)."""
+    from datetime import datetime
+
+    store = ArtifactStore(store_uri)
+    lines = []
+    for stage, what in DATASETS.items():
+        manifests = sorted((store.manifest(stage, k) for k in store.list(stage)),
+                           key=lambda m: m["created_at"], reverse=True)
+        if since is not None:
+            manifests = [m for m in manifests if datetime.fromisoformat(m["created_at"]).timestamp() >= since - 1]
+        for m in manifests[:newest]:
+            folder = store.uri_of(stage, m["key"])
+            split = _recorded_test_split(m)
+            extra = f" --test-split {split}" if split else ""
+            lines.append(f"{what}: {folder}\n    .venv/bin/python -m distill.train_on {folder}{extra} --seeds 0 1 2")
+    return "\n".join(lines) if lines else f"no published datasets in {store.uri}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     res = sub.add_parser("results", help="print the newest metrics summary")
     res.add_argument("--all", action="store_true")
     res.add_argument("--store", default=None, help="store URI (default $DISTILLERY_STORE or ./artifacts)")
+    ds = sub.add_parser("datasets", help="published datasets with their folder and a train_on command")
+    ds.add_argument("--store", default=None, help="store URI (default $DISTILLERY_STORE or ./artifacts)")
+    ds.add_argument("--since", type=float, default=None, help="only those created after this Unix time")
     args = parser.parse_args()
     if args.command == "results":
         print(results(args.all, args.store))
+    elif args.command == "datasets":
+        print(datasets(args.store, args.since))
 
 
 if __name__ == "__main__":

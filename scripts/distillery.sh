@@ -35,11 +35,14 @@ start_bg() {  # name, command...: own session (process group) so stop can end it
   echo $! >"$RUN/$name.pid"
 }
 
+SERVER_READY=0
 server() {
-  if healthy; then echo "Prefect server: reusing $PREFECT_API_URL"; return; fi
+  # deploy and worker both need the server: check (and say so) once per command.
+  if [ "$SERVER_READY" = 1 ]; then return; fi
+  if healthy; then echo "Prefect server: reusing $PREFECT_API_URL"; SERVER_READY=1; return; fi
   alive server || start_bg server prefect server start --host 127.0.0.1 --port "$PORT"
   for _ in $(seq 1 180); do
-    if healthy; then echo "Prefect server: started at $PREFECT_UI_URL (database in $PREFECT_HOME)"; return; fi
+    if healthy; then echo "Prefect server: started at $PREFECT_UI_URL (database in $PREFECT_HOME)"; SERVER_READY=1; return; fi
     alive server || break
     sleep 1
   done
@@ -82,11 +85,17 @@ demo() {
   deploy
   worker
   echo "Running $DEMO_DEPLOYMENT ..."
-  prefect deployment run "$DEMO_DEPLOYMENT" --watch
+  if [ "${DISTILLERY_RAW_EVENTS:-0}" = 1 ]; then
+    prefect deployment run "$DEMO_DEPLOYMENT" --watch   # Prefect's raw event stream
+  else
+    python -m flows.watch run "$DEMO_DEPLOYMENT"        # one line per stage: %, ETA, key metric
+  fi
   t1=$(date +%s)
   results
   echo
   echo "Demo run finished in $((t1 - t0)) s."
+  echo "Datasets (train on any of them with the command below it):"
+  python -m flows.cli datasets | sed 's/^/  /'
   echo "Artifacts: $DISTILLERY_STORE"
   echo "Prefect UI: $PREFECT_UI_URL  (server and worker keep running; 'make stop' ends them)"
 }

@@ -117,10 +117,17 @@ def test_deployment_run_baseline_tiny(deployed):
     assert (subset / "README.md").exists() and (subset / "preprocessor.safetensors").exists()
     assert not [p for p in (store / "eval").iterdir() if p.name.startswith(".tmp")]
 
-    # Second run: same parameters, so every stage is reused from the store / Prefect cache.
+    # Second run: same parameters, so every stage is reused from the store / Prefect cache; followed
+    # the way `make demo` follows its run (flows.watch: one line per stage, not the event stream).
     t0 = time.monotonic()
-    _prefect("deployment", "run", "baseline/tiny", "--watch", env=env)
+    watch = subprocess.run([sys.executable, "-m", "flows.watch", "run", "baseline/tiny", "--interval", "0.5"],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     second_s = time.monotonic() - t0
+    assert watch.returncode == 0, watch.stdout[-3000:] + watch.stderr[-3000:]
+    lines = watch.stdout.splitlines()
+    assert lines[0].startswith("started baseline/tiny") and "flow run completed" in lines[-1]
+    assert any(line.startswith("✓ materialize-dataset:") for line in lines), lines
+    assert len(lines) < 20, "one line per stage, not an event stream"
     run2, task_runs2, _ = asyncio.run(_last_run("baseline", "tiny"))
     assert run2.id != run.id and run2.state.is_completed()
     assert _artifacts(store) == stages, "a re-run must not create new artifacts"
