@@ -429,10 +429,10 @@ def check_tm(p: dict, size: str) -> dict[str, Any]:
 
 
 def check_krr_st(p: dict, size: str) -> dict[str, Any]:
-    """First outer steps of KRR-ST at the CIFAR-100 paper size through distill.krr.distill_krr."""
+    """First outer steps of KRR-ST at the CIFAR-100 paper size through distill.krr.krr_distill."""
     import torch
 
-    from distill.krr import KRRConfig, distill_krr
+    from distill.krr import KRRConfig, krr_distill
     from distill.nets import create_net
 
     paper = _presets("distill-krr")["paper"]["krr"]
@@ -445,7 +445,7 @@ def check_krr_st(p: dict, size: str) -> dict[str, Any]:
     timer = _Timer()
     _reset_gpu_peak()
     timer.start = time.perf_counter()
-    result = distill_krr(cfg, source, teacher, device=dev, progress=timer)
+    result = krr_distill(cfg, source, teacher, device=dev, progress=timer)
     losses = [h["loss"] for h in result.history]
     row = {**timer.summary(), **_gpu_peak(), "device": str(dev),
            "setting": {"source": list(source.shape), "num_images": cfg.num_images, "net": cfg.net,

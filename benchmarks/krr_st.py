@@ -34,10 +34,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from distill.evaluate import summarize  # noqa: E402
-from distill.krr import METHODS, distill_krr, pretrained_backbone, representations, transfer  # noqa: E402
+from distill.krr import METHODS, krr_distill, pretrained_backbone, representations, transfer  # noqa: E402
 from distill.ssl import load_teacher, train_teacher  # noqa: E402
 from distill.transforms import Preprocessor  # noqa: E402
-from flows.distill_krr import DistillKRRConfig  # noqa: E402
+from flows.krr_distill import DistillKRRConfig  # noqa: E402
 from flows.presets import load_preset  # noqa: E402
 
 STEP_SIZES = {"cpu": (100, 500, 1000), "tiny": (6, 12, 24)}
@@ -55,7 +55,7 @@ def _resolve(cfg_dict: dict) -> dict:
 def step_seconds(cfg: DistillKRRConfig, x: torch.Tensor, teacher: torch.nn.Module, n: int) -> float:
     krr = cfg.krr.model_copy(update={"num_images": n, "outer_steps": 8, "online_iterations": 4})
     stamps: list[float] = []
-    distill_krr(krr, x, teacher, device="cpu", progress=lambda s, t, **m: stamps.append(time.perf_counter()))
+    krr_distill(krr, x, teacher, device="cpu", progress=lambda s, t, **m: stamps.append(time.perf_counter()))
     return statistics.median(b - a for a, b in zip(stamps[1:], stamps[2:]))
 
 
@@ -115,7 +115,7 @@ def main() -> None:
             print(f"outer step with {n} synthetic images: {steps[n]:.3f} s", flush=True)
 
         t = time.perf_counter()
-        result = distill_krr(cfg.krr, x, teacher, device="cpu", progress=lambda s, n, **m: (
+        result = krr_distill(cfg.krr, x, teacher, device="cpu", progress=lambda s, n, **m: (
             print(f"KRR-ST step {s}/{n} loss {m['loss']:.4g}", flush=True) if s % 50 == 0 or s == n else None))
         distill_s = time.perf_counter() - t
         losses = [h["loss"] for h in result.history]

@@ -286,7 +286,7 @@ def _make_factory(cfg: KRRConfig, channels: int, image_size: int, out_dim: int, 
     return make
 
 
-def distill_krr(
+def krr_distill(
     cfg: KRRConfig,
     source: torch.Tensor,
     teacher: nn.Module,

@@ -35,7 +35,7 @@ from distill.krr import (
     TransferConfig,
     check_labels,
     check_methods,
-    distill_krr,
+    krr_distill,
     loss_curve,
     pretrained_backbone,
     representations,
@@ -169,7 +169,7 @@ def distill_krr_st(source: ArtifactRef, teacher: ArtifactRef, cfg: KRRConfig, tr
     x, labels, names = preprocessed(source, "train", pre)
     teacher_net, teacher_manifest = open_teacher(teacher)
     source_fp = DatasetInfo.of(source).fingerprints["train"]
-    result = distill_krr(cfg, x, teacher_net, work_dir=run.work_dir(), device=device,
+    result = krr_distill(cfg, x, teacher_net, work_dir=run.work_dir(), device=device,
                          progress=reports.progress("KRR-ST distillation", "krr-st"),
                          identity={"source": source_fp, "teacher": teacher_manifest["fingerprint"]})
     idx = result.source_indices

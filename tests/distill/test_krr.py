@@ -10,8 +10,8 @@ from distill.krr import (
     OnlinePool,
     TransferConfig,
     check_labels,
-    distill_krr,
     init_indices,
+    krr_distill,
     krr_predict,
     pretrained_backbone,
     transfer,
@@ -107,7 +107,7 @@ def test_pool_has_staggered_ages_and_resets_them_after_the_budget():
 
 def test_pool_bookkeeping_over_a_run():
     cfg = _cfg(outer_steps=20, num_models=3, online_iterations=4)
-    result = distill_krr(cfg, SOURCE, _teacher())
+    result = krr_distill(cfg, SOURCE, _teacher())
     ages, resets = result.pool["ages"], result.pool["resets"]
     initial = sum(i * 4 // 3 for i in range(3))
     assert sum(ages) + 4 * sum(resets) == initial + 20 and all(0 <= a < 4 for a in ages)
@@ -116,7 +116,7 @@ def test_pool_bookkeeping_over_a_run():
 def test_distillation_shapes_history_and_random_feature_mode():
     for mode in ("online", "random-features"):
         seen = []
-        result = distill_krr(_cfg(pool_mode=mode), SOURCE, _teacher(), progress=lambda s, t, **m: seen.append(s))
+        result = krr_distill(_cfg(pool_mode=mode), SOURCE, _teacher(), progress=lambda s, t, **m: seen.append(s))
         assert result.images.shape == (10, 3, 16, 16) and result.targets.shape == (10, 128)
         assert seen == list(range(1, 10)) and len(result.history) == 9
         assert result.history[0]["lr"] == pytest.approx(1e-3) and result.history[-1]["lr"] == pytest.approx(1e-4)
@@ -126,45 +126,45 @@ def test_distillation_shapes_history_and_random_feature_mode():
 
 def test_outer_loss_goes_down():
     cfg = _cfg(num_images=20, outer_steps=60, outer_lr=0.01, real_batch=80, augment="none", pool_mode="random-features")
-    losses = [h["loss"] for h in distill_krr(cfg, SOURCE, _teacher()).history]
+    losses = [h["loss"] for h in krr_distill(cfg, SOURCE, _teacher()).history]
     assert sum(losses[-10:]) < 0.9 * sum(losses[:10])
 
 
 def test_interrupted_distillation_resumes_to_the_same_result(tmp_path):
-    whole = distill_krr(_cfg(), SOURCE, _teacher(), work_dir=tmp_path / "a")
+    whole = krr_distill(_cfg(), SOURCE, _teacher(), work_dir=tmp_path / "a")
 
     def crash(step, total, **metrics):
         if step == 7:
             raise KeyboardInterrupt("simulated crash at step 7")
 
     with pytest.raises(KeyboardInterrupt):
-        distill_krr(_cfg(), SOURCE, _teacher(), work_dir=tmp_path / "b", progress=crash)
-    resumed = distill_krr(_cfg(), SOURCE, _teacher(), work_dir=tmp_path / "b")
+        krr_distill(_cfg(), SOURCE, _teacher(), work_dir=tmp_path / "b", progress=crash)
+    resumed = krr_distill(_cfg(), SOURCE, _teacher(), work_dir=tmp_path / "b")
     assert resumed.resumed_from == 6  # the last checkpoint before the crash
     assert torch.equal(resumed.images, whole.images) and torch.equal(resumed.targets, whole.targets)
     assert resumed.history == whole.history and resumed.pool == whole.pool
-    done = distill_krr(_cfg(), SOURCE, _teacher(), work_dir=tmp_path / "b")
+    done = krr_distill(_cfg(), SOURCE, _teacher(), work_dir=tmp_path / "b")
     assert done.resumed_from == 9 and torch.equal(done.images, whole.images), "a finished run returns at once"
     with pytest.raises(ValueError, match="different configuration"):
-        distill_krr(_cfg(outer_lr=0.5), SOURCE, _teacher(), work_dir=tmp_path / "b")
+        krr_distill(_cfg(outer_lr=0.5), SOURCE, _teacher(), work_dir=tmp_path / "b")
 
 
 def test_more_synthetic_than_source_images_is_refused():
     with pytest.raises(ValueError, match="num_images=81 .* only 80 images"):
-        distill_krr(_cfg(num_images=81), SOURCE, _teacher())
+        krr_distill(_cfg(num_images=81), SOURCE, _teacher())
     assert len(init_indices(80, _cfg(num_images=80))) == 80
 
 
 def test_targets_of_another_teacher_size_are_refused():
     with pytest.raises(ValueError, match=r"targets are \(10, 64\) .* 128 dimensions"):
-        distill_krr(_cfg(), SOURCE, _teacher(), init_targets=torch.zeros(10, 64))
+        krr_distill(_cfg(), SOURCE, _teacher(), init_targets=torch.zeros(10, 64))
 
 
 def test_non_finite_loss_stops_with_a_clear_message():
     bad = SOURCE.clone()
     bad[:, 0, 0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="outer step 1/9.*lower outer_lr"):
-        distill_krr(_cfg(), bad, _teacher())
+        krr_distill(_cfg(), bad, _teacher())
 
 
 def test_bad_config_lists_valid_choices():
