@@ -147,10 +147,10 @@ def prune_eval(config: PruneEvalConfig) -> dict[str, Any]:
             if config.no_pretraining:
                 runs.append(pretrain_transfer.submit(None, target, config.pretrain, config.transfer, s, store, SCRATCH, 0.0))
     rows = [r.result() for r in runs]
-    name = f"prune-eval-{config.source.name}-to-{config.target.name}"
-    result = report_transfer(rows, name, store)
-    print(json.dumps({"summary": result["summary"], "metrics": result["metrics_uri"]}, indent=1))
-    return {**result, "rows": rows, "selections": {f"{m}/seed{s}": ref.uri for (m, s), ref in selections.items()}}
+    table = report_transfer(rows, f"prune-eval-{config.source.name}-to-{config.target.name}", store)
+    print(json.dumps({"summary": table.summary, "metrics": table.ref.uri}, indent=1))
+    return {"summary": table.summary, "metrics_uri": table.ref.uri, "rows": rows,
+            "selections": {f"{m}/seed{s}": ref.uri for (m, s), ref in selections.items()}}
 
 
 FLOWS = {"prune": (prune, PruneConfig), "prune-eval": (prune_eval, PruneEvalConfig)}

@@ -39,10 +39,10 @@ from dp4tl.selection import SelectionInputs, select_classes
 from dp4tl.surrogate import SurrogateConfig, load_surrogate, save_surrogate, train_surrogate
 from tasks import reports
 from tasks.artifacts import ArtifactRef
-from tasks.datasets import load_preprocessor, load_split, preprocessed
+from tasks.datasets import DatasetInfo, load_preprocessor, load_split, preprocessed
 from tasks.runtime import task_device
-from tasks.store import ArtifactStore, Staging, store_cache_key_fn
-from tasks.transfer import run_progress
+from tasks.stage import Key, Publish, StageInfo, StageRun, stage
+from tasks.store import Staging
 
 SURROGATE_STAGE = "surrogate"
 SELECTION_STAGE = "selection"
@@ -53,83 +53,100 @@ SURROGATE_FILE = "surrogate.safetensors"
 FEATURE_SETTINGS = {"layer": "penultimate (net.embed)", "augmentation": "none", "mode": "eval"}
 
 
-def _manifest(ref: ArtifactRef) -> dict[str, Any]:
-    return ref.open(verify=False).manifest
+class SurrogateInfo(StageInfo):
+    """Manifest fields of a surrogate: what it was made from and its weights' fingerprint."""
+
+    fingerprint: str
+    num_classes: int
+    image_shape: list[int]
+    weights: str | None = None  # the user's file it was adopted from, or
+    trained_on: str | None = None  # the source it was trained on, with
+    train_images: int | None = None
+    train_seconds: float | None = None
+
+
+class SelectionInfo(StageInfo):
+    """Manifest fields of one method's selection at one seed: its kept samples per ratio, by digest."""
+
+    method: str
+    selector: str
+    surrogate_fingerprint: str
+    features: dict[str, Any]  # what the scores depend on: layer, augmentation, resolution, resize
+    num_source_samples: int
+    kept: list[dict[str, Any]]  # per ratio: ratio, seed, num_kept_samples, digest, num_kept_classes
+    rows: dict[str, int]
+
+
+class PrunedInfo(DatasetInfo):
+    """Manifest fields of a pruned source: the `dataset` stage's fields, and where it was pruned from."""
+
+    kept_classes: list[int] | None
+    kept_fraction: dict[str, float]
+    pruned_from: str
+    selection: str
+    method: str
+    ratio: float
 
 
 # ---------------------------------------------------------------- surrogate
 
 
-def surrogate_key(store: str, source: ArtifactRef, cfg: SurrogateConfig, weights: str | None) -> str:
+def surrogate_key(source: ArtifactRef, cfg: SurrogateConfig, weights: str | None) -> Key:
     """Trained: (config, source). User weights: their bytes' sha256 (any path holding them is the same surrogate)."""
     if weights is None:
-        return ArtifactStore(store).key(SURROGATE_STAGE, {"surrogate": cfg}, [source.key])
+        return Key({"surrogate": cfg}, [source.key])
     digest = hashlib.sha256(read_bytes(None, weights)).hexdigest()
-    return ArtifactStore(store).key(SURROGATE_STAGE, {"surrogate": cfg, "weights_sha256": digest}, [source.key])
+    return Key({"surrogate": cfg, "weights_sha256": digest}, [source.key])
 
 
-def _surrogate_key_of(p: dict[str, Any]) -> tuple[str, str]:
-    return p["store"], surrogate_key(p["store"], p["source"], p["cfg"], p["weights"])
-
-
-@task(name="surrogate", cache_key_fn=store_cache_key_fn(SURROGATE_STAGE, _surrogate_key_of), result_serializer="json")
-def surrogate(source: ArtifactRef, cfg: SurrogateConfig, store: str, weights: str | None = None) -> ArtifactRef:
+@stage(SURROGATE_STAGE, key=surrogate_key)
+def surrogate(source: ArtifactRef, cfg: SurrogateConfig, store: str, run: StageRun, weights: str | None = None) -> Publish:
     """Train the surrogate on the full source (or check and adopt a user's weights) and store it."""
-    key = surrogate_key(store, source, cfg, weights)
-    st = ArtifactStore(store)
-    if not st.exists(SURROGATE_STAGE, key):
-        info = _manifest(source)
-        names, shape = info["class_names"], info["image_shape"]
-        if weights is not None:
-            # Head check (and a clear error) before anything else reads the weights.
-            net = load_surrogate(weights, cfg, len(names), shape[0], shape[-1])
-            origin = {"weights": weights}
-        else:
-            device = task_device()
-            x, y, _ = preprocessed(source, "train")
-            progress = run_progress("surrogate", reports.ui_key("progress", "surrogate", key))
-            start = time.perf_counter()
-            net = train_surrogate(cfg, x, y, len(names), device=device, progress=progress)
-            origin = {"trained_on": source.uri, "train_images": int(len(y)),
-                      "train_seconds": round(time.perf_counter() - start, 3)}
+    info = DatasetInfo.of(source)
+    names, shape = info.class_names, info.image_shape
+    if weights is not None:
+        # Head check (and a clear error) before anything else reads the weights.
+        net = load_surrogate(weights, cfg, len(names), shape[0], shape[-1])
+        origin: dict[str, Any] = {"weights": weights}
+    else:
+        device = task_device()
+        x, y, _ = preprocessed(source, "train")
+        start = time.perf_counter()
+        net = train_surrogate(cfg, x, y, len(names), device=device,
+                              progress=reports.progress("surrogate", "surrogate", run.key))
+        origin = {"trained_on": source.uri, "train_images": int(len(y)),
+                  "train_seconds": round(time.perf_counter() - start, 3)}
+    reports.run_logger().info("surrogate %s: %s", run.key, origin)
 
-        def write(staging: Staging) -> dict[str, Any]:
-            meta = {"num_classes": len(names), "image_shape": shape, "config": cfg.model_dump(mode="json"), **origin}
-            # Serialized locally, then streamed: the staging directory may be on an object store.
-            with tempfile.TemporaryDirectory() as tmp:
-                fingerprint = save_surrogate(net.cpu(), f"{tmp}/{SURROGATE_FILE}", meta)
-                with staging.fs.open_output_stream(staging.file(SURROGATE_FILE)) as f:
-                    f.write(read_bytes(None, f"{tmp}/{SURROGATE_FILE}"))
-            return {"fingerprint": fingerprint, **{k: v for k, v in meta.items() if k != "config"}}
+    def write(staging: Staging) -> SurrogateInfo:
+        meta = {"num_classes": len(names), "image_shape": shape, "config": cfg.model_dump(mode="json"), **origin}
+        # Serialized locally, then streamed: the staging directory may be on an object store.
+        with tempfile.TemporaryDirectory() as tmp:
+            fingerprint = save_surrogate(net.cpu(), f"{tmp}/{SURROGATE_FILE}", meta)
+            with staging.fs.open_output_stream(staging.file(SURROGATE_FILE)) as f:
+                f.write(read_bytes(None, f"{tmp}/{SURROGATE_FILE}"))
+        return SurrogateInfo(fingerprint=fingerprint, **{k: v for k, v in meta.items() if k != "config"})
 
-        st.publish(SURROGATE_STAGE, key, write, config={"surrogate": cfg}, inputs=[source.key], seeds={"init": cfg.seed})
-        reports.run_logger().info("surrogate %s: %s", key, origin)
-    return ArtifactRef(store=store, stage=SURROGATE_STAGE, key=key)
+    return Publish(write, seeds={"init": cfg.seed})
 
 
 def load_surrogate_net(ref: ArtifactRef) -> torch.nn.Module:
     """The stored surrogate, rebuilt from its manifest (eval mode, CPU)."""
-    info = _manifest(ref)
-    cfg = SurrogateConfig(**info["config"]["surrogate"])
-    shape = info["image_shape"]
-    return load_surrogate(str(ref.local_dir() / SURROGATE_FILE), cfg, info["num_classes"], shape[0], shape[-1])
+    info = SurrogateInfo.of(ref)
+    cfg = SurrogateConfig(**ref.open(verify=False).manifest["config"]["surrogate"])
+    shape = info.image_shape
+    return load_surrogate(str(ref.local_dir() / SURROGATE_FILE), cfg, info.num_classes, shape[0], shape[-1])
 
 
 # ---------------------------------------------------------------- selection
 
 
-def selection_key(
-    store: str, source: ArtifactRef, target: ArtifactRef, surrogate_ref: ArtifactRef, method: str, seed: int,
-    cfg: SelectionConfig,
-) -> str:
+def selection_key(source: ArtifactRef, target: ArtifactRef, surrogate_ref: ArtifactRef, method: str, seed: int,
+                  cfg: SelectionConfig) -> Key:
     # Only the settings that change this method's output: methods and seeds lists do not.
     settings = {"method": method, "seed": seed, "ratios": cfg.ratios, "k_clusters": cfg.k_clusters,
                 "resize_target": cfg.resize_target}
-    return ArtifactStore(store).key(SELECTION_STAGE, settings, [source.key, target.key, surrogate_ref.key])
-
-
-def _selection_key_of(p: dict[str, Any]) -> tuple[str, str]:
-    return p["store"], selection_key(p["store"], p["source"], p["target"], p["surrogate_ref"], p["method"], p["seed"], p["cfg"])
+    return Key(settings, [source.key, target.key, surrogate_ref.key])
 
 
 def target_inputs(target: ArtifactRef, source: ArtifactRef, resize: bool) -> torch.Tensor:
@@ -137,7 +154,7 @@ def target_inputs(target: ArtifactRef, source: ArtifactRef, resize: bool) -> tor
     images = load_split(target, "train").images
     if images.shape[0] == 0:
         raise DataError(f"the target's train split is empty ({target.uri}); selection needs target images")
-    shape = tuple(_manifest(source)["image_shape"])
+    shape = tuple(DatasetInfo.of(source).image_shape)
     if tuple(images.shape[1:]) != shape and resize and images.shape[1] == shape[0]:
         images = resize_uint8(images, shape[-1])
     check_target_shape(tuple(images.shape[1:]), shape)
@@ -148,28 +165,19 @@ def kept_digest(kept: list[int]) -> str:
     return hashlib.sha256(json.dumps(sorted(kept)).encode()).hexdigest()[:16]
 
 
-@task(
-    name="select",
-    task_run_name="select-{method}-seed{seed}",
-    cache_key_fn=store_cache_key_fn(SELECTION_STAGE, _selection_key_of),
-    result_serializer="json",
-)
+@stage(SELECTION_STAGE, key=selection_key, task_name="select", task_run_name="select-{method}-seed{seed}")
 def select(
     source: ArtifactRef, target: ArtifactRef, surrogate_ref: ArtifactRef, method: str, seed: int,
-    cfg: SelectionConfig, store: str,
-) -> ArtifactRef:
+    cfg: SelectionConfig, store: str, run: StageRun,
+) -> Publish:
     """Rank the source classes for one method and seed; publish the ranking and its kept samples per ratio."""
-    key = selection_key(store, source, target, surrogate_ref, method, seed, cfg)
-    st = ArtifactStore(store)
-    if st.exists(SELECTION_STAGE, key):
-        return ArtifactRef(store=store, stage=SELECTION_STAGE, key=key)
     spec = get_method(method)
     device = task_device()
-    info = _manifest(source)
-    names = info["class_names"]
+    info = DatasetInfo.of(source)
+    names = info.class_names
     labels, _ = read_labels(str(source.local_dir()), "train")
     net = load_surrogate_net(surrogate_ref)
-    fingerprint = _manifest(surrogate_ref)["fingerprint"]
+    fingerprint = SurrogateInfo.of(surrogate_ref).fingerprint
     needs_source = spec.needs_source_images
     source_x = None
     if needs_source:
@@ -186,11 +194,10 @@ def select(
         selection = select_classes(spec.selector, inputs)
     rows = [kept_samples(method, selection, r, seed, labels, features) for r in cfg.ratios]
     clustered = selection is not None and "cluster_of_sample" in selection.details
-    features_meta = {**FEATURE_SETTINGS, "resolution": info["image_shape"][-1], "resize_target": cfg.resize_target}
+    features_meta = {**FEATURE_SETTINGS, "resolution": info.image_shape[-1], "resize_target": cfg.resize_target}
+    reports.run_logger().info("%s seed %d: kept %s samples", method, seed, [len(r.kept) for r in rows])
 
-    def write(staging: Staging) -> dict[str, Any]:
-        out: dict[str, Any] = {"method": method, "selector": spec.selector, "surrogate_fingerprint": fingerprint,
-                               "features": features_meta, "num_source_samples": int(len(labels))}
+    def write(staging: Staging) -> SelectionInfo:
         if selection is not None:
             write_selection(
                 staging.file("selection.parquet"), selection, class_names=None if clustered else names,
@@ -200,58 +207,43 @@ def select(
             )
         write_kept(staging.file("kept.parquet"), rows, num_source_samples=len(labels),
                    extra_metadata={"surrogate_fingerprint": fingerprint}, filesystem=staging.fs)
-        out["kept"] = [
-            {"ratio": r.ratio, "seed": r.seed, "num_kept_samples": len(r.kept), "digest": kept_digest(r.kept),
-             "num_kept_classes": len(set(labels[r.kept].tolist()))}
-            for r in rows
-        ]
-        out["rows"] = {"selection": selection.num_classes if selection is not None else 0, "kept": len(rows)}
-        return out
+        kept = [{"ratio": r.ratio, "seed": r.seed, "num_kept_samples": len(r.kept), "digest": kept_digest(r.kept),
+                 "num_kept_classes": len(set(labels[r.kept].tolist()))} for r in rows]
+        return SelectionInfo(
+            method=method, selector=spec.selector, surrogate_fingerprint=fingerprint, features=features_meta,
+            num_source_samples=int(len(labels)), kept=kept,
+            rows={"selection": selection.num_classes if selection is not None else 0, "kept": len(rows)},
+        )
 
-    st.publish(SELECTION_STAGE, key, write, config={"method": method, "selection": cfg},
-               inputs=[source.key, target.key, surrogate_ref.key], seeds={"selection": seed})
-    reports.run_logger().info("%s seed %d: kept %s samples", method, seed, [len(r.kept) for r in rows])
-    return ArtifactRef(store=store, stage=SELECTION_STAGE, key=key)
+    return Publish(write, seeds={"selection": seed})
 
 
 # ---------------------------------------------------------------- pruned source view
 
 
 def _kept_row(selection_ref: ArtifactRef, ratio: float) -> dict[str, Any]:
-    for row in _manifest(selection_ref)["kept"]:
+    kept = SelectionInfo.of(selection_ref).kept
+    for row in kept:
         if abs(row["ratio"] - ratio) < 1e-9:
             return row
-    known = [r["ratio"] for r in _manifest(selection_ref)["kept"]]
-    raise ValueError(f"selection {selection_ref.uri} has no ratio {ratio}; it has {known}")
+    raise ValueError(f"selection {selection_ref.uri} has no ratio {ratio}; it has {[r['ratio'] for r in kept]}")
 
 
-def pruned_key(store: str, source: ArtifactRef, selection_ref: ArtifactRef, ratio: float) -> str:
-    digest = _kept_row(selection_ref, ratio)["digest"]
-    return ArtifactStore(store).key(PRUNED_STAGE, {"kept_digest": digest}, [source.key])
+def pruned_key(source: ArtifactRef, selection_ref: ArtifactRef, ratio: float) -> Key:
+    return Key({"kept_digest": _kept_row(selection_ref, ratio)["digest"]}, [source.key])
 
 
-def _pruned_key_of(p: dict[str, Any]) -> tuple[str, str]:
-    return p["store"], pruned_key(p["store"], p["source"], p["selection_ref"], p["ratio"])
-
-
-@task(
-    name="materialize-pruned",
-    cache_key_fn=store_cache_key_fn(PRUNED_STAGE, _pruned_key_of),
-    result_serializer="json",
-)
-def materialize_pruned(source: ArtifactRef, selection_ref: ArtifactRef, ratio: float, store: str) -> ArtifactRef:
+@stage(PRUNED_STAGE, key=pruned_key, task_name="materialize-pruned")
+def materialize_pruned(source: ArtifactRef, selection_ref: ArtifactRef, ratio: float, store: str,
+                       run: StageRun) -> Publish:
     """The pruned source at `ratio` in the `dataset` stage's format (rows copied, not re-encoded)."""
-    key = pruned_key(store, source, selection_ref, ratio)
-    st = ArtifactStore(store)
-    if st.exists(PRUNED_STAGE, key):
-        return ArtifactRef(store=store, stage=PRUNED_STAGE, key=key)
-    sel = selection_ref.open(verify=False)
+    sel = selection_ref.open()  # read here: verified, like the source rows copied below
     row = next(r for r in read_kept(sel.file("kept.parquet"), filesystem=sel.fs) if abs(r.ratio - ratio) < 1e-9)
-    src = source.open(verify=False)
-    info = src.manifest
+    src = source.open()
+    info = DatasetInfo.of(src)
     kept = torch.tensor(row.kept, dtype=torch.int64)
 
-    def write(staging: Staging) -> dict[str, Any]:
+    def write(staging: Staging) -> PrunedInfo:
         train = pq.read_table(src.file("train.parquet"), filesystem=src.fs).take(kept.numpy())
         train_labels = torch.tensor(train.column("label").to_numpy())
         present = torch.unique(train_labels)
@@ -266,28 +258,28 @@ def materialize_pruned(source: ArtifactRef, selection_ref: ArtifactRef, ratio: f
             meta[b"distillery"] = json.dumps({**ours, **provenance}).encode()
             pq.write_table(table.replace_schema_metadata(meta), staging.file(f"{name}.parquet"), filesystem=staging.fs)
             lab = torch.tensor(table.column("label").to_numpy())
-            counts[name] = torch.bincount(lab, minlength=len(info["class_names"])).tolist()
+            counts[name] = torch.bincount(lab, minlength=len(info.class_names)).tolist()
         with staging.fs.open_output_stream(staging.file(PREPROCESSOR_FILE)) as f:
             f.write(read_bytes(src.fs, src.file(PREPROCESSOR_FILE)))
         digest = kept_digest(row.kept)
-        return {
-            "rows": {"train": train.num_rows, "test": test.num_rows},
-            "class_counts": counts,
-            "class_names": info["class_names"],
-            "image_shape": info["image_shape"],
+        present_before = sum(c > 0 for c in info.class_counts["train"])
+        return PrunedInfo(
+            rows={"train": train.num_rows, "test": test.num_rows},
+            class_counts=counts,
+            class_names=info.class_names,
+            image_shape=info.image_shape,
             # Derived, not re-hashed pixels: the source's fingerprint plus the kept indices name them exactly.
-            "fingerprints": {
-                s: hashlib.sha256(f"{info['fingerprints'][s]}:{digest}".encode()).hexdigest()[:16] for s in ("train", "test")
+            fingerprints={
+                s: hashlib.sha256(f"{info.fingerprints[s]}:{digest}".encode()).hexdigest()[:16] for s in ("train", "test")
             },
-            "preprocessor": info.get("preprocessor"),
-            "kept_classes": row.kept_classes,
-            "kept_fraction": {"classes": sum(c > 0 for c in counts["train"]) / max(1, sum(c > 0 for c in info["class_counts"]["train"])),
-                              "images": train.num_rows / max(1, info["rows"]["train"])},
+            preprocessor=info.preprocessor,
+            kept_classes=row.kept_classes,
+            kept_fraction={"classes": sum(c > 0 for c in counts["train"]) / max(1, present_before),
+                           "images": train.num_rows / max(1, info.rows["train"])},
             **provenance,
-        }
+        )
 
-    st.publish(PRUNED_STAGE, key, write, config={"kept_digest": kept_digest(row.kept)}, inputs=[source.key, selection_ref.key])
-    return ArtifactRef(store=store, stage=PRUNED_STAGE, key=key)
+    return Publish(write)
 
 
 # ---------------------------------------------------------------- report
@@ -295,11 +287,11 @@ def materialize_pruned(source: ArtifactRef, selection_ref: ArtifactRef, ratio: f
 
 def class_table(selection_ref: ArtifactRef, top: int) -> list[dict[str, Any]]:
     """The `top` best and worst source classes (or clusters) of one selection's ranking, with names and votes."""
-    art = selection_ref.open(verify=False)
+    art = selection_ref.open()
     if "selection.parquet" not in art.manifest["files"]:
         return []
     selection, names, _ = read_selection(art.file("selection.parquet"), filesystem=art.fs)
-    method = art.manifest["selector"]
+    method = SelectionInfo.of(art).selector
     rows = []
     n = selection.num_classes
     for end, ids in (("top", selection.ranking[:top]), ("bottom", selection.ranking.flip(0)[:top])):
@@ -315,7 +307,7 @@ def report_selection(selections: list[ArtifactRef], name: str, top: int = 10) ->
     """Table artifact: the top and bottom source classes of each selector's ranking, names and votes."""
     seen, rows = set(), []
     for ref in selections:
-        selector = _manifest(ref)["selector"]
+        selector = SelectionInfo.of(ref).selector
         # One ranking per selector: lm_bottom reads lm's, and seeds of a deterministic selector repeat it.
         if selector in seen:
             continue

@@ -9,6 +9,7 @@ Generic, for every stage that asks "how good is this (pruned, distilled) source 
   dataset artifact, by linear probe (frozen features, fresh linear head) and full fine-tune (fresh
   head, all weights), both with distill.train and final-epoch test accuracy.
 - `pretrain_transfer`: both in one Ray task, the unit a flow fans out per (method, ratio, seed).
+  All four are `tasks.stage` bodies (`.fn` runs one as a plain function).
 - `report_transfer`: metrics Parquet, a mean/std table and a plot of target accuracy vs pruning
   ratio per method, with the full-source and no-pretraining arms as reference lines.
 
@@ -25,35 +26,28 @@ from typing import Any, Literal
 import safetensors.torch
 import torch
 import torch.nn as nn
-from prefect import task
 from pydantic import BaseModel, ConfigDict, Field
 
 from distill.data import DataError, resize_uint8
 from distill.evaluate import summarize
-from distill.formats import write_metrics
+from distill.formats import read_metrics, write_metrics
 from distill.fsio import read_bytes
 from distill.nets import NetFields, create_net
 from distill.train import TrainConfig, evaluate, fine_tune, linear_probe, train
 from tasks import reports
 from tasks.artifacts import ArtifactRef
-from tasks.datasets import load_preprocessor, load_split, preprocessed
+from tasks.datasets import DatasetInfo, load_preprocessor, load_split, preprocessed
+from tasks.evaluation import MetricsTable
 from tasks.runtime import task_device
-from tasks.store import ArtifactStore, Staging, store_cache_key_fn
+from tasks.stage import Key, Publish, StageInfo, StageRun, stage, stage_key
+from tasks.store import Staging
+from tasks.tables import markdown_table
 
 PRETRAIN_STAGE = "pretrain"
 TRANSFER_STAGE = "transfer"
-METRICS_STAGE = "metrics"
+METRICS_STAGE = "transfer-metrics"
 WEIGHTS_FILE = "weights.safetensors"
 FULL, SCRATCH = "full", "scratch"  # the comparison arms: the whole source, and no pretraining at all
-
-
-def run_progress(title: str, key: str):
-    """A Prefect progress callback inside a flow or task run; None when called as a plain function."""
-    from prefect.context import FlowRunContext, TaskRunContext
-
-    if FlowRunContext.get() is None and TaskRunContext.get() is None:
-        return None
-    return reports.prefect_progress(title, key=key)
 
 
 class PretrainConfig(NetFields):
@@ -98,8 +92,28 @@ class TransferConfig(BaseModel):
 # ---------------------------------------------------------------- pretraining
 
 
-def pretrain_key(store: str, dataset: ArtifactRef, cfg: PretrainConfig, seed: int) -> str:
-    return ArtifactStore(store).key(PRETRAIN_STAGE, {"pretrain": cfg, "seed": seed}, [dataset.key])
+class PretrainInfo(StageInfo):
+    """Manifest fields of a pretrained net: its shape and what pretraining cost."""
+
+    rows: dict[str, int]
+    num_classes: int
+    image_shape: list[int]
+    train_images: int
+    images_seen: int
+    pretrain_seconds: float
+    pretrain_train_acc: float
+    pretrain_source_test_acc: float
+    device: str
+    label: str  # of the run that made it (first writer wins: not part of the key)
+
+
+class TransferInfo(StageInfo):
+    rows: int
+    metrics: dict[str, Any]  # the one metrics row (also in metrics.parquet)
+
+
+def pretrain_key(dataset: ArtifactRef, cfg: PretrainConfig, seed: int) -> Key:
+    return Key({"pretrain": cfg, "seed": seed}, [dataset.key])
 
 
 def _build(cfg: PretrainConfig, num_classes: int, shape: list[int], seed: int) -> nn.Module:
@@ -108,53 +122,49 @@ def _build(cfg: PretrainConfig, num_classes: int, shape: list[int], seed: int) -
         return create_net(cfg.net, num_classes=num_classes, channels=shape[0], image_size=shape[-1], **cfg.net_kwargs)
 
 
+@stage(PRETRAIN_STAGE, key=pretrain_key)
 def pretrain_weights(
-    dataset: ArtifactRef, cfg: PretrainConfig, seed: int, store: str, label: str = "", device: str | None = None
-) -> ArtifactRef:
+    dataset: ArtifactRef, cfg: PretrainConfig, seed: int, store: str, run: StageRun, label: str = "",
+    device: str | None = None,
+) -> Publish:
     """Pretrain a fresh net on `dataset` (or reuse the stored one); publishes weights and cost."""
-    key = pretrain_key(store, dataset, cfg, seed)
-    st = ArtifactStore(store)
-    if not st.exists(PRETRAIN_STAGE, key):
-        info = dataset.open(verify=False).manifest
-        names, shape = info["class_names"], info["image_shape"]
-        pre = load_preprocessor(dataset)
-        x, y, _ = preprocessed(dataset, "train", pre)
-        test_x, test_y, _ = preprocessed(dataset, "test", pre)
-        net = _build(cfg, len(names), shape, seed)
-        progress = run_progress(
-            f"pretrain {label or dataset.key} seed {seed} ({len(y)} images)",
-            reports.ui_key("progress", "pretrain", label, "seed", seed),
+    info = DatasetInfo.of(dataset)
+    names, shape = info.class_names, info.image_shape
+    pre = load_preprocessor(dataset)
+    x, y, _ = preprocessed(dataset, "train", pre)
+    test_x, test_y, _ = preprocessed(dataset, "test", pre)
+    net = _build(cfg, len(names), shape, seed)
+    progress = reports.progress(f"pretrain {label or dataset.key} seed {seed} ({len(y)} images)", "pretrain", label,
+                                "seed", seed)
+    result = train(net, x, y, cfg.train, device=device, seed=seed, progress=progress)
+    source_test = evaluate(net, test_x, test_y, device=device) if len(test_y) else {"acc": float("nan")}
+    meta = {"net": cfg.net, "net_kwargs": json.dumps(cfg.net_kwargs), "num_classes": str(len(names)),
+            "image_shape": json.dumps(shape)}
+    reports.run_logger().info("pretrained %s seed %d on %d images in %.1f s", label, seed, len(y), result.seconds)
+
+    def write(staging: Staging) -> PretrainInfo:
+        state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+        with staging.fs.open_output_stream(staging.file(WEIGHTS_FILE)) as f:
+            f.write(safetensors.torch.save(state, metadata=meta))
+        return PretrainInfo(
+            rows={"train": int(len(y))},
+            num_classes=len(names),
+            image_shape=shape,
+            train_images=int(len(y)),
+            images_seen=int(len(y)) * cfg.train.epochs,
+            pretrain_seconds=round(result.seconds, 3),
+            pretrain_train_acc=result.final["train_acc"],
+            pretrain_source_test_acc=source_test["acc"],
+            device=str(next(net.parameters()).device),
+            label=label,
         )
-        result = train(net, x, y, cfg.train, device=device, seed=seed, progress=progress)
-        source_test = evaluate(net, test_x, test_y, device=device) if len(test_y) else {"acc": float("nan")}
-        meta = {"net": cfg.net, "net_kwargs": json.dumps(cfg.net_kwargs), "num_classes": str(len(names)),
-                "image_shape": json.dumps(shape)}
 
-        def write(staging: Staging) -> dict[str, Any]:
-            state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-            with staging.fs.open_output_stream(staging.file(WEIGHTS_FILE)) as f:
-                f.write(safetensors.torch.save(state, metadata=meta))
-            return {
-                "rows": {"train": int(len(y))},
-                "num_classes": len(names),
-                "image_shape": shape,
-                "train_images": int(len(y)),
-                "images_seen": int(len(y)) * cfg.train.epochs,
-                "pretrain_seconds": round(result.seconds, 3),
-                "pretrain_train_acc": result.final["train_acc"],
-                "pretrain_source_test_acc": source_test["acc"],
-                "device": str(next(net.parameters()).device),
-                "label": label,
-            }
-
-        st.publish(PRETRAIN_STAGE, key, write, config={"pretrain": cfg}, inputs=[dataset.key], seeds={"train": seed})
-        reports.run_logger().info("pretrained %s seed %d on %d images in %.1f s", label, seed, len(y), result.seconds)
-    return ArtifactRef(store=store, stage=PRETRAIN_STAGE, key=key)
+    return Publish(write, seeds={"train": seed})
 
 
 def load_pretrained(ref: ArtifactRef) -> tuple[nn.Module, dict[str, Any]]:
     """The stored pretrained net (CPU, eval mode) and its manifest."""
-    art = ref.open(verify=False)
+    art = ref.open()  # the weights are read: verified
     info = art.manifest
     cfg = PretrainConfig(**info["config"]["pretrain"])
     net = _build(cfg, info["num_classes"], info["image_shape"], 0)
@@ -165,14 +175,17 @@ def load_pretrained(ref: ArtifactRef) -> tuple[nn.Module, dict[str, Any]]:
 # ---------------------------------------------------------------- transfer
 
 
-def transfer_key(
-    store: str, pretrained: ArtifactRef | None, target: ArtifactRef, pretrain: PretrainConfig, cfg: TransferConfig,
-    seed: int,
-) -> str:
+def transfer_key(pretrained: ArtifactRef | None, target: ArtifactRef, pretrain: PretrainConfig, cfg: TransferConfig,
+                 seed: int) -> Key:
     upstream = [pretrained.key if pretrained is not None else SCRATCH, target.key]
     # The no-pretraining arm depends on the architecture; a pretrained one is named by its key.
     arch = pretrain if pretrained is None else None
-    return ArtifactStore(store).key(TRANSFER_STAGE, {"transfer": cfg, "seed": seed, "scratch_net": arch}, upstream)
+    return Key({"transfer": cfg, "seed": seed, "scratch_net": arch}, upstream)
+
+
+def transfer_row(ref: ArtifactRef) -> dict[str, Any]:
+    """The published metrics row, with the key that names it."""
+    return {**TransferInfo.of(ref).metrics, "transfer_key": ref.key}
 
 
 def target_tensors(target: ArtifactRef, shape: list[int]) -> tuple[torch.Tensor, ...]:
@@ -195,76 +208,75 @@ def target_tensors(target: ArtifactRef, shape: list[int]) -> tuple[torch.Tensor,
     return tuple(out)
 
 
+@stage(TRANSFER_STAGE, key=transfer_key, result=transfer_row)
 def transfer_eval(
     pretrained: ArtifactRef | None, target: ArtifactRef, pretrain: PretrainConfig, cfg: TransferConfig, seed: int,
-    store: str, label: str = "", device: str | None = None,
-) -> dict[str, Any]:
+    store: str, run: StageRun, label: str = "", device: str | None = None,
+) -> Publish:
     """Linear probe and fine-tune of a pretrained (or, with None, a fresh) backbone on the target."""
-    key = transfer_key(store, pretrained, target, pretrain, cfg, seed)
-    st = ArtifactStore(store)
-    if not st.exists(TRANSFER_STAGE, key):
-        names = target.open(verify=False).manifest["class_names"]
-        if pretrained is None:
-            shape = target.open(verify=False).manifest["image_shape"]
-            net, info = _build(pretrain, len(names), shape, seed), {"images_seen": 0, "pretrain_seconds": 0.0}
+    names = DatasetInfo.of(target).class_names
+    if pretrained is None:
+        shape = DatasetInfo.of(target).image_shape
+        net, info = _build(pretrain, len(names), shape, seed), {"images_seen": 0, "pretrain_seconds": 0.0}
+    else:
+        net, info = load_pretrained(pretrained)
+        shape = info["image_shape"]
+    train_x, train_y, test_x, test_y = target_tensors(target, shape)
+    row: dict[str, Any] = {}
+    for mode in cfg.modes:
+        progress = reports.progress(f"{mode} {label} seed {seed}", mode, label, "seed", seed)
+        if mode == "linear_probe":
+            r = linear_probe(net, train_x, train_y, test_x, test_y, cfg.linear_probe,
+                             device=device, seed=seed, progress=progress)
         else:
-            net, info = load_pretrained(pretrained)
-            shape = info["image_shape"]
-        train_x, train_y, test_x, test_y = target_tensors(target, shape)
-        row: dict[str, Any] = {}
-        for mode in cfg.modes:
-            progress = run_progress(f"{mode} {label} seed {seed}", reports.ui_key("progress", mode, label, "seed", seed))
-            if mode == "linear_probe":
-                r = linear_probe(net, train_x, train_y, test_x, test_y, cfg.linear_probe,
-                                 device=device, seed=seed, progress=progress)
-            else:
-                r = fine_tune(net, train_x, train_y, test_x, test_y, cfg.fine_tune,
-                              num_classes=len(names), device=device, seed=seed, progress=progress)
-            # modes name the columns: linear_probe_acc, fine_tune_acc (as in every transfer table)
-            row.update({f"{mode}_acc": r["test_acc"], f"{mode}_train_acc": r["train_acc"],
-                        f"{mode}_seconds": round(r["seconds"], 3)})
-        row.update({
-            "train_images": int(info.get("train_images", 0)),
-            "images_seen": int(info["images_seen"]),
-            "pretrain_seconds": float(info["pretrain_seconds"]),
-            "target_train_images": int(len(train_y)),
-        })
+            r = fine_tune(net, train_x, train_y, test_x, test_y, cfg.fine_tune,
+                          num_classes=len(names), device=device, seed=seed, progress=progress)
+        # modes name the columns: linear_probe_acc, fine_tune_acc (as in every transfer table)
+        row.update({f"{mode}_acc": r["test_acc"], f"{mode}_train_acc": r["train_acc"],
+                    f"{mode}_seconds": round(r["seconds"], 3)})
+    row.update({
+        "train_images": int(info.get("train_images", 0)),
+        "images_seen": int(info["images_seen"]),
+        "pretrain_seconds": float(info["pretrain_seconds"]),
+        "target_train_images": int(len(train_y)),
+    })
+    reports.run_logger().info("transfer %s seed %d: %s", label, seed, {k: v for k, v in row.items() if k.endswith("acc")})
 
-        def write(staging: Staging) -> dict[str, Any]:
-            write_metrics(staging.file("metrics.parquet"), [row], filesystem=staging.fs)
-            return {"rows": 1, "metrics": row}
+    def write(staging: Staging) -> TransferInfo:
+        write_metrics(staging.file("metrics.parquet"), [row], filesystem=staging.fs)
+        return TransferInfo(rows=1, metrics=row)
 
-        inputs = [pretrained.key if pretrained is not None else SCRATCH, target.key]
-        st.publish(TRANSFER_STAGE, key, write, config={"transfer": cfg}, inputs=inputs, seeds={"transfer": seed})
-        reports.run_logger().info("transfer %s seed %d: %s", label, seed, {k: v for k, v in row.items() if k.endswith("acc")})
-    return {**st.manifest(TRANSFER_STAGE, key)["metrics"], "transfer_key": key}
+    return Publish(write, seeds={"transfer": seed})
 
 
-def _pt_key_of(p: dict[str, Any]) -> tuple[str, str]:
-    pre = None if p["source"] is None else ArtifactRef(
-        store=p["store"], stage=PRETRAIN_STAGE, key=pretrain_key(p["store"], p["source"], p["pretrain"], p["seed"])
-    )
-    return p["store"], transfer_key(p["store"], pre, p["target"], p["pretrain"], p["transfer"], p["seed"])
+def pretrain_transfer_key(source: ArtifactRef | None, target: ArtifactRef, pretrain: PretrainConfig,
+                          transfer: TransferConfig, seed: int) -> Key:
+    """The transfer artifact's key, through the pretrained net's (None: the no-pretraining arm)."""
+    pretrained = None if source is None else ArtifactRef(
+        store=source.store, stage=PRETRAIN_STAGE, key=stage_key(pretrain_weights, dataset=source, cfg=pretrain, seed=seed))
+    return transfer_key(pretrained, target, pretrain, transfer, seed)
 
 
-@task(
-    name="pretrain-transfer",
-    task_run_name="pretrain-transfer-{method}-{ratio}-seed{seed}",
-    cache_key_fn=store_cache_key_fn(TRANSFER_STAGE, _pt_key_of),
-    result_serializer="json",
-    retries=1,
-)
+def arm_row(ref: ArtifactRef, method: str, ratio: float, seed: int, source: ArtifactRef | None) -> dict[str, Any]:
+    """One row of the comparison: the arm's labels and its transfer metrics."""
+    return {"method": method, "ratio": float(ratio), "seed": seed, **transfer_row(ref),
+            "source": source.uri if source is not None else None}
+
+
+@stage(TRANSFER_STAGE, key=pretrain_transfer_key, publish=False, result=arm_row, task_name="pretrain-transfer",
+       task_run_name="pretrain-transfer-{method}-{ratio}-seed{seed}")
 def pretrain_transfer(
     source: ArtifactRef | None, target: ArtifactRef, pretrain: PretrainConfig, transfer: TransferConfig, seed: int,
-    store: str, method: str, ratio: float,
+    store: str, method: str, ratio: float, run: StageRun,
 ) -> dict[str, Any]:
-    """One Ray task: pretrain on `source` (None: no pretraining), then transfer to `target`; one metrics row."""
+    """One Ray task: pretrain on `source` (None: no pretraining), then transfer to `target`; one metrics row.
+
+    Both steps are the stage bodies above, run in this task (one Ray task per arm, not two)."""
     device = task_device()
     label = f"{method}-{ratio}" if method not in (FULL, SCRATCH) else method
-    pre = None if source is None else pretrain_weights(source, pretrain, seed, store, label, device)
-    row = transfer_eval(pre, target, pretrain, transfer, seed, store, label, device)
-    return {"method": method, "ratio": float(ratio), "seed": seed, **row,
-            "source": source.uri if source is not None else None}
+    pre = None if source is None else pretrain_weights.fn(source, pretrain, seed, store, label, device)
+    transfer_eval.fn(pre, target, pretrain, transfer, seed, store, label, device)
+    return arm_row(run.ref, method, ratio, seed, source)
 
 
 # ---------------------------------------------------------------- report
@@ -319,36 +331,42 @@ def accuracy_plot(summary: list[dict[str, Any]]) -> bytes:
     return reports.figure_png(fig)
 
 
-def _metrics_key(p: dict[str, Any]) -> tuple[str, str]:
-    inputs = sorted(r["transfer_key"] for r in p["rows"])
-    return p["store"], ArtifactStore(p["store"]).key(METRICS_STAGE, {"name": p["name"]}, inputs)
+class TransferMetricsInfo(StageInfo):
+    rows: int
+    summary: list[dict[str, Any]]
 
 
-@task(name="report-transfer", result_serializer="json")
-def report_transfer(rows: list[dict[str, Any]], name: str, store: str) -> dict[str, Any]:
-    """Metrics and summary Parquet, the accuracy table and the accuracy-vs-ratio plot (PNG, also in the UI)."""
-    _, key = _metrics_key({"rows": rows, "name": name, "store": store})
-    summary = summarize_rows(rows)
-    png = accuracy_plot(summary)
-    # write_metrics wants flat scalars; the summary is already flat, the rows too.
-    st = ArtifactStore(store)
+def metrics_key(rows: list[dict[str, Any]], name: str) -> Key:
+    return Key({"name": name}, sorted(r["transfer_key"] for r in rows))
 
-    def write(staging: Staging) -> dict[str, Any]:
-        write_metrics(staging.file("metrics.parquet"), rows, filesystem=staging.fs)
-        write_metrics(staging.file("summary.parquet"), summary, filesystem=staging.fs)
-        with staging.fs.open_output_stream(staging.file("accuracy.png")) as f:
-            f.write(png)
-        return {"rows": len(rows), "summary": summary}
 
-    art = st.publish(METRICS_STAGE, key, write, config={"name": name}, inputs=sorted(r["transfer_key"] for r in rows))
+def show_metrics(ref: ArtifactRef, name: str) -> MetricsTable:
+    """The published table and accuracy-vs-ratio plot, shown in this flow run's UI (a cache hit shows them too)."""
+    art = ref.open()
+    summary = read_metrics(art.file("summary.parquet"), filesystem=art.fs)
+    png = read_bytes(art.fs, art.file("accuracy.png"))
     reports.table(summary, key=reports.ui_key(name, "summary"),
                   description=f"{name}: target accuracy (final epoch), mean and std over seeds. Metrics: {art.uri}")
-    from tasks.tables import markdown_table
-
     reports.markdown(
         "## Target accuracy vs pruning ratio\nMean and std over seeds; dashed: full-source pretraining, "
         "dotted: no pretraining.\n\n" + reports.png_markdown(png, "accuracy vs ratio") + "\n" + markdown_table(summary),
         key=reports.ui_key(name, "plot"),
     )
-    return {"summary": summary, "metrics_uri": art.uri}
+    return MetricsTable(summary=summary, ref=ref)
 
+
+@stage(METRICS_STAGE, key=metrics_key, result=show_metrics, cache=False, task_name="report-transfer")
+def report_transfer(rows: list[dict[str, Any]], name: str, store: str, run: StageRun) -> Publish:
+    """Metrics and summary Parquet and the accuracy-vs-ratio plot (PNG)."""
+    summary = summarize_rows(rows)
+    png = accuracy_plot(summary)
+
+    def write(staging: Staging) -> TransferMetricsInfo:
+        # write_metrics wants flat scalars; the summary is already flat, the rows too.
+        write_metrics(staging.file("metrics.parquet"), rows, filesystem=staging.fs)
+        write_metrics(staging.file("summary.parquet"), summary, filesystem=staging.fs)
+        with staging.fs.open_output_stream(staging.file("accuracy.png")) as f:
+            f.write(png)
+        return TransferMetricsInfo(rows=len(rows), summary=summary)
+
+    return Publish(write)

@@ -76,7 +76,7 @@ def test_prune_eval_tiny_selects_pretrains_reports_and_reuses(prefect_server, tm
     full = next(r for r in rows if r["method"] == "full")
     pruned = [r for r in rows if r["method"] not in ("full", "scratch")]
     assert all(r["images_seen"] == full["images_seen"] // 2 for r in pruned), "50% of 10 equal classes"
-    metrics = tmp_path / "metrics" / result["metrics_uri"].rsplit("/", 1)[-1]
+    metrics = tmp_path / "transfer-metrics" / result["metrics_uri"].rsplit("/", 1)[-1]
     assert (metrics / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     assert len(read_metrics(str(metrics / "metrics.parquet"))) == 6
     assert {s["method"] for s in read_metrics(str(metrics / "summary.parquet"))} >= {"full", "scratch", "lm"}

@@ -168,12 +168,12 @@ def test_prefect_cache_keys_separate_tasks_and_result_parameters(tmp_path, upstr
 
 
 def test_krr_keys_are_unchanged(tmp_path):
-    from distill.krr import KRRConfig, TransferConfig
+    from distill.krr import KRRConfig, krr_transfer
     from distill.ssl import SSLConfig
     from tasks.krr import distill_krr_st, evaluate_method, report_metrics, train_teacher_task
 
     r = _refs(str(tmp_path))
-    transfer = TransferConfig()
+    transfer = krr_transfer()  # the KRR stage's default recipe (distill.transfer, issue 13)
     assert stage_key(train_teacher_task, source=r["dataset"], cfg=SSLConfig()) == "f7a02fc96f2c9a59"
     assert stage_key(distill_krr_st, source=r["dataset"], teacher=r["ssl-teacher"], cfg=KRRConfig(num_images=12),
                      transfer=transfer) == "a60dfe960f1c2d42"
@@ -219,3 +219,51 @@ def test_pipeline_report_key_is_unchanged(tmp_path, monkeypatch):
         target=TMResult(dataset=r["target"], experts=r["experts"], distilled={}, sets=[], metrics=table("b")),
     )
     assert stage_key(pipeline.report_pipeline, results=results, notes=[], name="pipeline-x") == "9955d087aa3d2c23"
+
+
+def test_a_follow_up_matching_switch_names_another_set(tmp_path):
+    from distill.matching import MatchConfig
+    from tasks.matching import distill_tm
+
+    r = _refs(str(tmp_path))
+    base = MatchConfig(ipc=2, iterations=7, syn_steps=3, expert_epochs=1, max_start_epoch=2)
+    keys = {stage_key(distill_tm, dataset=r["dataset"], experts=r["experts"], cfg=cfg, eval=EVAL)
+            for cfg in (base, base.model_copy(update={"ema_decay": 0.9}), base.model_copy(update={"iterations": 8}))}
+    assert len(keys) == 3
+
+
+def test_pruning_and_transfer_keys_are_unchanged(tmp_path):
+    from dp4tl.methods import SelectionConfig
+    from dp4tl.surrogate import SurrogateConfig
+    from tasks.prune import SelectionInfo, materialize_pruned, select, surrogate
+    from tasks.transfer import (PretrainConfig, TransferConfig, pretrain_transfer, pretrain_weights, report_transfer,
+                                transfer_eval)
+
+    r = _refs(str(tmp_path))
+    sur = SurrogateConfig(net_kwargs={"width": 8, "depth": 1})
+    assert stage_key(surrogate, source=r["dataset"], cfg=sur, weights=None) == "3f9b27d7b67eb123"
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"not really weights")
+    assert stage_key(surrogate, source=r["dataset"], cfg=sur, weights=str(weights)) == "2e5b936ed6d0579b"
+    sel = SelectionConfig(methods=["lm", "random"], ratios=[0.5], seeds=[0, 1])
+    assert stage_key(select, source=r["dataset"], target=r["target"], surrogate_ref=r["surrogate"], method="random",
+                     seed=1, cfg=sel) == "267d6adffb57811f"
+    store = ArtifactStore(str(tmp_path))
+    info = SelectionInfo(method="random", selector="random", surrogate_fingerprint="f", features={}, num_source_samples=9,
+                         kept=[{"ratio": 0.5, "digest": "abcdef0123456789"}], rows={"kept": 1})
+    selection = store.publish("selection", "k0", lambda staging: info.manifest_fields())
+    selection_ref = ArtifactRef(store=str(tmp_path), stage="selection", key=selection.key)
+    assert stage_key(materialize_pruned, source=r["dataset"], selection_ref=selection_ref, ratio=0.5) == "809d2b000cf99a78"
+
+    pretrain, transfer = PretrainConfig(net_kwargs={"width": 8, "depth": 1}), TransferConfig()
+    assert stage_key(pretrain_weights, dataset=r["dataset"], cfg=pretrain, seed=4) == "dd85874f8e06a93b"
+    assert stage_key(transfer_eval, pretrained=r["pretrain"], target=r["target"], pretrain=pretrain, cfg=transfer,
+                     seed=4) == "2eb1e7150c82491f"
+    assert stage_key(transfer_eval, pretrained=None, target=r["target"], pretrain=pretrain, cfg=transfer,
+                     seed=4) == "a38ca4e2cf5ba477"
+    assert stage_key(pretrain_transfer, source=r["dataset"], target=r["target"], pretrain=pretrain, transfer=transfer,
+                     seed=4, method="lm", ratio=0.5) == "7e36c7148b326d99"
+    rows = [{"transfer_key": "b"}, {"transfer_key": "a"}]
+    # the report moved from the shared `metrics` folder to its own stage: a new key for the same inputs
+    assert stage_key(report_transfer, rows=rows, name="prune-eval-x") == artifact_key(
+        "transfer-metrics", {"name": "prune-eval-x"}, ["a", "b"])

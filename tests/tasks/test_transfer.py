@@ -41,28 +41,28 @@ def world(tmp_path_factory):
 
 def test_pretrain_stores_weights_and_cost_and_is_reused(world):
     store, source, *_ = world
-    ref = pretrain_weights(source, PRETRAIN, 0, store, "full")
+    ref = pretrain_weights.fn(source, PRETRAIN, 0, store, "full")
     manifest = ref.open().manifest
     assert manifest["train_images"] == 180 and manifest["images_seen"] == 3 * 180
     assert manifest["pretrain_seconds"] > 0 and 0 <= manifest["pretrain_train_acc"] <= 1
     net, info = load_pretrained(ref)
     x, _, _ = preprocessed(source, "test")
-    again = pretrain_weights(source, PRETRAIN, 0, store, "full")
+    again = pretrain_weights.fn(source, PRETRAIN, 0, store, "full")
     assert again == ref and again.open().manifest["created_at"] == manifest["created_at"]
     assert torch.equal(net(x), load_pretrained(again)[0](x)), "reloaded weights give the same outputs"
-    assert pretrain_weights(source, PRETRAIN, 1, store) != ref, "the seed names a different run"
+    assert pretrain_weights.fn(source, PRETRAIN, 1, store) != ref, "the seed names a different run"
 
 
 def test_transfer_from_pretrained_and_from_scratch(world):
     store, source, target, _ = world
-    ref = pretrain_weights(source, PRETRAIN, 0, store, "full")
-    row = transfer_eval(ref, target, PRETRAIN, TRANSFER, 0, store, "full")
+    ref = pretrain_weights.fn(source, PRETRAIN, 0, store, "full")
+    row = transfer_eval.fn(ref, target, PRETRAIN, TRANSFER, 0, store, "full")
     assert 0 <= row["linear_probe_acc"] <= 1 and 0 <= row["fine_tune_acc"] <= 1
     assert row["images_seen"] == 540 and row["target_train_images"] == 24  # 16x16 target resized to 8x8
-    assert transfer_eval(ref, target, PRETRAIN, TRANSFER, 0, store, "full") == row
-    scratch = transfer_eval(None, target, PRETRAIN, TRANSFER, 0, store, SCRATCH)
+    assert transfer_eval.fn(ref, target, PRETRAIN, TRANSFER, 0, store, "full") == row
+    scratch = transfer_eval.fn(None, target, PRETRAIN, TRANSFER, 0, store, SCRATCH)
     assert scratch["images_seen"] == 0 and scratch["pretrain_seconds"] == 0.0 and scratch["transfer_key"] != row["transfer_key"]
-    lp_only = transfer_eval(ref, target, PRETRAIN, TRANSFER.model_copy(update={"modes": ["linear_probe"]}), 0, store)
+    lp_only = transfer_eval.fn(ref, target, PRETRAIN, TRANSFER.model_copy(update={"modes": ["linear_probe"]}), 0, store)
     assert "fine_tune_acc" not in lp_only and lp_only["linear_probe_acc"] == row["linear_probe_acc"], "the probe is seeded and independent of ft"
 
 
@@ -71,9 +71,9 @@ def test_zca_target_of_another_size_is_refused(world):
     (root / "zca").mkdir(exist_ok=True)
     _, target_npz = write_world(root / "zca")
     zca_target = materialize_dataset.fn(DataConfig(source=str(target_npz), image_size=None, zca=True), store)
-    ref = pretrain_weights(source, PRETRAIN, 0, store)
+    ref = pretrain_weights.fn(source, PRETRAIN, 0, store)
     with pytest.raises(DataError, match=r"target images are \[3, 16, 16\] but the backbone takes \[3, 8, 8\]"):
-        transfer_eval(ref, zca_target, PRETRAIN, TRANSFER, 0, store)
+        transfer_eval.fn(ref, zca_target, PRETRAIN, TRANSFER, 0, store)
 
 
 def test_summary_and_plot():
