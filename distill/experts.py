@@ -10,7 +10,7 @@ these trajectories, so how an expert is trained shapes what can be distilled:
        (a loss-scale warm-up), and a gradient penalty 2 * mean((|d sum(logits)/dx|_c - 1)^2),
        the norm taken over channels per pixel, on the un-augmented batch. (The repository's
        commits differ: lr 0.003/0.004, ramps [0.5..0.9] of 5 or 11 steps, lambda 0.1 or 2;
-       the values here are the methods brief's, and all are config fields.)
+       the values here are those of its latest `AST/buffer.py`, and all are config fields.)
   sam  FTD's flat experts: MTT's recipe with SAM (rho 0.01) instead of plain SGD steps.
 
 Differences from the reference code, each on purpose: the gradient penalty runs on any device

@@ -1,16 +1,16 @@
-"""KRR-ST: self-supervised dataset distillation by kernel ridge regression (Lee et al., ICLR 2024).
+"""KRR-ST: "Self-Supervised Dataset Distillation for Transfer Learning" (Lee et al., ICLR 2024).
 
 An unlabelled source is distilled into n synthetic images X_s with learned target
 representations Y_s, such that a network pretrained to regress Y_s from X_s transfers like one
 trained with the self-supervised teacher (distill.ssl). As the reference code does
-(methods brief 3.1), with its bugs fixed on purpose:
+(`db-Lee/selfsup_dd`), with its bugs fixed on purpose:
 
   init        X_s = n random source images (seeded), Y_s = teacher.embed(X_s); both learnable.
   pool        M models of `net`, each trained online by full-batch SGD with MSE on (X_s, Y_s).
               Ages are staggered (model i starts at i*T/M of its budget T) and a model that
               reaches T steps is re-initialized *and its age reset to 0* (the reference never
               resets the counter, so after a few thousand steps its "trained pool" is a pool of
-              fresh random nets; brief 3.5.1). POOL_MODES: "online" (trained pool, FRePo's
+              fresh random nets). POOL_MODES: "online" (trained pool, FRePo's
               scheme) or "random-features" (a fresh random net every step: what the reference
               effectively runs, and RFAD's idea), an ablation.
   outer step  pick a pool model (eval mode), draw an augmented real batch X_r (flip + crop),
@@ -23,7 +23,7 @@ trained with the self-supervised teacher (distill.ssl). As the reference code do
 Input space: X_s, like every real batch and the teacher's inputs, is in the *model input
 space*, i.e. after distill.transforms.Preprocessor (per-channel normalization, plus ZCA when
 the preprocessor has it). The reference optimizes X_s in raw [0, 1] space and feeds it to the
-nets unnormalized (brief 3.5.2); here the same tensor goes into the pool models, the
+nets unnormalized; here the same tensor goes into the pool models, the
 pretraining of students and the stored `pixels`, so there is no second convention.
 
 The bias column makes trace(K_ss) >= n > 0, so lambda > 0 and (K_ss + lambda I) is positive
@@ -74,7 +74,7 @@ PoolMode = POOL_MODES.name_type()
 
 
 class KRRConfig(NetFields, frozen=True, extra="forbid"):
-    """KRR-ST distillation. Defaults: the CPU-feasible setting of the methods brief (3.6)."""
+    """KRR-ST distillation. Defaults: a CPU-feasible setting (the paper's values in the comments)."""
 
     num_images: int = Field(100, ge=1)  # synthetic images; the paper: 2% of the source (1000 for CIFAR-100)
     net: str = "convnet_bn"  # pool models (and, by default, the students); KRR-ST's BN ConvNet

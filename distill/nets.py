@@ -137,8 +137,8 @@ class NetFields(BaseModel):
 
 # Norm layers, by name -> factory(num_channels).
 # "instance" is MTT's instance norm: per-sample, per-channel statistics with a per-channel affine,
-# i.e. GroupNorm with one group per channel (MTT writes it as nn.GroupNorm(C, C)). The methods
-# brief (2.8) measured a hand-written mean/var version ~2x faster under double backward; re-measured
+# i.e. GroupNorm with one group per channel (MTT writes it as nn.GroupNorm(C, C)). A hand-written
+# mean/var version was once measured ~2x faster under double backward; re-measured
 # with torch 2.14 on the 2-core CPU, interleaved runs, the native kernel wins both ways (w32 d3
 # 3x32x32, 100 images, 20 unrolled steps + backward: 2.3-4.0 s native vs 3.1-5.3 s hand-written;
 # plain training at batch 256: 64-76 ms vs 98 ms per step), so the native kernel is used.
@@ -271,7 +271,7 @@ def convnet_bn(
     """KRR-ST's ConvNet: per-block widths with BatchNorm.
 
     The paper uses (128, 256, 512) at 32 px and (64, 128, 256, 512) at 64 px; the default is a
-    CPU-sized 32-64-128 (brief 3.6).
+    CPU-sized 32-64-128.
     """
     return ConvNet(num_classes, channels, image_size, tuple(widths), norm, act, pooling)
 

@@ -1,7 +1,7 @@
 """Self-supervised teacher for KRR-ST: Barlow Twins on an unlabelled source.
 
 KRR-ST distills the representations of a self-supervised teacher; its reference repository
-downloads a Barlow Twins ResNet-18 and has no code to train one (methods brief 3.1, 3.5.4),
+(`db-Lee/selfsup_dd`) downloads a Barlow Twins ResNet-18 and has no code to train one,
 so this module trains it:
 
   two views   each image is augmented twice, independently (DSA families applied all in turn:
@@ -57,7 +57,7 @@ TEACHER_FORMAT = "distillery.ssl-teacher/1"
 
 
 class SSLConfig(NetFields, frozen=True, extra="forbid"):
-    """How the Barlow Twins teacher is trained. Defaults: a CPU-sized teacher (brief 3.6)."""
+    """How the Barlow Twins teacher is trained. Defaults: a CPU-sized teacher."""
 
     net: str = "convnet_bn"  # a distill.nets name; the paper's teacher is "resnet18" (512-d)
     # convnet_bn at 32 px with 4 blocks: a 2x2x256 map, i.e. 1024-d representations

@@ -3,7 +3,7 @@
 MTT-style distillation samples a random expert and start epoch every iteration and needs two
 parameter vectors from it (the start and the target snapshot). The reference code keeps lists
 of tensors in `torch.save` pickles of 10 experts each and loads whole buffers into memory.
-Here each expert is a plain Parquet file (ARCHITECTURE.md section 3) that
+Here each expert is a plain Parquet file that
 `pyarrow.parquet.read_table` and `datasets.load_dataset("parquet")` read:
 
     epoch          int32     0 = right after init, then one row after every epoch

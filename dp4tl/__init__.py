@@ -1,7 +1,8 @@
 """dp4tl: source-dataset pruning for transfer learning (label and feature mapping), pure PyTorch.
 
-DP4TL (Zhang et al., NeurIPS 2023; methods brief section 1) keeps the source classes a target
-"uses" and pretrains on them only. Modules:
+DP4TL ("Selectivity Drives Productivity: Efficient Dataset Pruning for Enhanced Transfer
+Learning", Zhang et al., NeurIPS 2023) keeps the source classes a target "uses" and pretrains
+on them only. Modules:
 
 - `dp4tl.surrogate`: the small net trained once on the full source (SurrogateConfig, safetensors I/O).
 - `dp4tl.selection`: ClassSelection, label mapping, feature mapping (labels or K-means), SELECTORS.

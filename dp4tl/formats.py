@@ -1,4 +1,4 @@
-"""Parquet formats of DP4TL selections (ARCHITECTURE.md section 3, "Selection").
+"""Parquet formats of DP4TL selections.
 
 Two files, both plain Parquet readable by `pyarrow` and `datasets.load_dataset("parquet")`, with
 the `huggingface` schema metadata `datasets` writes and a `distillery` JSON metadata key, as in

@@ -1,6 +1,6 @@
 """Pruning methods by name: which class selection (or data-wise rule) turns into which kept samples.
 
-A *pruning method* is what a user compares in a DP4TL experiment (brief 1.2, 1.6): label mapping
+A *pruning method* is what a user compares in a DP4TL experiment: label mapping
 ("lm", "lm_soft"), feature mapping ("fm" over source labels, "fm_kmeans" over K-means clusters),
 random class pruning ("random"), the bottom-K label-mapping ablation ("lm_bottom", the reference's
 `--reverse`, which should hurt most) and MODERATE data-wise selection at the same kept-image
@@ -119,7 +119,7 @@ class SelectionConfig(BaseModel, frozen=True, extra="forbid"):
     # The issue's comparison: both mappings, random class pruning and the bottom-K ablation.
     methods: list[PruneMethodName] = Field(default_factory=lambda: ["lm", "fm", "random", "lm_bottom"], min_length=1)
     ratios: list[float] = Field(default_factory=lambda: [0.5, 0.8], min_length=1)  # fractions of classes pruned
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)  # brief 1.6: at least 3; the effect is small
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)  # at least 3: the effect is small
     k_clusters: int | None = Field(None, ge=1)  # fm_kmeans groups; None = the number of source classes (the paper)
     batch_size: int = Field(1024, ge=1)  # surrogate inference only; memory, not results
     # Target images whose size differs from the source's are resized to it (bilinear, antialiased);

@@ -1,6 +1,6 @@
 """DP4TL source-class selection: label mapping (LM) and feature mapping (FM), plus the selector registry.
 
-DP4TL (Zhang et al., "Selectivity Drives Productivity", NeurIPS 2023; methods brief 1.2) ranks
+DP4TL (Zhang et al., "Selectivity Drives Productivity", NeurIPS 2023) ranks
 the *classes* of a source dataset by how much the target "uses" them, and pretrains on the top
 ones only:
 
@@ -13,11 +13,11 @@ ones only:
 Differences from the reference code, on purpose:
 
 - FM computes the full [N_target, G] distance matrix. `fm_selection_for_imagenet.py` writes
-  every centroid's distance into the same entry, so its argmin is meaningless (brief 1.5.1).
+  every centroid's distance into the same entry, so its argmin is meaningless.
 - Rankings are total and deterministic. The reference `topk` over a histogram leaves the order
-  of tied (typically zero-vote) classes to the kernel, so high retain ratios are partly random
-  (brief 1.5.5). LM breaks ties by summed softmax mass, FM by mean distance, then class id.
-- The clustering the paper's SSL FM needs is not in the repo (brief 1.5.3); here it is
+  of tied (typically zero-vote) classes to the kernel, so high retain ratios are partly random.
+  LM breaks ties by summed softmax mass, FM by mean distance, then class id.
+- The clustering the paper's SSL FM needs is not in the repo; here it is
   scikit-learn K-means with a fixed seed and n_init.
 
 Every selector returns a `ClassSelection`; `kept_classes(ratio)` applies DP4TL's convention that
@@ -162,7 +162,7 @@ def label_mapping(
     target_x: the target *training* images, preprocessed exactly as the surrogate's source
     (float [N, C, H, W]); no augmentation is applied (the reference decodes with scale 1, no flip).
     Ranking: (votes desc, summed softmax mass desc, class id asc), so classes without votes are
-    ordered by how much probability the target puts on them (brief 1.5.5).
+    ordered by how much probability the target puts on them.
     soft=True ranks by summed softmax mass first (votes, then id, break ties), method "lm_soft".
     """
     if target_x.ndim < 2 or target_x.shape[0] == 0:
@@ -211,7 +211,7 @@ def nearest_centroid_votes(
     """Every target feature votes for its nearest centroid: (nearest [N], votes [G], mean distance [G]).
 
     The full [N, G] L2 distance matrix is computed (in row blocks), one column per centroid; the
-    reference FM script overwrote a single entry per target instead (brief 1.5.1). Groups with
+    reference FM script overwrote a single entry per target instead. Groups with
     valid=False (no source samples) get no votes and an infinite mean distance.
     """
     g = centroids.shape[0]

@@ -1,10 +1,10 @@
 """The DP4TL surrogate: a small net trained once on the *full* source, then used to score source classes.
 
-DP4TL (Zhang et al., NeurIPS 2023; methods brief 1.2) trains a ResNet-18 on all of ImageNet and
-reuses it to prune the source for larger models: label mapping reads its 1000-way logits on the
-target, feature mapping its penultimate features. Its value comes from being cheap relative to
-the models pretrained on the pruned source (brief 1.5.6). The CPU-scale stand-in (brief 1.6) is a
-ConvNet w32 d3 trained a few epochs on a many-class 32 px source.
+DP4TL ("Selectivity Drives Productivity", Zhang et al., NeurIPS 2023) trains a ResNet-18 on all
+of ImageNet and reuses it to prune the source for larger models: label mapping reads its
+1000-way logits on the target, feature mapping its penultimate features. Its value comes from
+being cheap relative to the models pretrained on the pruned source. The CPU-scale stand-in
+here is a ConvNet w32 d3 trained a few epochs on a many-class 32 px source.
 
 Weights are stored as safetensors (never pickle) with the config and caller metadata in the
 header; `surrogate_fingerprint` identifies the exact weights a selection was computed with and is
@@ -32,12 +32,12 @@ SURROGATE_FORMAT = "distillery.surrogate/1"
 
 
 class SurrogateConfig(NetFields, frozen=True, extra="forbid"):
-    """How to train the surrogate. Defaults: the CPU-scale recipe of brief 1.6 (about a minute per 10k images)."""
+    """How to train the surrogate. Defaults: a CPU-scale recipe (about a minute per 10k images)."""
 
     net: str = "convnet"  # a distill.nets name; DP4TL uses torchvision ResNet-18 ("resnet18" is the CIFAR variant)
-    net_kwargs: dict[str, Any] = {"width": 32, "depth": 3}  # brief 1.6: ConvNet w32-64, depth 3
+    net_kwargs: dict[str, Any] = {"width": 32, "depth": 3}  # a CPU-scale ConvNet: width 32, depth 3
     # DP4TL: 16 epochs, SGD momentum 0.9, wd 5e-5, lr 0.5 per 1024 images with a cyclic schedule
-    # (brief 1.2). Here: 5 epochs (brief 1.6: 3-5 suffice for a useful surrogate), lr 0.1 per
+    # (OPTML-Group/DP4TL). Here: 5 epochs (a few give a usable surrogate at this scale), lr 0.1 per
     # 256 images (the paper's lr scaled linearly, rounded down), cosine instead of the triangle.
     train: TrainConfig = TrainConfig(
         epochs=5, batch_size=256, lr=0.1, momentum=0.9, weight_decay=5e-5, schedule="cosine", augment="flip_crop"
