@@ -34,11 +34,20 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from distill.registry import Registry
 from distill.utils import derive_seed
 
-SOURCE_FORMATS = ("auto", "parquet", "imagefolder", "hub", "npz")
+# name -> what the source is; a DataConfig field or load_images(format=) takes one of these names.
+SOURCE_FORMATS: Registry[str] = Registry("dataset format", {
+    "auto": "detect from the path (hub: prefix, .parquet/.npz suffix, Parquet files or split folders)",
+    "parquet": "Parquet files in the Hugging Face layout (a file, or a folder of <split>*.parquet)",
+    "imagefolder": "a folder of <split>/<class>/<image> files",
+    "hub": "a Hugging Face hub dataset, hub:<owner>/<name>",
+    "npz": "a NumPy .npz with x_<split> images and y_<split> labels",
+})
+SourceFormat = SOURCE_FORMATS.name_type()
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 HUB_PREFIX = "hub:"
 
@@ -272,7 +281,7 @@ def _check_label_range(labels: torch.Tensor, n_classes: int, where: str) -> None
 
 def _resolve_format(source: str, format: str) -> str:
     if format not in SOURCE_FORMATS:
-        raise DataError(f"unknown dataset format {format!r}; valid formats: {', '.join(SOURCE_FORMATS)}")
+        raise DataError(SOURCE_FORMATS.unknown(format))
     if format != "auto":
         return format
     if source.startswith(HUB_PREFIX):
@@ -767,7 +776,7 @@ class DataConfig(BaseModel):
     source: str = Field(
         description="Parquet file or folder (Hugging Face layout), ImageFolder root, .npz file, or hub:<name>."
     )
-    format: str = Field("auto", description=f"One of {', '.join(SOURCE_FORMATS)}; auto detects from the path.")
+    format: SourceFormat = Field("auto", description=f"One of {', '.join(SOURCE_FORMATS)}; auto detects from the path.")
     train_split: str = Field("train", description="Split the methods learn from.")
     test_split: str = Field("test", description="Held-out split for evaluation (e.g. 'valid' for Tiny-ImageNet).")
     image_size: int | None = Field(32, ge=1, description="Resize to this square size; None keeps the native size.")
@@ -790,13 +799,6 @@ class DataConfig(BaseModel):
                 "measures memorization, not accuracy; name a held-out split (e.g. 'test', or 'valid' for Tiny-ImageNet)"
             )
         return self
-
-    @field_validator("format")
-    @classmethod
-    def _known_format(cls, v: str) -> str:
-        if v not in SOURCE_FORMATS:
-            raise ValueError(f"unknown dataset format {v!r}; valid formats: {', '.join(SOURCE_FORMATS)}")
-        return v
 
     @property
     def name(self) -> str:

@@ -346,7 +346,7 @@ def test_imageset_helpers_and_validation():
 
 def test_unknown_format(parquet_dir: Path, tmp_path: Path):
     valid = ", ".join(SOURCE_FORMATS)
-    with pytest.raises(DataError, match=f"unknown dataset format 'tfrecord'; valid formats: {valid}"):
+    with pytest.raises(DataError, match=f"unknown dataset format 'tfrecord'; valid: {valid}"):
         load_images(parquet_dir, format="tfrecord")
     (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(DataError, match=r"suffix '\.csv'.*parquet"):

@@ -4,6 +4,7 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from distill.augment import AUGMENTS
+from distill.data import SOURCE_FORMATS
 from distill.experts import RECIPES
 from distill.krr import METHODS, POOL_MODES
 from distill.matching import INITS, MEMORY_MODES
@@ -17,6 +18,7 @@ ALL = {
     "net": NETS, "norm": NORMS, "act": ACTS, "pooling": POOLS, "augment": AUGMENTS, "optimizer": OPTIMIZERS,
     "schedule": SCHEDULES, "loss": LOSSES, "expert recipe": RECIPES, "init": INITS, "memory mode": MEMORY_MODES,
     "pool_mode": POOL_MODES, "method": METHODS, "selector": SELECTORS, "pruning method": PRUNE_METHODS,
+    "dataset format": SOURCE_FORMATS,
 }
 
 
