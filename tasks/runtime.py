@@ -85,6 +85,37 @@ class Resources(BaseModel):
         return {"num_gpus": gpus, "num_cpus": self.num_cpus}
 
 
+def tie_to_worker(poll_s: float = 2.0) -> bool:
+    """Stop this flow-run process when the Prefect worker that started it dies; True when armed.
+
+    A process worker starts each flow run as a child process. When the worker is killed, the
+    child used to run on unsupervised, publish everything, and then be marked Crashed by the
+    server: a state that contradicts what it did. Here the run stops with its worker instead:
+    a daemon thread notices that the parent process is gone (the child is re-parented) and
+    sends SIGTERM to this process, which Prefect records as a crash. Stages already published
+    stay valid (publishing is atomic), long loops resume from their checkpoints on the next
+    run, and local Ray goes down with its driver. Armed only in a worker-started run
+    (`PREFECT__FLOW_RUN_ID` set by the worker), never in a test or a notebook.
+    """
+    import signal
+    import threading
+    import time
+
+    if "PREFECT__FLOW_RUN_ID" not in os.environ or os.environ.get("DISTILLERY_SURVIVE_WORKER") == "1":
+        return False
+    parent = os.getppid()
+    if parent == 1:
+        return False  # already orphaned (or started by init): nothing to watch
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="distillery-worker-watch", daemon=True).start()
+    return True
+
+
 def _forwarded_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 import pytest
 import ray
 from prefect import flow, task
 
-from tasks.runtime import Resources, heavy, ray_task_runner, task_device
+from tasks.runtime import Resources, heavy, ray_task_runner, task_device, tie_to_worker
 
 
 @ray.remote(num_cpus=0)
@@ -94,3 +98,52 @@ def test_more_cpus_than_any_node_is_refused_up_front(ray_logical_gpu):
         Resources(num_gpus=0, num_cpus=cpus + 2).check_feasible()
     with pytest.raises(ValueError, match="num_gpus=2.0 but the Ray cluster has 1.0 GPUs"):
         Resources(num_gpus=2, num_cpus=1).check_feasible()
+
+
+def test_a_flow_run_process_stops_when_its_worker_dies(tmp_path):
+    """Old behaviour: a flow whose worker was killed ran on, published everything, and was then
+    marked Crashed. Now it stops with its worker (SIGTERM, which Prefect records as a crash)."""
+    import signal
+    import subprocess
+    import sys
+
+    child = (
+        "import os, sys, time\n"
+        "from tasks.runtime import tie_to_worker\n"
+        "assert tie_to_worker(poll_s=0.1)\n"
+        f"open({str(tmp_path / 'child.pid')!r}, 'w').write(str(os.getpid()))\n"
+        "time.sleep(120)\n"
+        f"open({str(tmp_path / 'survived')!r}, 'w').write('1')\n"
+    )
+    worker = (  # stands in for the Prefect worker: starts the run, then is killed
+        "import os, subprocess, sys, time\n"
+        f"subprocess.Popen([sys.executable, '-c', {child!r}], env={{**os.environ, 'PREFECT__FLOW_RUN_ID': 'x'}})\n"
+        "time.sleep(120)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", worker], cwd=Path(__file__).resolve().parents[2])
+    pid_file = tmp_path / "child.pid"
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child_pid = int(pid_file.read_text())
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    import psutil
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(child_pid).status() == psutil.STATUS_ZOMBIE:
+                break  # exited; only waiting for its new parent to reap it
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child_pid, signal.SIGKILL)
+        pytest.fail("the flow-run process outlived its worker")
+    assert not (tmp_path / "survived").exists()
+
+
+def test_tie_to_worker_is_off_outside_a_worker(monkeypatch):
+    monkeypatch.delenv("PREFECT__FLOW_RUN_ID", raising=False)
+    assert tie_to_worker() is False
