@@ -133,6 +133,11 @@ def ray_init_kwargs() -> dict[str, Any]:
         "log_to_driver": True,
     }
     if not os.environ.get("RAY_ADDRESS"):
+        # Ray 2.60's gRPC servers listen on every interface whatever the node IP (measured: gcs_server,
+        # raylet and core workers bind '::' even with _node_ip_address=127.0.0.1), so token
+        # authentication is what keeps other hosts out. It is Ray's default for a local cluster;
+        # naming it explicitly keeps it on and drops the warning Ray logs on every run when unset.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
         # "local" starts a private instance even when `ray start` left a cluster on this host,
         # which ray.init() would otherwise join (and then refuse num_cpus).
         kwargs["address"] = "local"

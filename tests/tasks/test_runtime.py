@@ -147,3 +147,17 @@ def test_a_flow_run_process_stops_when_its_worker_dies(tmp_path):
 def test_tie_to_worker_is_off_outside_a_worker(monkeypatch):
     monkeypatch.delenv("PREFECT__FLOW_RUN_ID", raising=False)
     assert tie_to_worker() is False
+
+
+def test_local_ray_keeps_token_auth_without_warning_on_every_run():
+    import subprocess
+    import sys
+
+    code = ("import os, ray\nfrom tasks.runtime import ray_init_kwargs\nk = ray_init_kwargs(); k['num_cpus'] = 1\n"
+            "ray.init(**k)\nprint('mode', os.environ['RAY_AUTH_MODE'])\nray.shutdown()\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "mode token" in proc.stdout
+    assert "Token authentication is enabled" not in proc.stderr
