@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from distill.data import DataConfig
 from distill.evaluate import EvalConfig
-from flows.presets import load_preset, resolve_store
+from flows.presets import load_preset, start
 from tasks.datasets import materialize_dataset, validate_data
 from tasks.evaluation import collect_metrics, evaluate_distilled, random_subset
 from tasks.runtime import Resources, heavy, ray_task_runner
@@ -44,7 +44,7 @@ class BaselineConfig(BaseModel):
 @flow(name="baseline", task_runner=ray_task_runner(), log_prints=True)
 def baseline(config: BaselineConfig) -> dict[str, Any]:
     """Random real subset at k images per class, evaluated by N fresh networks (mean and std)."""
-    store = resolve_store(config.store)
+    store = start(config.store, config.resources)
     validate_data(config.data, config.ipc)  # in the flow process: fails fast, before any Ray worker starts
     dataset = materialize_dataset.submit(config.data, store).result()
     subset = random_subset.submit(dataset, config.ipc, config.subset_seed, config.eval, store).result()

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from distill.data import DataConfig
 from distill.krr import METHODS, KRRConfig, TransferConfig, check_methods
 from distill.ssl import SSLConfig
-from flows.presets import load_preset, resolve_store
+from flows.presets import load_preset, start
 from tasks.artifacts import ArtifactRef
 from tasks.datasets import materialize_dataset, validate_data
 from tasks.krr import (
@@ -97,7 +97,7 @@ def run_krr(source: ArtifactRef, target: ArtifactRef, stage: KRRStage, resources
 @flow(name="distill-krr", task_runner=ray_task_runner(), log_prints=True)
 def distill_krr_flow(config: DistillKRRConfig) -> dict[str, Any]:
     """KRR-ST: teacher, distilled set, and transfer accuracy of KRR-ST vs its baselines (mean/std over seeds)."""
-    store = resolve_store(config.store)
+    store = start(config.store, config.resources)
     # In the flow process, from label columns only: fails fast, before anything is decoded or trained.
     counts = validate_data(config.source)
     check_num_images(config.krr, sum(counts[config.source.train_split]), config.source.source)

@@ -27,7 +27,7 @@ from distill.data import DataConfig
 from distill.evaluate import EvalConfig
 from distill.experts import ExpertConfig
 from distill.matching import MatchConfig
-from flows.presets import load_preset, resolve_store
+from flows.presets import load_preset, start
 from tasks.artifacts import ArtifactRef
 from tasks.datasets import materialize_dataset, validate_data
 from tasks.evaluation import RANDOM_REAL, EvaluatedSet, collect_metrics, evaluate_distilled, random_subset, setting
@@ -138,7 +138,7 @@ def run_tm(dataset: ArtifactRef, stage: TMStage, resources: Resources, store: st
 @flow(name="distill-tm", task_runner=ray_task_runner(), log_prints=True)
 def distill_tm_flow(config: DistillTMConfig) -> dict[str, Any]:
     """Distill by trajectory matching, evaluate beside the random real baseline, report mean/std."""
-    store = resolve_store(config.store)
+    store = start(config.store, config.resources)
     validate_data(config.data, max(m.ipc for m in config.distill))  # fails fast: ipc larger than a class
     dataset = materialize_dataset.submit(config.data, store).result()
     result = run_tm(dataset, config, config.resources, store, f"distill-tm-{config.data.name}")

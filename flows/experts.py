@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from distill.data import DataConfig
 from distill.experts import ExpertConfig
-from flows.presets import load_preset, resolve_store
+from flows.presets import load_preset, start
 from tasks.datasets import materialize_dataset, validate_data
 from tasks.experts import publish_experts, report_experts, train_one_expert
 from tasks.runtime import Resources, heavy, ray_task_runner
@@ -53,7 +53,7 @@ class ExpertsConfig(BaseModel):
 @flow(name="experts", task_runner=ray_task_runner(), log_prints=True)
 def experts(config: ExpertsConfig) -> list[dict[str, Any]]:
     """Train expert sets (one Ray task per expert), publish them, report accuracy and smoothness."""
-    store = resolve_store(config.store)
+    store = start(config.store, config.resources)
     validate_data(config.data)  # in the flow process: fails fast, before any Ray worker starts
     dataset = materialize_dataset.submit(config.data, store).result()
     pending = []

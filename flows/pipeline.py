@@ -37,7 +37,7 @@ from dp4tl.methods import SelectionConfig, check_ratio, get_method, num_kept_cla
 from dp4tl.surrogate import SurrogateConfig
 from flows.distill_krr import KRRStage, run_krr
 from flows.distill_tm import TMStage, run_tm
-from flows.presets import load_preset, resolve_store
+from flows.presets import load_preset, start
 from tasks.artifacts import ArtifactRef
 from tasks.datasets import materialize_dataset, validate_data
 from tasks.pipeline import PipelineResults, TransferPath, report_pipeline
@@ -149,7 +149,7 @@ def _transfer_path(config: PipelineConfig, source: ArtifactRef, target: Artifact
 @flow(name="pipeline", task_runner=ray_task_runner(), log_prints=True)
 def pipeline(config: PipelineConfig) -> dict[str, Any]:
     """Prune -> teacher -> KRR-ST -> pretrain -> transfer, and experts -> TM on the target; one report."""
-    store = resolve_store(config.store)
+    store = start(config.store, config.resources)
     check_plan(config)  # in the flow process: a conflict fails here, before any stage starts
     transfer_target, resize_note = config.transfer_target()
     name = f"pipeline-{config.source.name}-to-{config.target.name}"

@@ -9,9 +9,12 @@ deployment of the same name run with identical parameters.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from tasks.runtime import Resources
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PRESET_DIR = PROJECT_ROOT / "deployments" / "presets"
@@ -34,8 +37,15 @@ def load_preset(flow: str, name: str) -> dict[str, Any]:
     return known[name]
 
 
-def resolve_store(uri: str | None) -> str:
-    """The artifact store URI a flow writes to: explicit, else $DISTILLERY_STORE, else ./artifacts."""
+def start(store: str | None, resources: Resources) -> str:
+    """What every flow does first, before any stage: the store is `store`, else $DISTILLERY_STORE, else
+    ./artifacts; refuse a CPU/GPU request no Ray node can hold (Ray
+    would queue it forever), remove temporary directories that dead writers left in the store (older
+    than an hour: a live writer only stages files for the short write at the end of its task), and
+    return the store URI."""
     from tasks.store import ArtifactStore
 
-    return ArtifactStore(uri).uri
+    resources.check_feasible()
+    st = ArtifactStore(store)
+    st.gc_tmp()
+    return st.uri

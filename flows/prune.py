@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from distill.data import DataConfig, DataError
 from dp4tl.methods import SelectionConfig, check_ratio
 from dp4tl.surrogate import SurrogateConfig
-from flows.presets import load_preset, resolve_store
+from flows.presets import load_preset, start
 from tasks.artifacts import ArtifactRef
 from tasks.datasets import materialize_dataset, validate_data
 from tasks.prune import materialize_pruned, report_selection, select, surrogate
@@ -118,7 +118,7 @@ def _select_all(config: PruneConfig, store: str) -> tuple[ArtifactRef, ArtifactR
 @flow(name="prune", task_runner=ray_task_runner(), log_prints=True)
 def prune(config: PruneConfig) -> dict[str, Any]:
     """Select the source classes (or samples) each method keeps, per ratio and seed; no pretraining."""
-    store = resolve_store(config.store)
+    store = start(config.store, config.resources)
     source, target, selections = _select_all(config, store)
     out = {f"{m}/seed{s}": ref.uri for (m, s), ref in selections.items()}
     print(json.dumps(out, indent=1))
@@ -128,7 +128,7 @@ def prune(config: PruneConfig) -> dict[str, Any]:
 @flow(name="prune-eval", task_runner=ray_task_runner(), log_prints=True)
 def prune_eval(config: PruneEvalConfig) -> dict[str, Any]:
     """Selection, then pretrain on every pruned source and transfer to the target; accuracy table and plot."""
-    store = resolve_store(config.store)
+    store = start(config.store, config.resources)
     source, target, selections = _select_all(config, store)
     sel = config.selection
     # Cheap (row copies, no decoding), so in the flow process: no Ray round trip per view.

@@ -15,10 +15,9 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from distill.data import load_images, read_labels, sample_per_class
+from distill.data import check_ipc, load_images, read_labels, sample_per_class
 from distill.evaluate import EvalConfig, evaluate_set, summarize
 from distill.formats import read_distilled, read_metrics, write_distilled, write_metrics
-from distill.matching import check_ipc
 from tasks import reports
 from tasks.artifacts import ArtifactRef
 from tasks.datasets import DatasetInfo, data_config, load_preprocessor, preprocessed
@@ -79,7 +78,8 @@ def random_subset(dataset: ArtifactRef, ipc: int, seed: int, eval: EvalConfig, s
     """A seeded random real subset at `ipc` images per class, in the distilled-dataset format."""
     info = DatasetInfo.of(dataset)
     present = [c for c, n in enumerate(info.class_counts["train"]) if n > 0]  # a class-subset source keeps empty ids
-    check_ipc([info.class_counts["train"][c] for c in present], ipc, [info.class_names[c] for c in present])
+    check_ipc([info.class_counts["train"][c] for c in present], ipc, [info.class_names[c] for c in present],
+              where=dataset.uri)
     pre = load_preprocessor(dataset)
     source = str(dataset.local_dir())
     labels, _ = read_labels(source, "train")

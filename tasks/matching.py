@@ -85,7 +85,10 @@ def run_key(cfg: MatchConfig, experts: ArtifactRef, dataset: ArtifactRef) -> str
 
 
 def distilled_key(dataset: ArtifactRef, experts: ArtifactRef, cfg: MatchConfig, eval: EvalConfig) -> Key:
-    return Key({"match": cfg, "eval": eval}, [experts.key, dataset.key])
+    # the whole config but follow-up switches at their defaults (left out as in MatchConfig.identity), so
+    # sets published before those switches existed keep their keys
+    match = {**cfg.identity(), "iterations": cfg.iterations, "checkpoint_every": cfg.checkpoint_every}
+    return Key({"match": match, "eval": eval}, [experts.key, dataset.key])
 
 
 def expert_set_meta(experts: ArtifactRef) -> tuple[dict[str, Any], int]:
