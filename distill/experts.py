@@ -58,6 +58,10 @@ from distill.utils import Progress, derive_seed, resolve_device
 # AST's clipping-loss ramp: CE x 0.5, 0.55, ..., 0.95 in epochs 1..10, then x 1.
 AST_LOSS_RAMP = [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95]
 
+# A finished expert whose final train loss is above this multiple of its untrained net's loss
+# (about ln(num_classes)) diverged or never learned; it is refused instead of published.
+DIVERGED_LOSS_FACTOR = 10.0
+
 # recipe name -> the field values it presets; fields given explicitly override them.
 RECIPES: Registry[dict[str, Any]] = Registry("expert recipe", {
     "mtt": {},  # the ExpertConfig defaults are MTT's
@@ -273,8 +277,25 @@ class _Checkpoint:
             with TrajectoryReader(self._row_path(epoch), allow_incomplete=True) as reader:
                 yield from reader.iter_snapshots()
 
+    def metrics(self, epoch: int) -> dict:
+        """The metrics row (losses, accuracies) saved with the snapshot of `epoch`."""
+        with TrajectoryReader(self._row_path(epoch), allow_incomplete=True) as reader:
+            return reader.metrics()[0]
+
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def check_not_diverged(initial_loss: float, final_loss: float, cfg: ExpertConfig, expert_id: int) -> None:
+    """Refuse an expert whose final train loss (plain CE) is non-finite or above DIVERGED_LOSS_FACTOR
+    times the untrained net's test loss: its trajectory would teach distillation nothing."""
+    bound = DIVERGED_LOSS_FACTOR * initial_loss
+    if not (math.isfinite(final_loss) and final_loss <= bound):
+        raise FloatingPointError(
+            f"expert {expert_id} diverged: final train loss {final_loss:.4g} after {cfg.epochs} epochs is above "
+            f"{DIVERGED_LOSS_FACTOR:g}x the untrained net's loss {initial_loss:.4g} (recipe {cfg.recipe!r}, "
+            f"lr {cfg.lr}); lower lr"
+        )
 
 
 # ---------------------------------------------------------------- the expert
@@ -396,15 +417,26 @@ def train_expert(
     previous = flatten_params(net).cpu()
     if resumed_from is None:
         checkpoint.save(Snapshot(0, previous, **_test_metrics(net, test_x, test_y, dev)), net, optimizer, generator)
-    for epoch in range((resumed_from or 0) + 1, cfg.epochs + 1):
-        train_metrics = _train_epoch(net, optimizer, x, y, generator, cfg, epoch, expert_id)
-        current = flatten_params(net).cpu()
-        test_metrics = _test_metrics(net, test_x, test_y, dev)
-        checkpoint.save(Snapshot(epoch, current, **train_metrics, **test_metrics), net, optimizer, generator)
-        if progress is not None:
-            progress(epoch, cfg.epochs, loss=train_metrics["loss"], acc=train_metrics["train_acc"],
-                     param_change=param_change(previous, current), expert=expert_id, **test_metrics)
-        previous = current
+    try:
+        for epoch in range((resumed_from or 0) + 1, cfg.epochs + 1):
+            train_metrics = _train_epoch(net, optimizer, x, y, generator, cfg, epoch, expert_id)
+            current = flatten_params(net).cpu()
+            if not bool(torch.isfinite(current).all()):
+                raise FloatingPointError(
+                    f"expert {expert_id} diverged at epoch {epoch}/{cfg.epochs}: non-finite parameters "
+                    f"(recipe {cfg.recipe!r}, lr {cfg.lr_at(epoch)}); lower lr"
+                )
+            test_metrics = _test_metrics(net, test_x, test_y, dev)
+            checkpoint.save(Snapshot(epoch, current, **train_metrics, **test_metrics), net, optimizer, generator)
+            if progress is not None:
+                progress(epoch, cfg.epochs, loss=train_metrics["loss"], acc=train_metrics["train_acc"],
+                         param_change=param_change(previous, current), expert=expert_id, **test_metrics)
+            previous = current
+        check_not_diverged(checkpoint.metrics(0)["test_loss"], checkpoint.metrics(cfg.epochs)["train_loss"], cfg,
+                           expert_id)
+    except FloatingPointError:
+        checkpoint.remove()  # resuming would replay the same divergence: the next run starts over
+        raise
 
     write_trajectory(out_path, checkpoint.snapshots(cfg.epochs), layout, {**meta, "complete": True})
     checkpoint.remove()

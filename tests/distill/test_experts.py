@@ -12,6 +12,7 @@ from distill.experts import (
     RECIPES,
     ExpertConfig,
     _gradient_penalty,
+    check_not_diverged,
     checkpoint_dir,
     smoothness,
     train_expert,
@@ -106,7 +107,7 @@ def test_recipe_presets_and_overrides():
         # issue 12: a zero width used to die with ZeroDivisionError inside the (Ray) training task
         ({"net_kwargs": {"width": 0}}, r"net 'convnet' got invalid argument\(s\): width=0: .*greater than or equal to 1"),
         ({"net_kwargs": {"depth": 0}}, "depth=0"),
-        ({"net_kwargs": {"norm": "bn"}}, "norm='bn': unknown norm 'bn'; valid: instance, batch"),
+        ({"net_kwargs": {"norm": "bn"}}, "norm='bn': unknown norm 'bn'; valid: instance"),
         ({"loss_ramp": [0.5, -1.0]}, "loss_ramp"),
         ({"momentum": 1.0}, "momentum"),
         ({"colour": 1}, "colour"),
@@ -226,3 +227,25 @@ def test_non_finite_loss_names_expert_epoch_and_step(tmp_path):
 def test_bad_data_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"labels must be integers in \[0, 2\)"):
         train_expert(_cfg(), *TRAIN, *TEST, num_classes=2, expert_id=0, out_path=tmp_path / expert_file(0))
+
+
+@pytest.mark.parametrize("lr, message", [
+    (1e6, r"non-finite training loss at epoch \d/4 of expert 0.*lr 1000000.0\); lower the lr"),
+    # a loss that stays finite but explodes (issue 12 part 4): refused at the end, not published
+    (30.0, r"expert 0 diverged: final train loss .* after 4 epochs is above 10x the untrained net's loss .*"
+           r"lr 30.0\); lower lr"),
+])
+def test_a_diverged_expert_is_refused_and_nothing_is_left(lr, message, tmp_path):
+    path = tmp_path / expert_file(0)
+    with pytest.raises(FloatingPointError, match=message):
+        _train(_cfg(lr=lr), path)
+    assert not path.exists() and not checkpoint_dir(path).exists(), "nothing published, no checkpoint to resume into"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_divergence_bound():
+    check_not_diverged(2.3, 23.0, _cfg(), 4)
+    with pytest.raises(FloatingPointError, match="expert 4 diverged: final train loss 23.1 .* loss 2.3 "):
+        check_not_diverged(2.3, 23.1, _cfg(), 4)
+    with pytest.raises(FloatingPointError, match="final train loss nan"):
+        check_not_diverged(2.3, float("nan"), _cfg(), 4)
