@@ -13,6 +13,7 @@ distillery environment variables are forwarded to them explicitly.
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager
 from typing import Any, Iterator, Literal
@@ -120,6 +121,17 @@ def _forwarded_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
 
 
+class _DropTokenAuthNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Token authentication is enabled" not in record.getMessage()
+
+
+def _quiet_token_auth_notice() -> None:
+    log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropTokenAuthNotice) for f in log.filters):
+        log.addFilter(_DropTokenAuthNotice())
+
+
 def ray_init_kwargs() -> dict[str, Any]:
     """Arguments for `ray.init`: local resources unless joining a cluster via RAY_ADDRESS.
 
@@ -134,10 +146,10 @@ def ray_init_kwargs() -> dict[str, Any]:
     }
     if not os.environ.get("RAY_ADDRESS"):
         # Ray 2.60's gRPC servers listen on every interface whatever the node IP (measured: gcs_server,
-        # raylet and core workers bind '::' even with _node_ip_address=127.0.0.1), so token
-        # authentication is what keeps other hosts out. It is Ray's default for a local cluster;
-        # naming it explicitly keeps it on and drops the warning Ray logs on every run when unset.
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        # raylet and core workers bind '::' even with _node_ip_address=127.0.0.1), so the token
+        # authentication Ray turns on for a local cluster is what keeps other hosts out. Keep it,
+        # and drop only the warning it logs on every run.
+        _quiet_token_auth_notice()
         # "local" starts a private instance even when `ray start` left a cluster on this host,
         # which ray.init() would otherwise join (and then refuse num_cpus).
         kwargs["address"] = "local"
