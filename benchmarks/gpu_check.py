@@ -667,13 +667,17 @@ def summarize(rows: list[dict[str, Any]], size: str, wall: float) -> dict[str, A
     return summary
 
 
-def append_record(summary: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+def _loadavg() -> str:
+    with open("/proc/loadavg") as f:
+        return f.read().strip()
+
+
+def append_record(summary: dict[str, Any], rows: list[dict[str, Any]], loadavg_start: str) -> None:
     import torch
 
-    with open("/proc/loadavg") as f:
-        loadavg = f.read().strip()
-    record = {**summary, **_git_revision(), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-              "torch": torch.__version__, "loadavg": loadavg, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    threads = int(os.environ.get("OMP_NUM_THREADS", 1)) if summary["preset"] == "smoke" else torch.get_num_threads()
+    record = {**summary, **_git_revision(), "threads": threads, "cpu_count": os.cpu_count(),
+              "torch": torch.__version__, "loadavg_start": loadavg_start, "loadavg": _loadavg(), "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "results": rows}
     RECORDS.parent.mkdir(parents=True, exist_ok=True)
     with open(RECORDS, "a") as f:
@@ -706,6 +710,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     log_dir = out.parent / f"{out.stem}-logs"
     log_dir.mkdir(exist_ok=True)
+    loadavg_start = _loadavg()
     start = time.perf_counter()
     deadline = start + TOTAL_BUDGET_S[size]
     rows = []
@@ -724,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = summarize(rows, size, time.perf_counter() - start)
         f.write(json.dumps(summary) + "\n")
     if keep_record:
-        append_record(summary, rows)
+        append_record(summary, rows, loadavg_start)
     print(json.dumps(summary), flush=True)
     return 0 if summary["goal_all_passed"] else 1
 
