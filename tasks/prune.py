@@ -237,9 +237,11 @@ def pruned_key(source: ArtifactRef, selection_ref: ArtifactRef, ratio: float) ->
 def materialize_pruned(source: ArtifactRef, selection_ref: ArtifactRef, ratio: float, store: str,
                        run: StageRun) -> Publish:
     """The pruned source at `ratio` in the `dataset` stage's format (rows copied, not re-encoded)."""
-    sel = selection_ref.open()  # read here: verified, like the source rows copied below
+    sel = selection_ref.open()  # the kept indices are read here: verified
     row = next(r for r in read_kept(sel.file("kept.parquet"), filesystem=sel.fs) if abs(r.ratio - ratio) < 1e-9)
-    src = source.open()
+    # The source rows are copied, not decoded, often in the flow process and once per pruned view: sizes
+    # only (a full hash of a large source per view would dominate); every decoding reader hashes them.
+    src = source.open(verify="size")
     info = DatasetInfo.of(src)
     kept = torch.tensor(row.kept, dtype=torch.int64)
 
