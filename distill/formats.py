@@ -1,4 +1,4 @@
-"""Parquet formats of the datasets that flow between stages (ARCHITECTURE.md section 3).
+"""Parquet formats of the datasets that flow between stages (ARCHITECTURE.md, section 4).
 
 Every file is plain Parquet that `pyarrow.parquet.read_table` reads, and carries the
 `huggingface` schema metadata exactly as `datasets.Dataset.to_parquet` writes it, so
