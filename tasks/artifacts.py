@@ -2,7 +2,7 @@
 
 Tasks pass `ArtifactRef`s (store URI, stage, key), never tensors: a ref is a few bytes to
 ship through Ray and to persist as a Prefect result, and the key is the content address
-of the stage output (ARCHITECTURE section 3). The Prefect cache key of a stage task is the
+of the stage output (ARCHITECTURE.md, sections 3-4). The Prefect cache key of a stage task is the
 same store key (`tasks.store.store_cache_key_fn`), so a re-run of a flow with the same parameters reuses finished stages.
 """
 
