@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 
 from distill.data import DataConfig, DataError
 from distill.formats import DISTILLED_DATA_FILE, PREPROCESSOR_FILE, FormatError, read_distilled, read_image_dataset
-from distill.krr import TransferConfig
+from distill.krr import KRR_PRETRAIN
 from distill.manifest import IntegrityError, verify_folder
 from distill.train import TrainConfig
 from distill.transforms import Preprocessor
@@ -91,7 +91,7 @@ class DistilledDataset(Dataset):
 
     def train_config(self, **overrides: Any) -> TrainConfig:
         """The stored training recipe with the learned lr and the loss the labels call for."""
-        default = TransferConfig().pretrain if self.kind == "targets" else _DEFAULT_TRAIN
+        default = KRR_PRETRAIN if self.kind == "targets" else _DEFAULT_TRAIN
         cfg = TrainConfig(**self.recipe["train"]) if "train" in self.recipe else default
         update: dict[str, Any] = {}
         if self.learned_lr is not None and self.recipe.get("use_learned_lr", True):

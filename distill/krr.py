@@ -32,9 +32,9 @@ float64.
 
 Distillation checkpoints every `checkpoint_every` steps (X_s, Y_s, AdamW, pool models and
 their optimizers, ages, the generator) and resumes bit-identically; a finished run keeps its
-final checkpoint so a retry returns at once. Also here: the transfer evaluation (pretrain a
-fresh net on a set, then linear probe and fine-tune on a labelled target) and its METHODS
-registry (KRR-ST and its baselines). Pure: imports neither prefect nor ray.
+final checkpoint so a retry returns at once. Also here: the METHODS registry of the transfer
+comparison (KRR-ST and its baselines) and what each pretrains on; pretraining, linear probe
+and fine-tune are the shared recipe of distill.transfer. Pure: imports neither prefect nor ray.
 
     python -c "from distill.krr import KRRConfig, METHODS; print(KRRConfig(), list(METHODS))"
 """
@@ -62,7 +62,8 @@ from distill.checkpoint import (
 )
 from distill.nets import NetFields, create_net
 from distill.registry import Registry
-from distill.train import TrainConfig, fine_tune, linear_probe, train
+from distill.train import TrainConfig
+from distill.transfer import TransferConfig, pretrain, transfer  # noqa: F401  (transfer: re-exported)
 from distill.utils import Progress, derive_seed, resolve_device
 
 
@@ -430,34 +431,17 @@ def _pool_summary(cfg: KRRConfig, pool) -> dict:
 
 # ---------------------------------------------------------------- transfer evaluation
 
-
-def _pretrain_default() -> TrainConfig:
-    # KRR-ST pretraining (pretrain_krr_st.py): SGD 0.1, momentum 0.9, wd 1e-3, batch 256, no augmentation;
-    # the loss is set per method (mse for representation targets, ce for labels)
-    return TrainConfig(epochs=1000, batch_size=256, lr=0.1, momentum=0.9, weight_decay=1e-3,
-                       schedule="cosine", loss="mse", augment="none")
-
-
-def _probe_default() -> TrainConfig:
-    # linear_eval: SGD lr 0.2, momentum 0.9, cosine, batch 512 (features are fixed, so no augmentation)
-    return TrainConfig(epochs=100, batch_size=512, lr=0.2, momentum=0.9, weight_decay=0.0,
-                       schedule="cosine", augment="none")
+# How a student pretrains on a KRR-ST set (pretrain_krr_st.py): SGD 0.1, momentum 0.9, wd 1e-3,
+# batch 256, no augmentation (the targets are the representations of these exact images), 1000
+# epochs: a set of ~100 images gives one step per epoch. The loss is set per method (mse for
+# representation targets, ce for labels). Everything after pretraining is the shared recipe.
+KRR_PRETRAIN = TrainConfig(epochs=1000, batch_size=256, lr=0.1, momentum=0.9, weight_decay=1e-3,
+                           schedule="cosine", loss="mse", augment="none")
 
 
-def _finetune_default() -> TrainConfig:
-    # finetune.py: SGD lr 0.01, momentum 0.9, wd 5e-4, batch 256, cosine, crop + flip
-    return TrainConfig(epochs=50, batch_size=256, lr=0.01, momentum=0.9, weight_decay=5e-4,
-                       schedule="cosine", augment="flip_crop")
-
-
-class TransferConfig(NetFields, frozen=True, extra="forbid"):
-    """Pretrain a fresh student on a set, then linear probe and fine-tune it on a labelled target."""
-
-    net: str = "convnet_bn"  # the student (paper: the distillation's ConvNet)
-    net_kwargs: dict[str, Any] = {}
-    pretrain: TrainConfig = Field(default_factory=_pretrain_default)  # loss is overridden per method
-    linear_probe: TrainConfig = Field(default_factory=_probe_default)
-    fine_tune: TrainConfig = Field(default_factory=_finetune_default)
+def krr_transfer() -> TransferConfig:
+    """The shared transfer recipe with KRR-ST's student (its pool ConvNet) and pretraining budget."""
+    return TransferConfig(net="convnet_bn", net_kwargs={}, pretrain=KRR_PRETRAIN)
 
 
 @dataclass(frozen=True)
@@ -494,12 +478,6 @@ def check_labels(method: str, labels: torch.Tensor | None) -> torch.Tensor:
     return labels
 
 
-def student(cfg: TransferConfig, channels: int, image_size: int, out_dim: int, seed: int) -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, "student"))
-        return create_net(cfg.net, num_classes=out_dim, channels=channels, image_size=image_size, **cfg.net_kwargs)
-
-
 def pretrained_backbone(
     method: str,
     cfg: TransferConfig,
@@ -515,50 +493,27 @@ def pretrained_backbone(
 ) -> tuple[nn.Module, dict]:
     """The backbone `method` hands to transfer, and its pretraining summary.
 
-    distilled/initial methods pretrain a fresh student with cfg.pretrain (loss per METHODS);
-    "no-pretrain" returns a fresh student, "teacher" the teacher.
+    distilled/initial methods pretrain a fresh student with distill.transfer.pretrain (loss per
+    METHODS); "no-pretrain" returns a fresh student, "teacher" the teacher.
     """
     spec = METHODS[check_methods([method])[0]]
-    channels, size = image_shape[0], image_shape[-1]
+    student_seed = derive_seed(seed, "student")
     if spec.data == "teacher":
         if teacher is None:
             raise ValueError(f"method {method!r} needs the teacher")
         return teacher, {}
     if spec.data == "none":
-        return student(cfg, channels, size, 1, seed), {}
+        return pretrain(cfg, None, None, loss="none", image_shape=image_shape, seed=student_seed)[0], {}
     if images is None:
         raise ValueError(f"method {method!r} needs pretraining images")
     if spec.loss == "ce":
         y = check_labels(method, labels)
-        out_dim = int(y.max()) + 1
+    elif targets is None:
+        raise ValueError(f"method {method!r} needs representation targets")
     else:
-        if targets is None:
-            raise ValueError(f"method {method!r} needs representation targets")
-        y, out_dim = targets, targets.shape[1]
-    net = student(cfg, channels, size, out_dim, seed)
-    result = train(net, images, y, cfg.pretrain.model_copy(update={"loss": spec.loss}), device=device, seed=seed,
-                   progress=progress)
-    return net, {"pretrain_loss": result.final["loss"], "pretrain_seconds": result.seconds}
-
-
-def transfer(
-    backbone: nn.Module,
-    train_x: torch.Tensor,
-    train_y: torch.Tensor,
-    test_x: torch.Tensor,
-    test_y: torch.Tensor,
-    cfg: TransferConfig,
-    *,
-    num_classes: int,
-    seed: int = 0,
-    device: str | torch.device | None = None,
-) -> dict:
-    """Linear probe and full fine-tune of `backbone` on a labelled target: final-epoch test accuracies."""
-    lp = linear_probe(backbone, train_x, train_y, test_x, test_y, cfg.linear_probe, device=device, seed=seed)
-    ft = fine_tune(backbone, train_x, train_y, test_x, test_y, cfg.fine_tune, num_classes=num_classes,
-                   device=device, seed=seed)
-    return {"linear_probe_acc": lp["test_acc"], "fine_tune_acc": ft["test_acc"], "linear_seconds": lp["seconds"],
-            "finetune_seconds": ft["seconds"]}
+        y = targets
+    net, info = pretrain(cfg, images, y, loss=spec.loss, seed=student_seed, device=device, progress=progress)
+    return net, {"pretrain_loss": info["pretrain_loss"], "pretrain_seconds": info["pretrain_seconds"]}
 
 
 def loss_curve(history: list[dict], window: int = 0) -> tuple[list[int], list[float]]:

@@ -32,8 +32,9 @@ import torch
 from distill.data import DataError
 from distill.downstream import DistilledDataset, load_distilled
 from distill.evaluate import EvalConfig, evaluate_set, summarize
-from distill.krr import TransferConfig, pretrained_backbone, transfer
+from distill.krr import pretrained_backbone
 from distill.nets import create_net, list_nets, net_arg_problem
+from distill.transfer import TransferConfig, transfer
 from distill.utils import Progress, resolve_device
 
 def _positive_int(text: str) -> int:
@@ -93,7 +94,8 @@ def train_targets(
     seed: int, epochs: int | None, device: torch.device,
 ) -> dict[str, Any]:
     """Pretrain on (images, targets) by MSE, then linear probe and fine-tune on the real target task,
-    with KRR-ST's own pretrain and transfer code (the recipe stored with the set, else KRR-ST's)."""
+    with the shared transfer recipe (distill.transfer; the probe and fine-tune stored with the set, else
+    its defaults)."""
     stored = ds.recipe.get("transfer") or {}
     pretrain = ds.train_config(**({"epochs": epochs} if epochs else {}))
     cfg = TransferConfig(net=net, net_kwargs=net_kwargs, pretrain=pretrain,

@@ -25,7 +25,8 @@ from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from distill.data import DataConfig
-from distill.krr import METHODS, KRRConfig, TransferConfig, check_methods
+from distill.krr import METHODS, KRRConfig, check_methods, krr_transfer
+from distill.transfer import TransferConfig
 from distill.ssl import SSLConfig
 from flows.presets import load_preset, start
 from tasks.artifacts import ArtifactRef
@@ -51,7 +52,7 @@ class KRRStage(BaseModel):
 
     teacher: SSLConfig = Field(default_factory=SSLConfig, description="Barlow Twins teacher training.")
     krr: KRRConfig = Field(default_factory=KRRConfig, description="KRR-ST distillation.")
-    transfer: TransferConfig = Field(default_factory=TransferConfig, description="Pretraining + transfer recipe, shared by all methods.")
+    transfer: TransferConfig = Field(default_factory=krr_transfer, description="Pretraining + transfer recipe (distill.transfer), shared by all methods.")
     methods: list[str] = Field(default_factory=lambda: list(METHODS), min_length=1,
                                description=f"Compared methods: any of {', '.join(METHODS)}.")
     seeds: int = Field(3, ge=1, description="Evaluation seeds per method (mean and std over these).")

@@ -177,6 +177,7 @@ def test_bad_config_lists_valid_choices():
 
 
 TINY_TRANSFER = TransferConfig(
+    net="convnet_bn",
     net_kwargs=NET,
     pretrain=TrainConfig(epochs=2, batch_size=8, lr=0.01, loss="mse", augment="none"),
     linear_probe=TrainConfig(epochs=2, batch_size=16, lr=0.1, augment="none"),
