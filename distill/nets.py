@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
+from distill.fused_norm import InstanceNorm
 from distill.registry import Registry
 
 NETS: Registry[Callable[..., nn.Module]] = Registry("net")
@@ -145,12 +146,16 @@ class NetFields(BaseModel):
 # "layer" normalizes over (C, H, W) with a per-channel affine, so its parameter count does not
 # depend on the resolution (MTT's nn.LayerNorm([C, H, W]) has a per-pixel affine).
 # "group" uses 32 groups (Wu & He), or fewer when the width is not a multiple of 32.
+# "instance_fused" is the same instance norm (same parameter names, shapes and eps, so
+# trajectories are interchangeable) with a closed-form double backward (distill.fused_norm):
+# under create_graph=True PyTorch replaces GroupNorm's fused backward by a composite graph.
 NORMS: Registry[Callable[[int], nn.Module]] = Registry("norm", {
     "instance": lambda c: nn.GroupNorm(c, c),
     "batch": nn.BatchNorm2d,
     "layer": lambda c: nn.GroupNorm(1, c),
     "group": lambda c: nn.GroupNorm(math.gcd(32, c), c),
     "none": lambda c: nn.Identity(),
+    "instance_fused": InstanceNorm,
 })
 
 # Never in-place: an in-place activation can overwrite a tensor the double backward needs.
