@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import resource
+import sys
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -83,3 +85,9 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (one decimal); torch-free for the store."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(rss / (2**20 if sys.platform == "darwin" else 1024), 1)

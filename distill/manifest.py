@@ -129,7 +129,8 @@ def verify_files(
         if info.type != pafs.FileType.File:
             raise IntegrityError(f"{at}: listed in the manifest but missing")
         if info.size != expected["bytes"]:
-            raise IntegrityError(f"{at}: size {info.size} bytes, manifest says {expected['bytes']} (truncated or replaced)")
+            raise IntegrityError(
+                f"{at}: size {info.size} bytes, manifest says {expected['bytes']} (truncated or replaced)")
         if level == "hash" and sha256_of(fs, path) != expected["sha256"]:
             raise IntegrityError(f"{at}: sha256 does not match the manifest (file corrupted or modified)")
 

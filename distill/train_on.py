@@ -37,6 +37,7 @@ from distill.nets import create_net, list_nets, net_arg_problem
 from distill.transfer import TransferConfig, transfer
 from distill.utils import Progress, resolve_device
 
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -217,7 +218,8 @@ def summary_table(result: dict[str, Any]) -> str:
     if summary["kind"] == "targets":
         metrics = [m for m in metrics if m != "test_acc"]
     names = {"test_acc": "test accuracy", "linear_probe_acc": "linear probe", "fine_tune_acc": "fine-tune"}
-    lines = [f"{summary['artifact']}: {summary['method'] or 'dataset'} ({summary['kind']}), {summary['images']} images, "
+    what = summary["method"] or "dataset"
+    lines = [f"{summary['artifact']}: {what} ({summary['kind']}), {summary['images']} images, "
              f"{summary['classes']} classes, net {summary['net']}",
              "  " + "seed".ljust(6) + "".join(names[m].rjust(16) for m in metrics)]
     for row in rows:

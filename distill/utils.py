@@ -11,12 +11,12 @@ import hashlib
 import os
 import random
 import re
-import resource
-import sys
 from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from distill.fsio import peak_rss_mb  # noqa: F401  (re-exported: the core reads it from here)
 
 # Long loops call progress(step, total, **metrics); the task layer turns the calls into
 # Prefect progress artifacts and log lines, the core never imports prefect.
@@ -43,12 +43,6 @@ def derive_seed(*parts: Any, sep: str = "/") -> int:
     """
     digest = hashlib.sha256(sep.join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB (one decimal)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return round(rss / (2**20 if sys.platform == "darwin" else 1024), 1)
 
 
 def peak_memory_mb(device: torch.device) -> float:

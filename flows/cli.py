@@ -14,7 +14,6 @@ import pyarrow.parquet as pq
 from tasks.store import ArtifactStore
 from tasks.tables import markdown_table
 
-
 # stage -> its table file: tasks.evaluation (eval-metrics), tasks.transfer (transfer-metrics), tasks.krr
 # (krr-metrics) and tasks.pipeline (pipeline-report); "metrics" is where stores written before the
 # split kept both metrics schemas. Not imported (nor torch, via distill.formats), so this CLI answers

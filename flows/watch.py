@@ -99,7 +99,11 @@ class Watcher:
     def poll(self) -> str:
         """Refresh every stage from the API; returns the flow run's state type."""
         from prefect.client.schemas.filters import (
-            ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType, FlowRunFilter, FlowRunFilterId,
+            ArtifactFilter,
+            ArtifactFilterFlowRunId,
+            ArtifactFilterType,
+            FlowRunFilter,
+            FlowRunFilterId,
         )
 
         now = time.time()
@@ -112,7 +116,8 @@ class Watcher:
             line = self.stages.setdefault(tr.id, StageLine(_stage_name(tr.name)))
             state = tr.state.type.value if tr.state else "PENDING"
             # Prefect's own cache hit, or a store hit of a @stage task (its state message says so).
-            line.cached = bool(tr.state and (tr.state.name == "Cached" or (tr.state.message or "").startswith("reused")))
+            message = (tr.state.message or "") if tr.state else ""
+            line.cached = bool(tr.state and (tr.state.name == "Cached" or message.startswith("reused")))
             if state == "RUNNING" and line.started is None:
                 line.started = tr.start_time.timestamp() if tr.start_time else now
             if state in FINAL_OK | FINAL_BAD and line.finished is None:

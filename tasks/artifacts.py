@@ -2,8 +2,9 @@
 
 Tasks pass `ArtifactRef`s (store URI, stage, key), never tensors: a ref is a few bytes to
 ship through Ray and to persist as a Prefect result, and the key is the content address
-of the stage output (ARCHITECTURE.md, sections 3-4). The Prefect cache key of a stage task is the
-same store key (`tasks.store.store_cache_key_fn`), so a re-run of a flow with the same parameters reuses finished stages.
+of the stage output (ARCHITECTURE.md, sections 3-4). The Prefect cache key of a stage task is
+the same store key (`tasks.store.store_cache_key_fn`), so a re-run of a flow with the same
+parameters reuses finished stages.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pyarrow.fs import LocalFileSystem
 from pydantic import BaseModel, ConfigDict
 
 from distill.manifest import IntegrityError, safe_member_name, verify_files
-from tasks.store import Artifact, ArtifactStore, StoreError, cache_hit_level
+from tasks.store import Artifact, ArtifactStore, StoreError, cache_hit_level, cache_root
 
 
 class ArtifactRef(BaseModel):
@@ -46,10 +47,6 @@ class ArtifactRef(BaseModel):
         return _local_copy(art)
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("DISTILLERY_CACHE", Path(tempfile.gettempdir()) / "distillery-cache"))
-
-
 def _local_copy(art: Artifact) -> Path:
     """Copy a remote artifact into a per-user cache once; the manifest's hashes name the copy.
 
@@ -67,7 +64,7 @@ def _local_copy(art: Artifact) -> Path:
     except IntegrityError as e:
         raise StoreError(str(e)) from e
     digest = hashlib.sha256(repr(sorted((n, e["sha256"]) for n, e in files.items())).encode()).hexdigest()[:16]
-    dest = _cache_root() / art.stage / f"{art.key}-{digest}"
+    dest = cache_root() / art.stage / f"{art.key}-{digest}"
     if dest.exists():
         try:
             verify_files(LocalFileSystem(), str(dest), art.manifest, str(dest), cache_hit_level())

@@ -76,7 +76,8 @@ class Resources(BaseModel):
         if self.num_cpus > best_cpu:
             raise ValueError(
                 f"tasks request num_cpus={self.num_cpus:g} but the largest Ray node has {best_cpu:g} CPUs "
-                f"({len(nodes)} node(s)); set resources.num_cpus <= {best_cpu:g}, or join a bigger cluster via RAY_ADDRESS"
+                f"({len(nodes)} node(s)); set resources.num_cpus <= {best_cpu:g}, "
+                "or join a bigger cluster via RAY_ADDRESS"
             )
         if gpus > best_gpu:
             raise ValueError(

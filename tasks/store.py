@@ -34,7 +34,6 @@ import os
 import platform
 import posixpath
 import re
-import resource
 import subprocess
 import sys
 import tempfile
@@ -50,7 +49,7 @@ import fsspec
 import pyarrow.fs as pafs
 from pydantic import BaseModel
 
-from distill.fsio import FORMAT_VERSION, read_json, write_json
+from distill.fsio import FORMAT_VERSION, peak_rss_mb, write_json
 from distill.manifest import (
     DIGEST_FIELD,
     MANIFEST,
@@ -154,11 +153,6 @@ def _task_elapsed_s() -> float | None:
     ctx = TaskRunContext.get()
     start = ctx.task_run.start_time if ctx is not None else None
     return round((datetime.now(timezone.utc) - start).total_seconds(), 3) if start is not None else None
-
-
-def _peak_rss_mb() -> float:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return round(rss / (2**20 if sys.platform == "darwin" else 1024), 1)
 
 
 def _files(fs: pafs.FileSystem, root: str) -> list[pafs.FileInfo]:
@@ -363,7 +357,7 @@ class ArtifactStore:
             "wall_time_s": round(wall_time_s, 3),
             # The writing process's high-water mark (a Ray worker's spans the tasks it ran before):
             # an upper bound on the stage's own memory, cheap enough to record for every artifact.
-            "peak_rss_mb": _peak_rss_mb(),
+            "peak_rss_mb": peak_rss_mb(),
             # Most stages compute before they publish, so `wall_time_s` (the write alone) understates
             # their cost; the Prefect task run that publishes spans compute and write.
             "task_s": _task_elapsed_s(),
@@ -420,7 +414,9 @@ class ArtifactStore:
         return sorted(posixpath.basename(i.path) for i in infos
                       if i.type == pafs.FileType.Directory and _NAME.match(posixpath.basename(i.path)))
 
-    def audit(self, level: VerifyLevel = "hash", stages: Sequence[str] | None = None) -> list[tuple[str, str, str | None]]:
+    def audit(
+        self, level: VerifyLevel = "hash", stages: Sequence[str] | None = None
+    ) -> list[tuple[str, str, str | None]]:
         """(stage, key, problem or None) for every artifact directory, published or broken.
 
         Unlike `list`, a directory whose manifest is damaged or missing is reported, not skipped.
@@ -474,7 +470,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             broken = [(st, k, p) for st, k, p in rows if p is not None]
             for st, k, p in broken:
                 print(f"BROKEN {st}/{k}: {p}")
-            print(f"{len(rows) - len(broken)} intact, {len(broken)} broken artifacts in {store.uri} ({args.level} check)")
+            intact = len(rows) - len(broken)
+            print(f"{intact} intact, {len(broken)} broken artifacts in {store.uri} ({args.level} check)")
             return 1 if broken else 0
         if args.command == "gc":
             if args.older_than_hours < 0:
@@ -519,6 +516,11 @@ def store_cache_key_fn(
     return cache_key_fn
 
 
+def cache_root() -> Path:
+    """This machine's cache of remote artifacts and work directories (`DISTILLERY_CACHE`)."""
+    return Path(os.environ.get("DISTILLERY_CACHE", Path(tempfile.gettempdir()) / "distillery-cache"))
+
+
 def work_dir(store: str, stage: str, key: str) -> Path:
     """Where a long stage trains and checkpoints: persistent across task retries, outside the published
     tree (`<store>/.work/<stage>/<key>` for a local store, the local cache for a remote one)."""
@@ -526,7 +528,7 @@ def work_dir(store: str, stage: str, key: str) -> Path:
     if st.local:
         root = Path(st.root) / ".work" / stage
     else:
-        root = Path(os.environ.get("DISTILLERY_CACHE", Path(tempfile.gettempdir()) / "distillery-cache")) / "work" / stage
+        root = cache_root() / "work" / stage
     path = root / key
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -115,7 +115,8 @@ CASES: list[tuple[str, dict, str]] = [
     ("prune-eval", {"selection": {"seeds": []}}, "seeds"),
     ("prune-eval", {"surrogate": {"net_kwargs": {"width": 0}}}, "width"),
     ("prune-eval", {"surrogate_weights": "/no/such/weights.safetensors"}, "no such file"),
-    ("prune-eval", {"source": {"image_size": 16}, "target": {"image_size": 32}, "selection": {"resize_target": False}}, "px"),
+    ("prune-eval", {"source": {"image_size": 16}, "target": {"image_size": 32},
+                    "selection": {"resize_target": False}}, "px"),
     ("prune-eval", {"top_classes": 0}, "greater than or equal to 1"),
     # KRR-ST
     ("distill-krr", {"krr": {"num_images": 0}}, "greater than or equal to 1"),

@@ -6,7 +6,6 @@ random-real-style set under a temporary `artifacts/` and substitutes only those 
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 

@@ -62,7 +62,8 @@ def store(request, tmp_path) -> ArtifactStore:
 
 def test_key_is_stable_across_processes():
     key = artifact_key("experts", {"lr": 0.01, "steps": 10}, ["abc", "def"])
-    code = "from tasks.store import artifact_key; print(artifact_key('experts', {'steps': 10, 'lr': 0.01}, ['abc', 'def']))"
+    code = ("from tasks.store import artifact_key; "
+            "print(artifact_key('experts', {'steps': 10, 'lr': 0.01}, ['abc', 'def']))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == key
     assert len(key) == 16 and int(key, 16) >= 0
@@ -102,7 +103,8 @@ def test_cache_key_fn_offers_the_artifact_key_once_published(store):
 def test_publish_open_exists(store):
     key = store.key("experts", Cfg(), ["up1"])
     assert not store.exists("experts", key) and store.list("experts") == []
-    art = store.publish("experts", key, write_two_files, config=Cfg(), inputs=["up1"], seeds=[0, 1], extra={"note": "x"})
+    art = store.publish("experts", key, write_two_files, config=Cfg(), inputs=["up1"], seeds=[0, 1],
+                        extra={"note": "x"})
     assert store.exists("experts", key) and store.list("experts") == [key]
     assert art.uri == store.uri_of("experts", key) == f"{store.uri}/experts/{key}"
     m = store.open("experts", key).manifest
