@@ -87,6 +87,15 @@ class TransferConfig(NetFields, frozen=True, extra="forbid"):
     fine_tune: TrainConfig = Field(default_factory=_finetune_default)
     modes: list[Mode] = Field(default_factory=lambda: list(MODES), min_length=1)  # which judgements run
 
+    def pretraining(self) -> dict[str, Any]:
+        """What a pretrained net depends on (net and pretraining recipe, not how it is judged): a cache
+        key part, so a new probe or fine-tune recipe reuses the pretrained weights."""
+        return self.model_dump(mode="json", include={"net", "net_kwargs", "pretrain"})
+
+    def judging(self) -> dict[str, Any]:
+        """How a backbone is judged (probe, fine-tune, modes): the rest of a transfer's cache key."""
+        return self.model_dump(mode="json", include={"linear_probe", "fine_tune", "modes"})
+
 
 def backbone(cfg: TransferConfig, image_shape: tuple[int, ...] | list[int], out_dim: int, seed: int) -> nn.Module:
     """A fresh cfg.net for [C, H, W] inputs with `out_dim` outputs; its init depends on `seed` only."""

@@ -27,6 +27,7 @@ from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from distill.data import DataConfig, DataError
+from distill.transfer import TransferConfig
 from dp4tl.methods import SelectionConfig, check_ratio
 from dp4tl.surrogate import SurrogateConfig
 from flows.presets import load_preset, start
@@ -34,7 +35,7 @@ from tasks.artifacts import ArtifactRef
 from tasks.datasets import materialize_dataset, validate_data
 from tasks.prune import materialize_pruned, report_selection, select, surrogate
 from tasks.runtime import Resources, heavy, ray_task_runner
-from tasks.transfer import FULL, SCRATCH, PretrainConfig, TransferConfig, pretrain_transfer, report_transfer
+from tasks.transfer import FULL, SCRATCH, pretrain_transfer, report_transfer
 
 
 class PruneConfig(BaseModel):
@@ -64,6 +65,14 @@ class PruneConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
+    def _ratios_fit_the_classes(self) -> PruneConfig:
+        # With an explicit class list the count is known now; otherwise the data check at flow start has it.
+        if self.source.classes is not None:
+            for ratio in self.selection.ratios:
+                check_ratio(ratio, len(self.source.classes))
+        return self
+
+    @model_validator(mode="after")
     def _sizes_fit(self) -> PruneConfig:
         s, t = self.source.image_size, self.target.image_size
         if s is not None and t is not None and s != t and not self.selection.resize_target:
@@ -77,8 +86,10 @@ class PruneConfig(BaseModel):
 class PruneEvalConfig(PruneConfig):
     """Parameters of the `prune-eval` flow: `prune`'s, plus how each pruned source is pretrained and judged."""
 
-    pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description="Same epoch budget for every arm.")
-    transfer: TransferConfig = Field(default_factory=TransferConfig, description="Linear probe and fine-tune recipes.")
+    transfer: TransferConfig = Field(
+        default_factory=TransferConfig,
+        description="Net, pretraining (the same epoch budget for every arm), linear probe and fine-tune (distill.transfer).",
+    )
     full_source: bool = Field(True, description="Also pretrain on the whole source (the arm to match).")
     no_pretraining: bool = Field(True, description="Also transfer from a randomly initialized net (the floor).")
 
@@ -138,14 +149,13 @@ def prune_eval(config: PruneEvalConfig) -> dict[str, Any]:
     }
     with heavy(config.resources):
         runs = [
-            pretrain_transfer.submit(ref, target, config.pretrain, config.transfer, s, store, m, r)
+            pretrain_transfer.submit(ref, target, config.transfer, s, store, m, r)
             for (m, r, s), ref in pruned.items()
         ]
-        for s in sel.seeds:
-            if config.full_source:
-                runs.append(pretrain_transfer.submit(source, target, config.pretrain, config.transfer, s, store, FULL, 0.0))
-            if config.no_pretraining:
-                runs.append(pretrain_transfer.submit(None, target, config.pretrain, config.transfer, s, store, SCRATCH, 0.0))
+        # the comparison arms: the whole source, and no pretraining at all
+        arms = [(source, FULL)] * config.full_source + [(None, SCRATCH)] * config.no_pretraining
+        runs += [pretrain_transfer.submit(arm, target, config.transfer, s, store, method, 0.0)
+                 for s in sel.seeds for arm, method in arms]
     rows = [r.result() for r in runs]
     table = report_transfer(rows, f"prune-eval-{config.source.name}-to-{config.target.name}", store)
     print(json.dumps({"summary": table.summary, "metrics": table.ref.uri}, indent=1))

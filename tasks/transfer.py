@@ -4,10 +4,12 @@ Generic, for every stage that asks "how good is this (pruned, distilled) source 
 
 - `pretrain_weights`: a fresh network trained on any image-dataset artifact (stage `dataset`,
   `pruned`, ...) for a fixed epoch budget; weights as safetensors, with images seen and wall
-  time in the manifest. The head keeps every source class, pruned or not (DP4TL, brief 1.2).
+  time in the manifest. The head keeps every source class, pruned or not (as DP4TL's reference code, OPTML-Group/DP4TL).
 - `transfer_eval`: the pretrained backbone (or a fresh one: the no-pretraining arm) on a target
   dataset artifact, by linear probe (frozen features, fresh linear head) and full fine-tune (fresh
-  head, all weights), both with distill.train and final-epoch test accuracy.
+  head, all weights), final-epoch test accuracy.
+  Pretraining, probe and fine-tune are the shared recipe of distill.transfer (one TransferConfig);
+  this module only loads artifacts, publishes and reports.
 - `pretrain_transfer`: both in one Ray task, the unit a flow fans out per (method, ratio, seed).
   All four are `tasks.stage` bodies (`.fn` runs one as a plain function).
 - `report_transfer`: metrics Parquet, a mean/std table and a plot of target accuracy vs pruning
@@ -21,19 +23,18 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Literal
+from typing import Any
 
 import safetensors.torch
 import torch
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict, Field
 
 from distill.data import DataError, resize_uint8
 from distill.evaluate import summarize
 from distill.formats import read_metrics, write_metrics
 from distill.fsio import read_bytes
-from distill.nets import NetFields, create_net
-from distill.train import TrainConfig, evaluate, fine_tune, linear_probe, train
+from distill.train import evaluate
+from distill.transfer import TransferConfig, backbone, pretrain, transfer
 from tasks import reports
 from tasks.artifacts import ArtifactRef
 from tasks.datasets import DatasetInfo, load_preprocessor, load_split, preprocessed
@@ -48,45 +49,6 @@ TRANSFER_STAGE = "transfer"
 METRICS_STAGE = "transfer-metrics"
 WEIGHTS_FILE = "weights.safetensors"
 FULL, SCRATCH = "full", "scratch"  # the comparison arms: the whole source, and no pretraining at all
-
-
-class PretrainConfig(NetFields):
-    """Pretraining on a (pruned) source: the same fixed epoch budget for every arm, so fewer images = less time."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    net: str = Field("convnet", description="Registered network (distill.nets); DP4TL pretrains ResNet-18/50.")
-    net_kwargs: dict[str, Any] = Field(default_factory=lambda: {"width": 32, "depth": 3})
-    # DP4TL: 16 epochs, SGD lr 0.5 per 1024 images, momentum 0.9, wd 5e-5 (brief 1.2); scaled to
-    # lr 0.05 per 256 with cosine decay for a few CPU epochs.
-    train: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(
-            epochs=5, batch_size=256, lr=0.05, momentum=0.9, weight_decay=5e-5, schedule="cosine", augment="flip_crop"
-        )
-    )
-
-
-class TransferConfig(BaseModel):
-    """How a pretrained backbone is judged on the target: linear probe and full fine-tune (DP4TL's lp / ff)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    modes: list[Literal["linear_probe", "fine_tune"]] = Field(
-        default_factory=lambda: ["linear_probe", "fine_tune"], min_length=1
-    )
-    # DP4TL lp: Adam lr 0.01, wd 0, 50 epochs, batch 128, cosine, no augmentation (brief 1.2).
-    linear_probe: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(
-            epochs=50, batch_size=128, lr=0.01, optimizer="adam", weight_decay=0.0, schedule="cosine", augment="none"
-        )
-    )
-    # DP4TL ff: Adam lr 1e-4, 200 epochs, batch 128, cosine, crop and flip (brief 1.2).
-    fine_tune: TrainConfig = Field(
-        default_factory=lambda: TrainConfig(
-            epochs=200, batch_size=128, lr=1e-4, optimizer="adam", weight_decay=0.0, schedule="cosine",
-            augment="flip_crop",
-        )
-    )
 
 
 # ---------------------------------------------------------------- pretraining
@@ -112,19 +74,14 @@ class TransferInfo(StageInfo):
     metrics: dict[str, Any]  # the one metrics row (also in metrics.parquet)
 
 
-def pretrain_key(dataset: ArtifactRef, cfg: PretrainConfig, seed: int) -> Key:
-    return Key({"pretrain": cfg, "seed": seed}, [dataset.key])
-
-
-def _build(cfg: PretrainConfig, num_classes: int, shape: list[int], seed: int) -> nn.Module:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return create_net(cfg.net, num_classes=num_classes, channels=shape[0], image_size=shape[-1], **cfg.net_kwargs)
+def pretrain_key(dataset: ArtifactRef, cfg: TransferConfig, seed: int) -> Key:
+    # Only the net and its pretraining recipe: a new probe or fine-tune recipe reuses the weights.
+    return Key({"pretrain": cfg.pretraining(), "seed": seed}, [dataset.key])
 
 
 @stage(PRETRAIN_STAGE, key=pretrain_key)
 def pretrain_weights(
-    dataset: ArtifactRef, cfg: PretrainConfig, seed: int, store: str, run: StageRun, label: str = "",
+    dataset: ArtifactRef, cfg: TransferConfig, seed: int, store: str, run: StageRun, label: str = "",
     device: str | None = None,
 ) -> Publish:
     """Pretrain a fresh net on `dataset` (or reuse the stored one); publishes weights and cost."""
@@ -133,14 +90,14 @@ def pretrain_weights(
     pre = load_preprocessor(dataset)
     x, y, _ = preprocessed(dataset, "train", pre)
     test_x, test_y, _ = preprocessed(dataset, "test", pre)
-    net = _build(cfg, len(names), shape, seed)
     progress = reports.progress(f"pretrain {label or dataset.key} seed {seed} ({len(y)} images)", "pretrain", label,
                                 "seed", seed)
-    result = train(net, x, y, cfg.train, device=device, seed=seed, progress=progress)
+    net, result = pretrain(cfg, x, y, loss="ce", out_dim=len(names), seed=seed, device=device, progress=progress)
     source_test = evaluate(net, test_x, test_y, device=device) if len(test_y) else {"acc": float("nan")}
     meta = {"net": cfg.net, "net_kwargs": json.dumps(cfg.net_kwargs), "num_classes": str(len(names)),
             "image_shape": json.dumps(shape)}
-    reports.run_logger().info("pretrained %s seed %d on %d images in %.1f s", label, seed, len(y), result.seconds)
+    reports.run_logger().info("pretrained %s seed %d on %d images in %.1f s", label, seed, len(y),
+                              result["pretrain_seconds"])
 
     def write(staging: Staging) -> PretrainInfo:
         state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
@@ -151,9 +108,9 @@ def pretrain_weights(
             num_classes=len(names),
             image_shape=shape,
             train_images=int(len(y)),
-            images_seen=int(len(y)) * cfg.train.epochs,
-            pretrain_seconds=round(result.seconds, 3),
-            pretrain_train_acc=result.final["train_acc"],
+            images_seen=result["images_seen"],
+            pretrain_seconds=round(result["pretrain_seconds"], 3),
+            pretrain_train_acc=result["pretrain_train_acc"],
             pretrain_source_test_acc=source_test["acc"],
             device=str(next(net.parameters()).device),
             label=label,
@@ -166,8 +123,8 @@ def load_pretrained(ref: ArtifactRef) -> tuple[nn.Module, dict[str, Any]]:
     """The stored pretrained net (CPU, eval mode) and its manifest."""
     art = ref.open()  # the weights are read: verified
     info = art.manifest
-    cfg = PretrainConfig(**info["config"]["pretrain"])
-    net = _build(cfg, info["num_classes"], info["image_shape"], 0)
+    cfg = TransferConfig(**info["config"]["pretrain"])
+    net = backbone(cfg, info["image_shape"], info["num_classes"], 0)
     net.load_state_dict(safetensors.torch.load(read_bytes(art.fs, art.file(WEIGHTS_FILE))))
     return net.eval(), info
 
@@ -175,12 +132,11 @@ def load_pretrained(ref: ArtifactRef) -> tuple[nn.Module, dict[str, Any]]:
 # ---------------------------------------------------------------- transfer
 
 
-def transfer_key(pretrained: ArtifactRef | None, target: ArtifactRef, pretrain: PretrainConfig, cfg: TransferConfig,
-                 seed: int) -> Key:
+def transfer_key(pretrained: ArtifactRef | None, target: ArtifactRef, cfg: TransferConfig, seed: int) -> Key:
     upstream = [pretrained.key if pretrained is not None else SCRATCH, target.key]
     # The no-pretraining arm depends on the architecture; a pretrained one is named by its key.
-    arch = pretrain if pretrained is None else None
-    return Key({"transfer": cfg, "seed": seed, "scratch_net": arch}, upstream)
+    arch = {"net": cfg.net, "net_kwargs": cfg.net_kwargs} if pretrained is None else None
+    return Key({"transfer": cfg.judging(), "seed": seed, "scratch_net": arch}, upstream)
 
 
 def transfer_row(ref: ArtifactRef) -> dict[str, Any]:
@@ -210,37 +166,28 @@ def target_tensors(target: ArtifactRef, shape: list[int]) -> tuple[torch.Tensor,
 
 @stage(TRANSFER_STAGE, key=transfer_key, result=transfer_row)
 def transfer_eval(
-    pretrained: ArtifactRef | None, target: ArtifactRef, pretrain: PretrainConfig, cfg: TransferConfig, seed: int,
+    pretrained: ArtifactRef | None, target: ArtifactRef, cfg: TransferConfig, seed: int,
     store: str, run: StageRun, label: str = "", device: str | None = None,
 ) -> Publish:
     """Linear probe and fine-tune of a pretrained (or, with None, a fresh) backbone on the target."""
     names = DatasetInfo.of(target).class_names
     if pretrained is None:
         shape = DatasetInfo.of(target).image_shape
-        net, info = _build(pretrain, len(names), shape, seed), {"images_seen": 0, "pretrain_seconds": 0.0}
+        net, info = pretrain(cfg, None, None, loss="none", image_shape=shape, out_dim=len(names), seed=seed)
     else:
         net, info = load_pretrained(pretrained)
         shape = info["image_shape"]
     train_x, train_y, test_x, test_y = target_tensors(target, shape)
-    row: dict[str, Any] = {}
-    for mode in cfg.modes:
-        progress = reports.progress(f"{mode} {label} seed {seed}", mode, label, "seed", seed)
-        if mode == "linear_probe":
-            r = linear_probe(net, train_x, train_y, test_x, test_y, cfg.linear_probe,
-                             device=device, seed=seed, progress=progress)
-        else:
-            r = fine_tune(net, train_x, train_y, test_x, test_y, cfg.fine_tune,
-                          num_classes=len(names), device=device, seed=seed, progress=progress)
-        # modes name the columns: linear_probe_acc, fine_tune_acc (as in every transfer table)
-        row.update({f"{mode}_acc": r["test_acc"], f"{mode}_train_acc": r["train_acc"],
-                    f"{mode}_seconds": round(r["seconds"], 3)})
+    row = transfer(net, train_x, train_y, test_x, test_y, cfg, num_classes=len(names), seed=seed, device=device,
+                   progress=lambda mode: reports.progress(f"{mode} {label} seed {seed}", mode, label, "seed", seed))
     row.update({
         "train_images": int(info.get("train_images", 0)),
         "images_seen": int(info["images_seen"]),
         "pretrain_seconds": float(info["pretrain_seconds"]),
         "target_train_images": int(len(train_y)),
     })
-    reports.run_logger().info("transfer %s seed %d: %s", label, seed, {k: v for k, v in row.items() if k.endswith("acc")})
+    reports.run_logger().info("transfer %s seed %d: %s", label, seed,
+                              {k: v for k, v in row.items() if k.endswith("acc")})
 
     def write(staging: Staging) -> TransferInfo:
         write_metrics(staging.file("metrics.parquet"), [row], filesystem=staging.fs)
@@ -249,12 +196,12 @@ def transfer_eval(
     return Publish(write, seeds={"transfer": seed})
 
 
-def pretrain_transfer_key(source: ArtifactRef | None, target: ArtifactRef, pretrain: PretrainConfig,
-                          transfer: TransferConfig, seed: int) -> Key:
+def pretrain_transfer_key(source: ArtifactRef | None, target: ArtifactRef, transfer: TransferConfig, seed: int) -> Key:
     """The transfer artifact's key, through the pretrained net's (None: the no-pretraining arm)."""
     pretrained = None if source is None else ArtifactRef(
-        store=source.store, stage=PRETRAIN_STAGE, key=stage_key(pretrain_weights, dataset=source, cfg=pretrain, seed=seed))
-    return transfer_key(pretrained, target, pretrain, transfer, seed)
+        store=source.store, stage=PRETRAIN_STAGE,
+        key=stage_key(pretrain_weights, dataset=source, cfg=transfer, seed=seed))
+    return transfer_key(pretrained, target, transfer, seed)
 
 
 def arm_row(ref: ArtifactRef, method: str, ratio: float, seed: int, source: ArtifactRef | None) -> dict[str, Any]:
@@ -266,7 +213,7 @@ def arm_row(ref: ArtifactRef, method: str, ratio: float, seed: int, source: Arti
 @stage(TRANSFER_STAGE, key=pretrain_transfer_key, publish=False, result=arm_row, task_name="pretrain-transfer",
        task_run_name="pretrain-transfer-{method}-{ratio}-seed{seed}")
 def pretrain_transfer(
-    source: ArtifactRef | None, target: ArtifactRef, pretrain: PretrainConfig, transfer: TransferConfig, seed: int,
+    source: ArtifactRef | None, target: ArtifactRef, transfer: TransferConfig, seed: int,
     store: str, method: str, ratio: float, run: StageRun,
 ) -> dict[str, Any]:
     """One Ray task: pretrain on `source` (None: no pretraining), then transfer to `target`; one metrics row.
@@ -274,8 +221,8 @@ def pretrain_transfer(
     Both steps are the stage bodies above, run in this task (one Ray task per arm, not two)."""
     device = task_device()
     label = f"{method}-{ratio}" if method not in (FULL, SCRATCH) else method
-    pre = None if source is None else pretrain_weights.fn(source, pretrain, seed, store, label, device)
-    transfer_eval.fn(pre, target, pretrain, transfer, seed, store, label, device)
+    pre = None if source is None else pretrain_weights.fn(source, transfer, seed, store, label, device)
+    transfer_eval.fn(pre, target, transfer, seed, store, label, device)
     return arm_row(run.ref, method, ratio, seed, source)
 
 
@@ -325,7 +272,8 @@ def accuracy_plot(summary: list[dict[str, Any]]) -> bytes:
         for arm, style in ((FULL, "--"), (SCRATCH, ":")):
             ref = [s for s in summary if s["method"] == arm and f"{k}_mean" in s]
             if ref:
-                ax.axhline(ref[0][f"{k}_mean"], color="k", linestyle=style, label=f"{arm} source" if arm == FULL else "no pretraining")
+                ax.axhline(ref[0][f"{k}_mean"], color="k", linestyle=style,
+                           label=f"{arm} source" if arm == FULL else "no pretraining")
         ax.set(title=f"target {title} accuracy", xlabel="fraction of source classes pruned", ylabel="test accuracy")
     axes[0][-1].legend(fontsize=8)
     return reports.figure_png(fig)

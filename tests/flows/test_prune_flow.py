@@ -7,8 +7,8 @@ from pydantic import ValidationError
 
 from distill.formats import read_metrics
 from dp4tl.formats import read_kept, read_selection
-from flows.prune import PruneConfig, PruneEvalConfig, _check_against_data, prune, prune_eval
 from flows.presets import load_preset, presets
+from flows.prune import PruneConfig, PruneEvalConfig, _check_against_data, prune, prune_eval
 from tests.conftest import data_path
 
 
@@ -17,7 +17,8 @@ def test_every_preset_is_a_valid_config(flow_name):
     model = PruneConfig if flow_name == "prune" else PruneEvalConfig
     for preset in presets(flow_name):
         cfg = model(**load_preset(flow_name, preset))
-        assert {"lm", "fm", "random", "lm_bottom"} <= set(cfg.selection.methods)
+        methods = set(cfg.selection.methods)
+        assert {"lm", "random", "lm_bottom"} <= methods and {"fm", "fm_kmeans"} & methods  # FM by labels or K-means
 
 
 @pytest.mark.parametrize(
@@ -27,9 +28,10 @@ def test_every_preset_is_a_valid_config(flow_name):
         ({"selection": {"ratios": [0.0]}}, "strictly between 0 and 1"),
         ({"selection": {"methods": ["best"]}}, "unknown pruning method 'best'; valid: lm, lm_soft, fm, fm_kmeans"),
         ({"selection": {"methods": ["lm", "lm"]}}, "distinct"),
-        ({"selection": {"resize_target": False}, "target": {"source": "x", "image_size": 64}}, "resize_target is false"),
+        ({"selection": {"resize_target": False}, "target": {"source": "x", "image_size": 64}},
+         "resize_target is false"),
         ({"surrogate": {"net": "vgg"}}, "(registered nets|valid): convnet"),
-        ({"pretrain": {"net_kwargs": {"wdith": 8}}}, "unknown argument"),
+        ({"transfer": {"net_kwargs": {"wdith": 8}}}, "unknown argument"),
     ],
 )
 def test_bad_parameters_are_refused(change, message):
