@@ -1,69 +1,73 @@
-"""Seconds per matching iteration and peak memory, `unrolled` vs `constant`, at syn_steps 10/20/40/80.
+"""Trajectory-matching speed and memory: instance-norm implementations, memory modes, thread count.
 
-Fixed small setting (random tensors, no data needed): 10 classes of 3x32x32 images, ipc
-images per class, MTT's ConvNet at the preset's width, depth 3, instance norm, DSA on every
-inner step, matching loss against a random nearby target. One outer iteration =
-`distill.matching.matching_grad` (the inner loop plus the gradient w.r.t. images and lr).
+One outer iteration = `distill.matching.matching_grad` (the inner loop plus the gradient w.r.t.
+images and lr) on a fixed random problem: 10 classes of 3x32x32 images, ipc per class, MTT's
+ConvNet (depth 3, instance norm), DSA on every inner step, matching loss against a nearby
+random target. Parts (--part, default all):
 
-Every (mode, syn_steps) runs in a fresh subprocess, so peak memory is that setting's alone:
-on CPU the peak RSS (resource.getrusage, allocator-independent; torch's allocations are
-invisible to tracemalloc) and its increase over the RSS before the first iteration; on CUDA
-torch.cuda.max_memory_allocated. Goal (issue 5): `constant` at 80 steps uses at most 1.3x its
-memory at 10 steps.
+  norm     unrolled mode, GroupNorm(C, C) ("instance") vs the fused double backward
+           ("instance_fused", distill/fused_norm.py); goal: fused <= 0.8x the native time.
+  modes    unrolled / constant / budget at syn_steps 10, 30, 80 (width 32); the budget is
+           budget_fraction x the unrolled graph (so budget keeps that share of the steps' graphs);
+           goals: budget <= 1.2x unrolled, memory strictly between constant and unrolled,
+           constant memory at 80 steps <= 1.3x at 10.
+  threads  the same unrolled iteration at 1 and 2 torch threads (speedup = t1 / t2).
 
-Measured (preset cpu: ConvNet w16, 10 images, one thread, shared 2-core box, timings noisy):
-    peak RSS over the pre-run base, syn_steps 10 / 20 / 40 / 80:
-      unrolled  84 / 136 / 211 / 380 MB   (4.5x from 10 to 80 steps)
-      constant  70 /  70 /  70 /  73 MB   (1.04x; whole-process peak 640 -> 642 MB, 1.004x)
-    s/iteration at 80 steps: unrolled 1.41, constant 2.65 (1.9x: one extra forward/backward per step)
+Timing: every variant of a setting runs in the same process, one iteration each in turn (order
+reversed every other round) after a warm-up round; ratios are medians of per-round ratios, so
+machine load (recorded as /proc/loadavg) shifts both sides alike. Memory: graph memory, i.e.
+the peak bytes of tensors autograd saved and kept alive at once (distill.graph_memory), from
+one extra metered iteration per variant; it is what the modes trade against time and does not
+depend on the load or the allocator. The whole process's peak RSS is reported too.
 
-    .venv/bin/python benchmarks/matching_speed.py --preset cpu     # ~3 min on 2 cores
-    .venv/bin/python benchmarks/matching_speed.py --preset tiny    # seconds
-Last line: one JSON object.
+    .venv/bin/python benchmarks/matching_speed.py --preset tiny                 # seconds
+    .venv/bin/python benchmarks/matching_speed.py --preset cpu --part norm      # ~4 min on 2 loaded cores
+    .venv/bin/python benchmarks/matching_speed.py --preset cpu --part modes
+    .venv/bin/python benchmarks/matching_speed.py --preset cpu --part threads
+Last line: one JSON object; every run is appended to benchmarks/records/matching_speed.jsonl.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.speed_common import (  # noqa: E402
+    append_record, interleaved, loadavg, paired_ratio, timing_summary,
+)
+
+# norm: (width, ipc, syn_steps) settings; modes: width, ipc, steps; threads: (width, ipc, steps)
 PRESETS = {
-    "tiny": {"steps": [2, 4], "width": 8, "ipc": 1, "repeats": 1, "threads": 1},
-    "cpu": {"steps": [10, 20, 40, 80], "width": 16, "ipc": 1, "repeats": 2, "threads": 1},
-    "gpu": {"steps": [10, 20, 40, 80], "width": 128, "ipc": 10, "repeats": 3, "threads": 4},  # MTT CIFAR-10 net
+    "tiny": {"norm": [(8, 1, 2)], "norm_rounds": 1, "modes": {"width": 8, "ipc": 1, "steps": [2, 4]},
+             "mode_rounds": 1, "threads_setting": (8, 1, 2), "thread_rounds": 1, "threads": 1,
+             "mode_norm": "instance_fused"},
+    "cpu": {"norm": [(32, 10, 10), (32, 10, 30), (128, 10, 2)], "norm_rounds": 3,
+            "modes": {"width": 32, "ipc": 1, "steps": [10, 30, 80]}, "mode_rounds": 2,
+            "threads_setting": (32, 10, 10), "thread_rounds": 4, "threads": 1, "mode_norm": "instance_fused"},
+    "gpu": {"norm": [(128, 10, 20), (128, 10, 40)], "norm_rounds": 5,
+            "modes": {"width": 128, "ipc": 10, "steps": [10, 30, 80]}, "mode_rounds": 3,
+            "threads_setting": (128, 10, 10), "thread_rounds": 3, "threads": 4, "mode_norm": "instance_fused"},
 }
+BUDGET_FRACTION = 0.5
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def _current_rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def one_setting(mode: str, steps: int, width: int, ipc: int, repeats: int, device: str) -> dict:
-    """Runs in its own process: time `repeats` iterations after one warm-up, report peak memory."""
+def problem(width: int, ipc: int, steps: int, norm: str, device: str):
+    """(student, images, labels, lr, segment) of one matching iteration; same values for every norm."""
     import torch
 
     from distill.augment import DSAConfig, sample_params
-    from distill.matching import Segment, Student, matching_grad
+    from distill.matching import Segment, Student
     from distill.nets import create_net, flatten_params, param_layout
     from distill.trajectory import layout_to_json
 
     torch.manual_seed(0)
     dev = torch.device(device)
-    kwargs = {"width": width, "depth": 3}
+    kwargs = {"width": width, "depth": 3, "norm": norm}
     net = create_net("convnet", num_classes=10, **kwargs)
     meta = {"layout": layout_to_json(param_layout(net)), "net": "convnet", "net_kwargs": kwargs,
             "num_classes": 10, "channels": 3, "image_size": 32}
@@ -75,69 +79,129 @@ def one_setting(mode: str, steps: int, width: int, ipc: int, repeats: int, devic
     labels = torch.arange(10, device=dev).repeat_interleave(ipc)
     gen = torch.Generator().manual_seed(0)
     plan = [(torch.arange(n, device=dev), sample_params(n, DSAConfig(), gen).to(dev)) for _ in range(steps)]
-    seg = Segment(start, [(steps, target, 1.0)], plan)
-    lr = torch.tensor(0.01, device=dev)
-    base_rss = _current_rss_mb()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(dev)
-        base_cuda = torch.cuda.memory_allocated(dev) / 2**20
-    matching_grad(mode, student, images, labels, lr, seg)  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        matching_grad(mode, student, images, labels, lr, seg)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    row = {"mode": mode, "syn_steps": steps, "s_per_iter": round(min(times), 4), "device": device}
-    if dev.type == "cuda":
-        row["peak_mb"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
-        row["peak_over_base_mb"] = round(row["peak_mb"] - base_cuda, 1)
-    else:
-        row["peak_mb"] = round(_rss_mb(), 1)
-        row["peak_over_base_mb"] = round(_rss_mb() - base_rss, 1)
-    return row
+    return student, images, labels, torch.tensor(0.01, device=dev), Segment(start, [(steps, target, 1.0)], plan)
+
+
+def graph_mb(fn) -> float:
+    from distill.graph_memory import GraphMemoryMeter
+
+    with GraphMemoryMeter() as meter:
+        fn()
+    return round(meter.peak_mb, 2)
+
+
+def _sync(device: str):
+    import torch
+
+    return torch.cuda.synchronize if device.startswith("cuda") else None
+
+
+def part_norm(p: dict, device: str) -> dict:
+    from distill.matching import matching_grad
+
+    rows = []
+    for width, ipc, steps in p["norm"]:
+        calls = {}
+        for norm in ("instance", "instance_fused"):
+            args = problem(width, ipc, steps, norm, device)
+            calls[norm] = lambda args=args: matching_grad("unrolled", *args)
+        times = interleaved(calls, p["norm_rounds"], sync=_sync(device))
+        row = {"width": width, "ipc": ipc, "syn_steps": steps,
+               "fused_vs_native_time": paired_ratio(times, "instance_fused", "instance")}
+        for norm, fn in calls.items():
+            row[norm] = {**timing_summary(times[norm]), "graph_peak_mb": graph_mb(fn)}
+        row["fused_vs_native_graph_mb"] = round(row["instance_fused"]["graph_peak_mb"] / row["instance"]["graph_peak_mb"], 3)
+        rows.append(row)
+        print(f"norm  w{width} ipc{ipc} steps {steps:3d}: native {row['instance']['s_median']:.3f} s, "
+              f"fused {row['instance_fused']['s_median']:.3f} s (ratio {row['fused_vs_native_time']}), graph "
+              f"{row['instance']['graph_peak_mb']:.0f} -> {row['instance_fused']['graph_peak_mb']:.0f} MB", flush=True)
+    worst = max(r["fused_vs_native_time"] for r in rows)
+    return {"norm_rows": rows, "fused_vs_native_time_worst": worst, "goal_fused_at_most_0.8x": worst <= 0.8}
+
+
+def part_modes(p: dict, device: str) -> dict:
+    from distill.matching import matching_grad, step_graph_mb
+
+    m, rows = p["modes"], []
+    for steps in m["steps"]:
+        args = problem(m["width"], m["ipc"], steps, p["mode_norm"], device)
+        budget = BUDGET_FRACTION * steps * step_graph_mb(*args)
+        calls = {mode: (lambda mode=mode: matching_grad(mode, *args, memory_budget_mb=budget if mode == "budget" else None))
+                 for mode in ("unrolled", "constant", "budget")}
+        times = interleaved(calls, p["mode_rounds"], sync=_sync(device))
+        row = {"syn_steps": steps, "budget_mb": round(budget, 2),
+               "budget_vs_unrolled_time": paired_ratio(times, "budget", "unrolled"),
+               "constant_vs_unrolled_time": paired_ratio(times, "constant", "unrolled")}
+        for mode, fn in calls.items():
+            row[mode] = {**timing_summary(times[mode]), "graph_peak_mb": graph_mb(fn)}
+        rows.append(row)
+        print(f"modes steps {steps:3d}: " + ", ".join(
+            f"{mode} {row[mode]['s_median']:.3f} s {row[mode]['graph_peak_mb']:.0f} MB" for mode in calls)
+            + f"; budget/unrolled {row['budget_vs_unrolled_time']}", flush=True)
+    lo, hi = rows[0], rows[-1]
+    return {
+        "mode_setting": {**m, "norm": p["mode_norm"], "budget_fraction": BUDGET_FRACTION},
+        "mode_rows": rows,
+        f"constant_graph_ratio_{hi['syn_steps']}_vs_{lo['syn_steps']}":
+            round(hi["constant"]["graph_peak_mb"] / lo["constant"]["graph_peak_mb"], 3),
+        "goal_budget_at_most_1.2x_unrolled": all(r["budget_vs_unrolled_time"] <= 1.2 for r in rows),
+        "goal_budget_memory_between": all(
+            r["constant"]["graph_peak_mb"] < r["budget"]["graph_peak_mb"] < r["unrolled"]["graph_peak_mb"] for r in rows),
+        "goal_constant_memory_at_most_1.3x": hi["constant"]["graph_peak_mb"] <= 1.3 * lo["constant"]["graph_peak_mb"],
+    }
+
+
+def part_threads(p: dict, device: str) -> dict:
+    import torch
+
+    from distill.matching import matching_grad
+
+    width, ipc, steps = p["threads_setting"]
+    args = problem(width, ipc, steps, p["mode_norm"], device)
+
+    def at(threads: int):
+        def call():
+            torch.set_num_threads(threads)
+            matching_grad("unrolled", *args)
+        return call
+
+    times = interleaved({"1": at(1), "2": at(2)}, p["thread_rounds"], sync=_sync(device))
+    torch.set_num_threads(p["threads"])
+    speedup = round(1 / paired_ratio(times, "2", "1"), 3)
+    print(f"threads w{width} ipc{ipc} steps {steps}: 1 thread {timing_summary(times['1'])['s_median']:.3f} s, "
+          f"2 threads {timing_summary(times['2'])['s_median']:.3f} s, speedup {speedup}", flush=True)
+    return {"threads_setting": {"width": width, "ipc": ipc, "syn_steps": steps, "norm": p["mode_norm"]},
+            "threads_1": timing_summary(times["1"]), "threads_2": timing_summary(times["2"]),
+            "speedup_2_vs_1_thread": speedup}
+
+
+PARTS = {"norm": part_norm, "modes": part_modes, "threads": part_threads}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+    parser.add_argument("--part", default="all", choices=["all", *PARTS])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: "mode,steps" in a subprocess
+    parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/records (smoke tests)")
     args = parser.parse_args()
-    p = PRESETS[args.preset]
-    if args.one:
-        import torch
+    import torch
 
-        torch.set_num_threads(p["threads"])
-        mode, steps = args.one.split(",")
-        print(json.dumps(one_setting(mode, int(steps), p["width"], p["ipc"], p["repeats"], args.device)))
-        return
-    rows = []
-    for mode in ("unrolled", "constant"):
-        for steps in p["steps"]:
-            out = subprocess.run(
-                [sys.executable, __file__, "--preset", args.preset, "--device", args.device, "--one", f"{mode},{steps}"],
-                capture_output=True, text=True, check=True, cwd=ROOT,
-            )
-            row = json.loads(out.stdout.strip().splitlines()[-1])
-            rows.append(row)
-            print(f"{mode:9s} syn_steps={steps:3d}  {row['s_per_iter']:.3f} s/iter  peak {row['peak_mb']:.0f} MB "
-                  f"(+{row['peak_over_base_mb']:.0f} MB over the pre-run base)", flush=True)
-    by = {(r["mode"], r["syn_steps"]): r for r in rows}
-    lo, hi = min(p["steps"]), max(p["steps"])
-    ratio = lambda mode, key: by[(mode, hi)][key] / max(by[(mode, lo)][key], 1e-9)  # noqa: E731
-    summary = {
-        "benchmark": "matching_speed", "preset": args.preset, "device": args.device,
-        "setting": {"images": f"10x{p['ipc']} 3x32x32", "net": f"convnet w{p['width']} d3 instance", "dsa": True},
-        "rows": rows,
-        f"constant_peak_ratio_{hi}_vs_{lo}": round(ratio("constant", "peak_mb"), 3),
-        f"constant_growth_ratio_{hi}_vs_{lo}": round(ratio("constant", "peak_over_base_mb"), 3),
-        f"unrolled_growth_ratio_{hi}_vs_{lo}": round(ratio("unrolled", "peak_over_base_mb"), 3),
-        f"time_ratio_constant_vs_unrolled_at_{hi}": round(by[("constant", hi)]["s_per_iter"] / by[("unrolled", hi)]["s_per_iter"], 3),
-        "goal_constant_peak_at_most_1.3x": ratio("constant", "peak_mb") <= 1.3,
-    }
+    from distill.utils import peak_rss_mb
+
+    p = PRESETS[args.preset]
+    torch.set_num_threads(p["threads"])
+    load_start = loadavg()
+    print(f"preset {args.preset}, torch threads {torch.get_num_threads()}, loadavg {load_start}", flush=True)
+    summary = {"benchmark": "matching_speed", "part": args.part, "device": args.device,
+               "setting": "10 classes x ipc 3x32x32, convnet depth 3, DSA, one matching iteration"}
+    for name, fn in PARTS.items():
+        if args.part in ("all", name):
+            summary.update(fn(p, args.device))
+    summary["process_peak_rss_mb"] = peak_rss_mb()
+    summary["threads_used"] = p["threads"]
+    if not args.no_record:
+        append_record("matching_speed", summary, preset=args.preset, threads=p["threads"], loadavg_start=load_start)
     print(json.dumps(summary))
 
 

@@ -34,7 +34,7 @@ Follow-up switches (FOLLOW_UPS), each off by default and independent of the othe
                          upper growing linearly from initial_max_start_epoch to max_start_epoch over
                          window_growth iterations (its "sequential generation").
 
-Memory modes (MEMORY_MODES), both exact:
+Memory modes (MEMORY_MODES), all exact:
   unrolled  backprop through the whole inner loop (MTT); the graph of every step is kept, so
             memory grows linearly with syn_steps.
   constant  reverse-mode accumulation by hand (the adjoint of the inner loop). A forward pass
@@ -51,6 +51,13 @@ Memory modes (MEMORY_MODES), both exact:
             i.e. 4 bytes x num_params x (N + 1) (1.3 MB x 81 for MTT's CIFAR ConvNet at N=80),
             against the unrolled graph of N steps of activations. Time: about one extra
             forward/backward per step.
+  budget    checkpointed unrolling within memory_budget_mb: the graphs of K steps at a time, K as
+            many as fit (one step's graph memory is measured once per run). A forward pass without
+            graphs stores (theta, velocity) every K steps counting back from the end; the last K
+            steps keep their graph, each earlier segment is recomputed with its graph and
+            backpropagated with its end state's adjoints. Extra time: N - K steps of forward and
+            first backward (none when all fit); memory: K step graphs.
+  auto      unrolled if all N step graphs fit in memory_budget_mb, budget if one does, else constant.
 
 Long runs survive: with a `work_dir`, a checkpoint (images, lr, both momentum buffers, the
 RNG state, iteration, current image lr, loss curve) is written every `checkpoint_every`
@@ -72,6 +79,7 @@ import hashlib
 import json
 import math
 import time
+import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Literal
@@ -83,6 +91,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from distill.augment import DSAConfig, DSAParams, apply_params, sample_params
 from distill.checkpoint import Checkpoint, CheckpointError
 from distill.data import check_ipc as data_check_ipc
+from distill.graph_memory import GraphMemoryMeter
 from distill.nets import create_net, unflatten_params
 from distill.registry import Registry
 from distill.trajectory import TrajectorySet, layout_from_json
@@ -133,7 +142,10 @@ class MatchConfig(BaseModel, frozen=True, extra="forbid"):
     # to max_start_epoch over window_growth iterations; None = fixed at max_start_epoch
     initial_max_start_epoch: int | None = Field(None, ge=0)
     window_growth: int = Field(1000, ge=1)  # DATM expansion_end_epoch, in iterations
-    memory: str = "unrolled"  # a MEMORY_MODES name: unrolled (MTT) or constant (exact, O(1) graphs)
+    memory: str = "unrolled"  # a MEMORY_MODES name: unrolled (MTT), constant (exact, O(1) graphs), budget, auto
+    # budget/auto: MB of inner-step graphs to keep (budget: as many steps as fit, recomputing the
+    # rest; auto: unrolled if all fit, else budget, else constant); None for unrolled/constant
+    memory_budget_mb: float | None = Field(None, gt=0)
     checkpoint_every: int = Field(50, ge=1)  # iterations between checkpoints (needs a work_dir)
     on_divergence: Literal["stop", "rollback"] = "stop"
     rollback_factor: float = Field(0.5, gt=0, lt=1)  # image lr multiplier per rollback
@@ -153,6 +165,16 @@ class MatchConfig(BaseModel, frozen=True, extra="forbid"):
         if name not in MEMORY_MODES:
             raise ValueError(f"unknown memory mode {name!r}; valid: {', '.join(MEMORY_MODES)}")
         return name
+
+    @model_validator(mode="after")
+    def _budget_fits_mode(self) -> MatchConfig:
+        budgeted = self.memory in BUDGETED_MODES
+        if budgeted and self.memory_budget_mb is None:
+            raise ValueError(f"memory={self.memory!r} needs memory_budget_mb (MB of inner-step graphs to keep, e.g. 2000)")
+        if not budgeted and self.memory_budget_mb is not None:
+            raise ValueError(f"memory_budget_mb applies to memory in {', '.join(map(repr, BUDGETED_MODES))}, "
+                             f"not {self.memory!r}")
+        return self
 
     @model_validator(mode="after")
     def _window_is_ordered(self) -> MatchConfig:
@@ -180,11 +202,15 @@ class MatchConfig(BaseModel, frozen=True, extra="forbid"):
         switches at their defaults are left out, so runs from before they existed still resume.
         """
         out = self.model_dump(mode="json", exclude={"iterations", "checkpoint_every"})
-        for name in FOLLOW_UPS:
+        for name in (*FOLLOW_UPS, *SPEED_OPTIONS):
             if out[name] == type(self).model_fields[name].default:
                 del out[name]
         return out
 
+
+# Options of how fast a run goes, not what it computes; left out of the identity at their defaults.
+SPEED_OPTIONS = ("memory_budget_mb",)
+BUDGETED_MODES = ("budget", "auto")  # memory modes sized by memory_budget_mb
 
 FOLLOW_UPS = ("ema_decay", "soft_labels", "lr_labels", "momentum_labels", "label_epoch", "min_start_epoch",
               "initial_max_start_epoch", "window_growth")
@@ -357,28 +383,141 @@ def _constant(student: Student, images: torch.Tensor, labels: torch.Tensor, lr: 
     return (float(loss), grad_images, grad_lr.reshape(lr.shape)) + ((grad_labels,) if learn_labels else ())
 
 
-# name -> fn(student, images (leaf, requires grad), labels, lr (leaf), segment) -> (loss, d images, d lr)
+def _segmented(student: Student, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor, seg: Segment,
+               keep: int) -> tuple:
+    """Checkpointed unrolling: graphs of at most `keep` inner steps at a time, each step computed at most twice.
+
+    A forward pass without graphs stores (theta, velocity) at the start of every segment of `keep`
+    steps, counted back from the end, up to the last segment, which is then run with its graph
+    (no recomputation). Going back, each earlier segment is recomputed from its checkpoint with its
+    graph and backpropagated with the adjoints of its end state (theta, velocity) carried from the
+    segment after it. Same operations as `_unrolled`, so the gradients agree to rounding; extra cost:
+    n - keep inner steps without graph (forward and first backward only).
+    """
+    n, mu = len(seg.plan), seg.momentum
+    keep = max(1, min(keep, n))
+    weights = {step: (target, w) for step, target, w in seg.targets}
+    starts = list(range(n - keep, 0, -keep))[::-1]
+    starts = ([0] if not starts or starts[0] != 0 else []) + starts
+    alpha, fixed, fixed_labels = lr.detach(), images.detach(), labels.detach()
+    checkpoints: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    theta, velocity = seg.start.detach(), None
+    for k in range(starts[-1]):
+        if k in starts:
+            checkpoints[k] = (theta, velocity)
+        leaf = theta.clone().requires_grad_(True)
+        g = _inner_grad(student, leaf, fixed, fixed_labels, seg.plan[k], seg.scale, create_graph=False)
+        velocity = g if velocity is None else mu * velocity + g
+        theta = (theta - alpha * velocity).detach()
+    checkpoints[starts[-1]] = (theta, velocity)
+    learn_labels = labels.requires_grad
+    wrt = [images, lr] + ([labels] if learn_labels else [])
+    totals = [torch.zeros_like(t) for t in wrt]
+    theta_bar = velocity_bar = None
+    loss_value = 0.0
+    for begin, end in reversed(list(zip(starts, starts[1:] + [n]))):
+        theta0, velocity0 = checkpoints[begin]
+        theta = theta0.clone().requires_grad_(True)
+        velocity = velocity0.clone().requires_grad_(True) if velocity0 is not None else None
+        leaves = [theta] + ([velocity] if velocity is not None else [])
+        loss = None
+        for k in range(begin, end):
+            g = _inner_grad(student, theta, images, labels, seg.plan[k], seg.scale, create_graph=True)
+            velocity_k = g if velocity is None else mu * velocity + g
+            theta = theta - lr * velocity_k
+            velocity = velocity_k
+            if k + 1 in weights:
+                target, w = weights[k + 1]
+                term = w * _match_term(theta, seg.start, target)
+                loss = term if loss is None else loss + term
+        outputs, grad_outputs = [], []
+        if loss is not None:
+            outputs.append(loss)
+            grad_outputs.append(torch.ones_like(loss))
+            loss_value += float(loss.detach())
+        if theta_bar is not None:
+            outputs.append(theta)
+            grad_outputs.append(theta_bar)
+        if velocity_bar is not None:
+            outputs.append(velocity)
+            grad_outputs.append(velocity_bar)
+        grads = torch.autograd.grad(outputs, leaves + wrt, grad_outputs, allow_unused=True, materialize_grads=True)
+        theta_bar = grads[0]
+        velocity_bar = grads[1] if len(leaves) > 1 else None
+        totals = [t + d for t, d in zip(totals, grads[len(leaves):])]
+        del outputs, grad_outputs, grads, g, theta, velocity, leaves
+    return (loss_value, totals[0], totals[1]) + ((totals[2],) if learn_labels else ())
+
+
+# Graph memory of one inner step, per student and batch layout (measured once, see step_graph_mb).
+_STEP_MB: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def step_graph_mb(student: Student, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor,
+                  seg: Segment) -> float:
+    """MB autograd keeps for one inner step (forward, create_graph backward, update), measured on
+    the segment's first step once per student and batch layout (distill.graph_memory)."""
+    idx, aug = seg.plan[0]
+    key = (tuple(images.shape), len(idx), aug is not None, images.dtype, str(images.device), labels.requires_grad,
+           tuple(labels.shape))
+    cache = _STEP_MB.setdefault(student, {})
+    if key not in cache:
+        with GraphMemoryMeter() as meter:
+            theta = seg.start.detach().clone().requires_grad_(True)
+            g = _inner_grad(student, theta, images, labels, seg.plan[0], seg.scale, create_graph=True)
+            step = theta - lr * g
+        del g, step, theta
+        cache[key] = max(meter.peak_mb, 1e-6)
+    return cache[key]
+
+
+def _budget(student: Student, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor, seg: Segment,
+            budget_mb: float) -> tuple:
+    """Keep as many inner-step graphs as fit in budget_mb (at least one), recompute the rest (_segmented)."""
+    keep = int(budget_mb // step_graph_mb(student, images, labels, lr, seg))
+    return _segmented(student, images, labels, lr, seg, keep=max(1, keep))
+
+
+def _auto(student: Student, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor, seg: Segment,
+          budget_mb: float) -> tuple:
+    """unrolled if every step's graph fits in budget_mb, budget if one does, else constant."""
+    per_step = step_graph_mb(student, images, labels, lr, seg)
+    if per_step * len(seg.plan) <= budget_mb:
+        return _unrolled(student, images, labels, lr, seg)
+    if per_step <= budget_mb:
+        return _segmented(student, images, labels, lr, seg, keep=int(budget_mb // per_step))
+    return _constant(student, images, labels, lr, seg)
+
+
+# name -> fn(student, images (leaf, requires grad), labels, lr (leaf), segment[, budget_mb]) -> (loss, d images, d lr)
+# (budget_mb only for BUDGETED_MODES)
 MEMORY_MODES: Registry[Callable[..., tuple[float, torch.Tensor, torch.Tensor]]] = Registry("memory mode", {
     "unrolled": _unrolled,
     "constant": _constant,
+    "budget": _budget,
+    "auto": _auto,
 })
 
 
 def matching_grad(mode: str, student: Student, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor,
-                  seg: Segment, learn_labels: bool = False) -> tuple:
+                  seg: Segment, learn_labels: bool = False, memory_budget_mb: float | None = None) -> tuple:
     """The matching loss and its gradients w.r.t. the images and the lr, in a MEMORY_MODES mode.
 
     labels: int class labels [N], or soft-label logits [N, K] (float); with learn_labels (float
     labels only) a fourth element follows: the gradient w.r.t. the logits.
+    memory_budget_mb: MB of inner-step graphs the BUDGETED_MODES may keep (required by them).
     """
     if mode not in MEMORY_MODES:
         raise ValueError(f"unknown memory mode {mode!r}; valid: {', '.join(MEMORY_MODES)}")
+    if mode in BUDGETED_MODES and (memory_budget_mb is None or memory_budget_mb <= 0):
+        raise ValueError(f"memory mode {mode!r} needs a positive memory_budget_mb; got {memory_budget_mb}")
     if learn_labels and not labels.is_floating_point():
         raise ValueError("learn_labels needs soft-label logits [N, K] (float), not class indices")
     images = images.detach().requires_grad_(True)
     lr = lr.detach().requires_grad_(True)
     labels = labels.detach().requires_grad_(True) if learn_labels else labels.detach()
-    return MEMORY_MODES[mode](student, images, labels, lr, seg)
+    extra = {"budget_mb": memory_budget_mb} if mode in BUDGETED_MODES else {}
+    return MEMORY_MODES[mode](student, images, labels, lr, seg, **extra)
 
 
 def start_window(cfg: MatchConfig, iteration: int) -> tuple[int, int]:
@@ -647,7 +786,8 @@ def match_trajectories(
         seg = sample_segment(cfg, experts, len(state.images), generator, dev, dtype, iteration=it)
         learn_labels = cfg.soft_labels and cfg.lr_labels > 0
         loss, g_images, g_lr, *g_labels = matching_grad(cfg.memory, student, state.images,
-                                                        state.extra.get("labels", labels), state.lr, seg, learn_labels)
+                                                        state.extra.get("labels", labels), state.lr, seg, learn_labels,
+                                                        cfg.memory_budget_mb)
         with torch.no_grad():
             buf_images = cfg.momentum_img * state.buf_images + g_images
             buf_lr = cfg.momentum_lr * state.buf_lr + g_lr

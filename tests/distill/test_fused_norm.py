@@ -90,7 +90,7 @@ def test_matching_gradient_through_unrolled_steps_equals_groupnorm_in_float64(mo
     images = torch.randn(8, 3, 16, 16, generator=g, dtype=torch.float64)
     labels = torch.arange(4).repeat_interleave(2)
     target = start + 0.05 * torch.randn(start.shape, generator=g, dtype=torch.float64)
-    plan = [(torch.randperm(8, generator=g)[:6], sample_params(6, DSAConfig(), g).to(torch.float64))
+    plan = [(torch.randperm(8, generator=g)[:6], sample_params(6, DSAConfig(), g))
             for _ in range(4)]
     seg = Segment(start, [(2, start + 0.02, 0.5), (4, target, 1.0)], plan, momentum=0.5)
     lr = torch.tensor(0.05, dtype=torch.float64)

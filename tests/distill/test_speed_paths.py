@@ -1,0 +1,129 @@
+"""Faster and leaner paths give the same results: the budgeted memory modes of trajectory matching
+(float64, to 1e-9 of unrolled), the graph-memory meter, batched evaluation, precision options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+import distill.matching as matching
+from distill.augment import DSAConfig, sample_params
+from distill.graph_memory import GraphMemoryMeter
+from distill.matching import MatchConfig, Segment, Student, matching_grad, step_graph_mb
+from distill.nets import create_net, flatten_params, param_layout
+from distill.trajectory import layout_to_json
+
+STEPS = 5
+
+
+def _problem(norm: str = "instance", momentum: float = 0.5, soft: bool = False, steps: int = STEPS):
+    """A float64 student (ConvNet w6 d2, 4 classes of 3x16x16) and one iteration's segment."""
+    torch.manual_seed(0)
+    kwargs = {"width": 6, "depth": 2, "norm": norm}
+    net = create_net("convnet", num_classes=4, image_size=16, **kwargs)
+    meta = {"layout": layout_to_json(param_layout(net)), "net": "convnet", "net_kwargs": kwargs,
+            "num_classes": 4, "channels": 3, "image_size": 16}
+    student = Student(meta, torch.device("cpu"), torch.float64)
+    start = flatten_params(net).double()
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(8, 3, 16, 16, generator=g, dtype=torch.float64)
+    labels = torch.randn(8, 4, generator=g, dtype=torch.float64) if soft else torch.arange(4).repeat_interleave(2)
+    target = start + 0.05 * torch.randn(start.shape, generator=g, dtype=torch.float64)
+    middle = start + 0.02 * torch.randn(start.shape, generator=g, dtype=torch.float64)
+    plan = [(torch.randperm(8, generator=g)[:6], sample_params(6, DSAConfig(), g))
+            for _ in range(steps)]
+    seg = Segment(start, [(2, middle, 0.5), (steps, target, 1.0)], plan, momentum=momentum)
+    return student, images, labels, torch.tensor(0.05, dtype=torch.float64), seg
+
+
+def _segmented(problem, keep: int, learn_labels: bool = False) -> tuple:
+    """matching._segmented on leaves prepared as matching_grad prepares them."""
+    student, images, labels, lr, seg = problem
+    return matching._segmented(student, images.detach().requires_grad_(True),
+                               labels.detach().requires_grad_(learn_labels), lr.detach().requires_grad_(True),
+                               seg, keep=keep)
+
+
+def _assert_same(got: tuple, want: tuple) -> None:
+    assert len(got) == len(want)
+    assert got[0] == pytest.approx(want[0], rel=1e-12)
+    for a, b in zip(got[1:], want[1:]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9 * max(1.0, float(b.abs().max())))
+        assert float(b.abs().max()) > 0
+
+
+@pytest.mark.parametrize("keep", [1, 2, 3, STEPS, STEPS + 4])
+@pytest.mark.parametrize("momentum", [0.0, 0.5])
+def test_segmented_gradient_equals_unrolled_in_float64(keep, momentum):
+    problem = _problem(momentum=momentum)
+    _assert_same(_segmented(problem, keep), matching_grad("unrolled", *problem))
+
+
+def test_segmented_learns_soft_labels_like_unrolled():
+    problem = _problem(soft=True)
+    want = matching_grad("unrolled", *problem, learn_labels=True)
+    _assert_same(_segmented(problem, 2, learn_labels=True), want)
+
+
+@pytest.mark.parametrize("mode", ["budget", "auto"])
+@pytest.mark.parametrize("budget_steps", [0.5, 1.5, 3.2, STEPS + 1])
+def test_budgeted_modes_equal_unrolled(mode, budget_steps):
+    problem = _problem()
+    per_step = step_graph_mb(*problem)
+    got = matching_grad(mode, *problem, memory_budget_mb=budget_steps * per_step)
+    _assert_same(got, matching_grad("unrolled", *problem))
+
+
+def test_budget_keeps_as_many_step_graphs_as_fit(monkeypatch):
+    """Graph memory: unrolled > budget (2 steps) > constant, and budget near 2 step graphs."""
+    problem = _problem(steps=8)
+    per_step = step_graph_mb(*problem)
+    peaks = {}
+    for mode in ("unrolled", "constant", "budget"):
+        with GraphMemoryMeter() as meter:
+            matching_grad(mode, *problem, memory_budget_mb=2.5 * per_step if mode == "budget" else None)
+        peaks[mode] = meter.peak_mb
+    assert peaks["unrolled"] > 3 * peaks["budget"] > 3 * 1.5 * per_step
+    assert peaks["constant"] < peaks["budget"] <= 2.5 * per_step
+    assert peaks["unrolled"] == pytest.approx(8 * per_step, rel=0.25)  # later steps add momentum terms
+    # which keep the modes choose
+    chosen = []
+    monkeypatch.setattr(matching, "_segmented", lambda *a, keep: chosen.append(keep) or (0.0,))
+    monkeypatch.setattr(matching, "_constant", lambda *a: chosen.append("constant") or (0.0,))
+    monkeypatch.setattr(matching, "_unrolled", lambda *a: chosen.append("unrolled") or (0.0,))
+    for mode, steps in [("budget", 0.5), ("budget", 2.5), ("auto", 0.5), ("auto", 2.5), ("auto", 8.0)]:
+        matching_grad(mode, *problem, memory_budget_mb=steps * per_step)
+    assert chosen == [1, 2, "constant", 2, "unrolled"]
+
+
+def test_step_graph_mb_is_measured_once_per_layout():
+    problem = _problem()
+    first = step_graph_mb(*problem)
+    assert first > 0
+    assert step_graph_mb(*problem) == first
+    assert len(matching._STEP_MB[problem[0]]) == 1
+
+
+def test_budget_config_is_checked_up_front():
+    assert "memory_budget_mb" not in MatchConfig().identity()  # old keys and checkpoints stay valid
+    assert MatchConfig(memory="budget", memory_budget_mb=500).identity()["memory_budget_mb"] == 500
+    with pytest.raises(ValidationError, match="memory='budget' needs memory_budget_mb"):
+        MatchConfig(memory="budget")
+    with pytest.raises(ValidationError, match="memory_budget_mb applies to memory in 'budget', 'auto', not 'constant'"):
+        MatchConfig(memory="constant", memory_budget_mb=100)
+    with pytest.raises(ValidationError):
+        MatchConfig(memory="auto", memory_budget_mb=0)
+    with pytest.raises(ValueError, match="needs a positive memory_budget_mb"):
+        matching_grad("budget", *_problem())
+
+
+def test_graph_memory_meter_counts_shared_storage_once_and_tracks_release():
+    x = torch.randn(1000, dtype=torch.float64, requires_grad=True)
+    with GraphMemoryMeter() as meter:
+        y = x.exp()  # saves its output (8000 bytes)
+        z = (y * y).sum()  # saves y twice: no new storage
+        assert meter.current_bytes == 8000
+        z.backward()
+        assert meter.current_bytes == 0
+    assert meter.peak_bytes == 8000
