@@ -213,7 +213,8 @@ def check_gpu_tests(p: dict, size: str) -> dict[str, Any]:
                f"--junitxml={junit}", "-o", "junit_family=xunit2"]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if not junit.exists():
-            raise RuntimeError(f"pytest wrote no report (exit {proc.returncode}): {proc.stdout[-1500:]}{proc.stderr[-1500:]}")
+            raise RuntimeError(f"pytest wrote no report (exit {proc.returncode}): "
+                               f"{proc.stdout[-1500:]}{proc.stderr[-1500:]}")
         suite = ET.parse(junit).getroot()
         suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
         cases = suite.findall("testcase")
@@ -344,7 +345,8 @@ def check_expert_packing(p: dict, size: str) -> dict[str, Any]:
     packed, single = by["4 per GPU"], by["1 per GPU"]
     row = {"rounds": rounds,
            "note": "Ray starts a fresh worker process for every GPU task (its max_calls=1 default for GPU "
-                   "tasks), so each expert pays process start, imports and dataset decoding in its wall time", "data": str(data.source) if real is None else f"cifar10 {p['data']}",
+                   "tasks), so each expert pays process start, imports and dataset decoding in its wall time",
+           "data": str(data.source) if real is None else f"cifar10 {p['data']}",
            "expert": {"net_kwargs": p["net_kwargs"], "epochs": p["epochs"]},
            "experts_per_hour_4_per_gpu": packed["experts_per_hour"],
            "experts_per_hour_1_per_gpu": single["experts_per_hour"],
@@ -455,7 +457,8 @@ def check_krr_st(p: dict, size: str) -> dict[str, Any]:
            "setting": {"source": list(source.shape), "num_images": cfg.num_images, "net": cfg.net,
                        "net_kwargs": cfg.net_kwargs, "num_models": cfg.num_models, "real_batch": cfg.real_batch,
                        "online_iterations": cfg.online_iterations, "teacher": "resnet18 (random init)",
-                       "pool_warmup_steps": sum(i * cfg.online_iterations // cfg.num_models for i in range(cfg.num_models))},
+                       "pool_warmup_steps": sum(i * cfg.online_iterations // cfg.num_models
+                                                for i in range(cfg.num_models))},
            "losses": [round(v, 6) for v in losses]}
     if not all(v == v and abs(v) != float("inf") for v in losses):
         row["status"], row["error"] = "failed", f"non-finite KRR-ST loss: {losses}"
@@ -502,7 +505,8 @@ def check_precision(p: dict, size: str) -> dict[str, Any]:
     images = torch.randn(n, 3, 32, 32, device=dev)
     labels = torch.arange(10, device=dev).repeat_interleave(p["ipc"])
     generator = torch.Generator().manual_seed(0)
-    plan = [(torch.arange(n, device=dev), sample_params(n, DSAConfig(), generator).to(dev)) for _ in range(p["syn_steps"])]
+    plan = [(torch.arange(n, device=dev), sample_params(n, DSAConfig(), generator).to(dev))
+            for _ in range(p["syn_steps"])]
     seg = Segment(start, [(p["syn_steps"], target, 1.0)], plan)
     lr = torch.tensor(0.001, device=dev)
 
@@ -552,7 +556,8 @@ def check_precision(p: dict, size: str) -> dict[str, Any]:
     if bad:
         row["status"], row["error"] = "failed", f"non-finite gradient under {bad}"
     if cuda:
-        row["torch_defaults"] = {"matmul": defaults[0], "cudnn_conv": defaults[1]} if defaults else "legacy allow_tf32 flags"
+        row["torch_defaults"] = ({"matmul": defaults[0], "cudnn_conv": defaults[1]} if defaults
+                                 else "legacy allow_tf32 flags")
     return row
 
 
@@ -666,7 +671,8 @@ def _git_revision() -> dict[str, Any]:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
-    return {"git_revision": git("rev-parse", "HEAD") or None, "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    return {"git_revision": git("rev-parse", "HEAD") or None,
+            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
 def _device_name() -> str:
@@ -718,7 +724,8 @@ def append_record(summary: dict[str, Any], rows: list[dict[str, Any]], loadavg_s
 
     threads = int(os.environ.get("OMP_NUM_THREADS", 1)) if summary["preset"] == "smoke" else torch.get_num_threads()
     record = {**summary, **_git_revision(), "threads": threads, "cpu_count": os.cpu_count(),
-              "torch": torch.__version__, "loadavg_start": loadavg_start, "loadavg": _loadavg(), "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "torch": torch.__version__, "loadavg_start": loadavg_start, "loadavg": _loadavg(),
+              "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "results": rows}
     RECORDS.parent.mkdir(parents=True, exist_ok=True)
     with open(RECORDS, "a") as f:
@@ -733,7 +740,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "test-output" / "gpu_check.jsonl"), help="JSON lines written here")
     parser.add_argument("--only", help=f"comma-separated checks to run; known: {', '.join(CHECKS)}")
     record = parser.add_mutually_exclusive_group()
-    record.add_argument("--record", action="store_true", default=None, help="append to benchmarks/records (default: full runs only)")
+    record.add_argument("--record", action="store_true", default=None,
+                        help="append to benchmarks/records (default: full runs only)")
     record.add_argument("--no-record", dest="record", action="store_false")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one check in this process
     parser.add_argument("--size", choices=sorted(SIZES), help=argparse.SUPPRESS)
@@ -741,6 +749,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         run_one(args.one, args.size)
         return 0
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"  # also for the background Prefect server
     names = [n.strip() for n in args.only.split(",")] if args.only else list(CHECKS)
     unknown = [n for n in names if n not in CHECKS]
     if unknown:
@@ -762,7 +771,8 @@ def main(argv: list[str] | None = None) -> int:
                 os.environ["PREFECT_API_URL"] = prefect.url()  # the check's process reuses it
             left = deadline - time.perf_counter()
             if left < 10:
-                row = {"check": name, "status": "timeout", "error": f"the {TOTAL_BUDGET_S[size]} s total budget was spent before it started"}
+                row = {"check": name, "status": "timeout",
+                       "error": f"the {TOTAL_BUDGET_S[size]} s total budget was spent before it started"}
             else:
                 row = _spawn(name, size, min(BUDGET_S[size][name], left), log_dir)
             if name == "expert_packing" and prefect.server is not None:

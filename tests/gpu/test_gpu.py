@@ -37,7 +37,8 @@ _NO_RAY = not all(importlib.util.find_spec(m) for m in ("ray", "prefect", "prefe
         (0.0, 2, 1.0, 2, "cpu"),  # no GPU granted: CPU even though CUDA is visible to the driver
     ],
 )
-def test_task_device_follows_rays_gpu_assignment(prefect_server, ray_logical_gpu, num_gpus, tasks, num_cpus, together, device):
+def test_task_device_follows_rays_gpu_assignment(prefect_server, ray_logical_gpu, num_gpus, tasks, num_cpus, together,
+                                                 device):
     """Prefect tasks on the RayTaskRunner under heavy(Resources(...)), the path every stage takes."""
     import ray
     from prefect import flow, task
@@ -131,7 +132,8 @@ def test_expert_resume_on_cuda_is_bit_identical(tmp_path, deterministic_cuda):
     cfg = _cfg("ast", batch_size=32)  # momentum, gradient penalty, DSA and shuffling state all matter
 
     def train(path, **kwargs) -> dict:
-        return train_expert(cfg, *TRAIN, *TEST, num_classes=NUM_CLASSES, expert_id=5, out_path=path, device="cuda", **kwargs)
+        return train_expert(cfg, *TRAIN, *TEST, num_classes=NUM_CLASSES, expert_id=5, out_path=path, device="cuda",
+                            **kwargs)
 
     whole = tmp_path / "whole" / expert_file(5)
     train(whole)
