@@ -90,7 +90,8 @@ class DistillTMConfig(TMStage):
     """Parameters of the `distill-tm` flow (a validated form in the Prefect UI)."""
 
     data: DataConfig = Field(description="The labelled dataset to distill, and its preprocessing (zca: MTT's ZCA).")
-    resources: Resources = Field(default_factory=Resources, description="Ray resources per expert/distillation/eval task.")
+    resources: Resources = Field(default_factory=Resources,
+                                 description="Ray resources per expert/distillation/eval task.")
     store: str | None = Field(None, description="Artifact store URI; default $DISTILLERY_STORE or ./artifacts.")
 
 

@@ -53,8 +53,10 @@ class PruneStage(BaseModel):
     method: str = Field("lm", description="Pruning method (dp4tl.methods): lm, lm_soft, fm, fm_kmeans, random, ...")
     ratio: float = Field(0.5, description="Fraction of source classes pruned, in (0, 1).")
     seed: int = Field(0, description="Seed of the selection (random methods, K-means).")
-    surrogate: SurrogateConfig = Field(default_factory=SurrogateConfig, description="Surrogate trained on the full source.")
-    surrogate_weights: str | None = Field(None, description="Your surrogate weights (safetensors) instead of training one.")
+    surrogate: SurrogateConfig = Field(default_factory=SurrogateConfig,
+                                       description="Surrogate trained on the full source.")
+    surrogate_weights: str | None = Field(None,
+                                          description="Your surrogate weights (safetensors) instead of training one.")
     k_clusters: int | None = Field(None, ge=1, description="fm_kmeans groups; default the number of source classes.")
 
     @model_validator(mode="after")
@@ -64,7 +66,8 @@ class PruneStage(BaseModel):
         return self
 
     def selection(self) -> SelectionConfig:
-        return SelectionConfig(methods=[self.method], ratios=[self.ratio], seeds=[self.seed], k_clusters=self.k_clusters)
+        return SelectionConfig(methods=[self.method], ratios=[self.ratio], seeds=[self.seed],
+                               k_clusters=self.k_clusters)
 
 
 class TargetTMStage(TMStage):
@@ -179,7 +182,8 @@ def main() -> None:
     args = parser.parse_args()
     report = pipeline(PipelineConfig(**load_preset("pipeline", args.preset)))
     # the last line of output: the report as JSON (benchmarks/pipeline.py reads it)
-    print(json.dumps({"results": report["rows"], "notes": report["notes"], "report": report["report_uri"]}, default=str))
+    print(json.dumps({"results": report["rows"], "notes": report["notes"], "report": report["report_uri"]},
+                     default=str))
 
 
 if __name__ == "__main__":

@@ -38,13 +38,15 @@ def load_preset(flow: str, name: str) -> dict[str, Any]:
 
 
 def start(store: str | None, resources: Resources) -> str:
-    """What every flow does first, before any stage: the store is `store`, else $DISTILLERY_STORE, else
-    ./artifacts; refuse a CPU/GPU request no Ray node can hold (Ray
-    would queue it forever), remove temporary directories that dead writers left in the store (older
-    than an hour: a live writer only stages files for the short write at the end of its task), and
-    return the store URI."""
+    """What every flow does first, before any stage: tie a worker-started run to its worker, refuse a
+    CPU/GPU request no Ray node can hold (Ray would queue it forever), remove temporary directories
+    that dead writers left in the store (older than an hour: a live writer only stages files for the
+    short write at the end of its task), and return the store URI (`store`, else $DISTILLERY_STORE,
+    else ./artifacts)."""
+    from tasks.runtime import tie_to_worker
     from tasks.store import ArtifactStore
 
+    tie_to_worker()  # a worker-started run stops with its worker (a no-op anywhere else)
     resources.check_feasible()
     st = ArtifactStore(store)
     st.gc_tmp()

@@ -119,7 +119,9 @@ def class_counts(ref: ArtifactRef, split: str = "train") -> list[int]:
     return DatasetInfo.of(ref).class_counts[split]
 
 
-def preprocessed(ref: ArtifactRef, split: str, pre: Preprocessor | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def preprocessed(
+    ref: ArtifactRef, split: str, pre: Preprocessor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """A split in model input space: (float images, labels, class names)."""
     pre = pre or load_preprocessor(ref)
     images = load_split(ref, split)

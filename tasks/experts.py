@@ -51,7 +51,9 @@ def expert_row(ref: ArtifactRef, expert_id: int) -> dict[str, Any]:
 
 @stage(STAGE, key=set_key, publish=False, result=expert_row, task_name="train-expert",
        task_run_name="expert-{cfg.recipe}-{expert_id}")
-def train_one_expert(dataset: ArtifactRef, cfg: ExpertConfig, expert_id: int, store: str, run: StageRun) -> dict[str, Any]:
+def train_one_expert(
+    dataset: ArtifactRef, cfg: ExpertConfig, expert_id: int, store: str, run: StageRun
+) -> dict[str, Any]:
     """Train (or resume) one expert of a set in the set's work directory; returns its final metrics."""
     device = task_device()
     pre = load_preprocessor(dataset)
@@ -66,7 +68,8 @@ def train_one_expert(dataset: ArtifactRef, cfg: ExpertConfig, expert_id: int, st
     )
     reports.run_logger().info(
         "expert %s #%d: test acc %.4f after %d epochs (%.0f s%s)", cfg.recipe, expert_id, summary["test_acc"],
-        summary["epochs"], summary["seconds"], f", resumed from epoch {summary['resumed_from']}" if summary["resumed_from"] else "",
+        summary["epochs"], summary["seconds"],
+        f", resumed from epoch {summary['resumed_from']}" if summary["resumed_from"] else "",
     )
     summary.pop("path")
     return summary
@@ -133,7 +136,8 @@ def _scalars(sm: dict[str, Any]) -> dict[str, Any]:
 
 
 def _table_row(r: dict[str, Any]) -> dict[str, Any]:
-    keys = ("expert_id", "epochs", "train_acc", "test_acc", "mean_param_change", "param_change_cv", "loss_roughness", "seconds")
+    keys = ("expert_id", "epochs", "train_acc", "test_acc", "mean_param_change", "param_change_cv", "loss_roughness",
+            "seconds")
     return {k: r.get(k) for k in keys}
 
 

@@ -129,8 +129,9 @@ def train_teacher_task(source: ArtifactRef, cfg: SSLConfig, store: str, run: Sta
     """Train (or resume) the Barlow Twins teacher of a source; publish teacher.safetensors."""
     device = task_device()
     x, _, _ = preprocessed(source, "train")
-    summary = train_teacher(cfg, x, out_dir=run.work_dir(), dataset_fingerprint=DatasetInfo.of(source).fingerprints["train"],
-                            device=device, progress=reports.progress("Barlow Twins teacher", "ssl-teacher"))
+    summary = train_teacher(cfg, x, out_dir=run.work_dir(),
+                            dataset_fingerprint=DatasetInfo.of(source).fingerprints["train"], device=device,
+                            progress=reports.progress("Barlow Twins teacher", "ssl-teacher"))
     reports.run_logger().info("teacher: Barlow Twins loss %.4f after %d epochs (%.0f s)",
                               summary["loss"], summary["epochs"], summary["seconds"])
 
@@ -153,7 +154,8 @@ def open_teacher(ref: ArtifactRef) -> tuple[torch.nn.Module, dict[str, Any]]:
 def pretrain_recipe(transfer_cfg: TransferConfig) -> dict[str, Any]:
     """How to pretrain on the distilled set, as stored with it (MSE to `target`)."""
     train_cfg = transfer_cfg.pretrain.model_copy(update={"loss": "mse"})
-    return {"net": transfer_cfg.net, "net_kwargs": dict(transfer_cfg.net_kwargs), "train": train_cfg.model_dump(mode="json")}
+    return {"net": transfer_cfg.net, "net_kwargs": dict(transfer_cfg.net_kwargs),
+            "train": train_cfg.model_dump(mode="json")}
 
 
 def distill_key(source: ArtifactRef, teacher: ArtifactRef, cfg: KRRConfig, transfer: TransferConfig) -> Key:
@@ -188,7 +190,8 @@ def distill_krr_st(source: ArtifactRef, teacher: ArtifactRef, cfg: KRRConfig, tr
             method="krr-st",
             provenance={
                 "source": source.uri, "source_fingerprint": source_fp, "teacher": teacher.uri,
-                "teacher_fingerprint": teacher_manifest["fingerprint"], "teacher_feature_dim": teacher_manifest["feature_dim"],
+                "teacher_fingerprint": teacher_manifest["fingerprint"],
+                "teacher_feature_dim": teacher_manifest["feature_dim"],
                 "teacher_config": teacher_manifest["config"], "krr": cfg.model_dump(mode="json"),
                 "source_indices": idx.tolist(), "pool": result.pool,
             },
@@ -255,7 +258,9 @@ def report_distilled(distilled: ArtifactRef, name: str) -> str:
 # ---------------------------------------------------------------- transfer evaluation
 
 
-def _inputs_of(method: str, source: ArtifactRef, teacher: ArtifactRef, distilled: ArtifactRef, target: ArtifactRef) -> list[str]:
+def _inputs_of(
+    method: str, source: ArtifactRef, teacher: ArtifactRef, distilled: ArtifactRef, target: ArtifactRef
+) -> list[str]:
     """The artifacts a method's number depends on: its cache key inputs."""
     data = METHODS[method].data
     if data == "distilled":
@@ -269,10 +274,12 @@ def _inputs_of(method: str, source: ArtifactRef, teacher: ArtifactRef, distilled
 
 def eval_key(method: str, seed: int, source: ArtifactRef, teacher: ArtifactRef, distilled: ArtifactRef,
              target: ArtifactRef, transfer: TransferConfig) -> Key:
-    return Key({"method": method, "seed": seed, "transfer": transfer}, _inputs_of(method, source, teacher, distilled, target))
+    return Key({"method": method, "seed": seed, "transfer": transfer},
+               _inputs_of(method, source, teacher, distilled, target))
 
 
-@stage(EVAL_STAGE, key=eval_key, result=metrics_row, task_name="krr-transfer", task_run_name="transfer-{method}-seed{seed}")
+@stage(EVAL_STAGE, key=eval_key, result=metrics_row, task_name="krr-transfer",
+       task_run_name="transfer-{method}-seed{seed}")
 def evaluate_method(method: str, seed: int, source: ArtifactRef, teacher: ArtifactRef, distilled: ArtifactRef,
                     target: ArtifactRef, transfer: TransferConfig, store: str, run: StageRun) -> Publish:
     """Pretrain per `method`, then linear probe + fine-tune on the target; one metrics row."""

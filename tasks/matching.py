@@ -170,7 +170,8 @@ def distill_tm(dataset: ArtifactRef, experts: ArtifactRef, cfg: MatchConfig, eva
 
 def _report(result: MatchResult, previews, names: list[str], label: str) -> None:
     reports.markdown(
-        f"## Distilled images ({label})\nOne row per class ({', '.join(names[:10])}{'...' if len(names) > 10 else ''}), "
+        f"## Distilled images ({label})\nOne row per class "
+        f"({', '.join(names[:10])}{'...' if len(names) > 10 else ''}), "
         f"learned lr {result.lr:.5g}.\n\n" + reports.png_markdown(image_grid_png(previews, result.labels), "images")
         + "\n## Matching loss\n" + reports.png_markdown(loss_curve_png(result.losses), "matching loss"),
         key=reports.ui_key("distill-tm", label),
@@ -194,7 +195,8 @@ def image_grid_png(previews, labels, max_classes: int = 20, max_per_class: int =
     if grid.shape[-1] == 1:
         grid = grid.expand(-1, -1, 3)
     scale = max(1, 256 // max(grid.shape[0], grid.shape[1] // 4, 1))
-    image = Image.fromarray(grid.contiguous().numpy()).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    size = (grid.shape[1] * scale, grid.shape[0] * scale)
+    image = Image.fromarray(grid.contiguous().numpy()).resize(size, Image.NEAREST)
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()

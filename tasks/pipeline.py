@@ -151,7 +151,8 @@ def selection_note(selection_ref: ArtifactRef, ratio: float) -> str:
 
 
 def report_rows(results: PipelineResults) -> list[dict[str, Any]]:
-    return (krr_rows(results.transfer) if results.transfer else []) + (tm_rows(results.target) if results.target else [])
+    transfer = krr_rows(results.transfer) if results.transfer else []
+    return transfer + (tm_rows(results.target) if results.target else [])
 
 
 def report_notes(results: PipelineResults, notes: list[str]) -> list[str]:
@@ -170,7 +171,8 @@ def accuracy_bars(rows: list[dict[str, Any]]) -> bytes:
     """Horizontal bars: each path's mean target accuracy with its std, one panel per metric."""
     plt = reports.pyplot()
 
-    metrics = [m for m in ("linear_probe", "fine_tune", "test") if any(r.get(f"{m}_acc_mean") is not None for r in rows)]
+    metrics = [m for m in ("linear_probe", "fine_tune", "test")
+               if any(r.get(f"{m}_acc_mean") is not None for r in rows)]
     labels = [f"{r['path']}: {r['method']}" for r in rows]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 0.45 * len(rows) + 1.6), dpi=110,
                              squeeze=False, sharey=True)

@@ -12,7 +12,7 @@
   still present, the source's `preprocessor.safetensors`, and a manifest with the same keys as
   stage `dataset` (class_counts, class_names, image_shape, ...). So `tasks.datasets.load_split`,
   `preprocessed` and every later stage consume a pruned source unchanged. Labels keep their
-  source ids and every class name stays (DP4TL keeps the 1000-way head, brief 1.2); pruned
+  source ids and every class name stays (DP4TL's reference code, OPTML-Group/DP4TL, keeps the 1000-way head); pruned
   classes count 0. Its key is the digest of the kept indices, so methods or seeds that keep the
   same samples (LM at every seed) share one pruned dataset.
 """
@@ -48,8 +48,9 @@ SURROGATE_STAGE = "surrogate"
 SELECTION_STAGE = "selection"
 PRUNED_STAGE = "pruned"
 SURROGATE_FILE = "surrogate.safetensors"
-# DP4TL reads penultimate features and logits without augmentation at the training resolution
-# (brief 1.2); recorded with every selection so a reader knows what the scores depend on.
+# DP4TL ("Selectivity Drives Productivity", reference code OPTML-Group/DP4TL) reads penultimate features and
+# logits without augmentation at the training resolution; recorded with every selection so a reader knows
+# what the scores depend on.
 FEATURE_SETTINGS = {"layer": "penultimate (net.embed)", "augmentation": "none", "mode": "eval"}
 
 
@@ -100,7 +101,9 @@ def surrogate_key(source: ArtifactRef, cfg: SurrogateConfig, weights: str | None
 
 
 @stage(SURROGATE_STAGE, key=surrogate_key)
-def surrogate(source: ArtifactRef, cfg: SurrogateConfig, store: str, run: StageRun, weights: str | None = None) -> Publish:
+def surrogate(
+    source: ArtifactRef, cfg: SurrogateConfig, store: str, run: StageRun, weights: str | None = None
+) -> Publish:
     """Train the surrogate on the full source (or check and adopt a user's weights) and store it."""
     info = DatasetInfo.of(source)
     names, shape = info.class_names, info.image_shape
@@ -272,7 +275,8 @@ def materialize_pruned(source: ArtifactRef, selection_ref: ArtifactRef, ratio: f
             image_shape=info.image_shape,
             # Derived, not re-hashed pixels: the source's fingerprint plus the kept indices name them exactly.
             fingerprints={
-                s: hashlib.sha256(f"{info.fingerprints[s]}:{digest}".encode()).hexdigest()[:16] for s in ("train", "test")
+                s: hashlib.sha256(f"{info.fingerprints[s]}:{digest}".encode()).hexdigest()[:16]
+                for s in ("train", "test")
             },
             preprocessor=info.preprocessor,
             kept_classes=row.kept_classes,

@@ -9,20 +9,19 @@ the API.
 from __future__ import annotations
 
 import base64
+import logging
 import re
 import time
 from typing import Any, Callable
 
-import logging
-
 from prefect import get_run_logger
-from prefect.exceptions import MissingContextError
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.exceptions import MissingContextError
 
 from tasks.tables import fmt
 

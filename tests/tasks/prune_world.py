@@ -40,7 +40,8 @@ def write_world(root: Path) -> tuple[Path, Path]:
     up = lambda x: x.repeat(2, axis=1).repeat(2, axis=2)  # noqa: E731
     target = root / "target.npz"
     np.savez(target, x_train=up(_images(t_train, 2)), y_train=(t_train == 4).astype(np.int64),
-             x_test=up(_images(t_test, 3)), y_test=(t_test == 4).astype(np.int64), class_names=np.array(["one", "four"]))
+             x_test=up(_images(t_test, 3)), y_test=(t_test == 4).astype(np.int64),
+             class_names=np.array(["one", "four"]))
     return source, target
 
 
