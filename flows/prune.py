@@ -88,7 +88,8 @@ class PruneEvalConfig(PruneConfig):
 
     transfer: TransferConfig = Field(
         default_factory=TransferConfig,
-        description="Net, pretraining (the same epoch budget for every arm), linear probe and fine-tune (distill.transfer).",
+        description="Net, pretraining (the same epoch budget for every arm), linear probe and fine-tune "
+        "(distill.transfer).",
     )
     full_source: bool = Field(True, description="Also pretrain on the whole source (the arm to match).")
     no_pretraining: bool = Field(True, description="Also transfer from a randomly initialized net (the floor).")
