@@ -26,8 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from distill.data import DataConfig
 from distill.krr import METHODS, KRRConfig, check_methods, krr_transfer
-from distill.transfer import TransferConfig
 from distill.ssl import SSLConfig
+from distill.transfer import TransferConfig
 from flows.presets import load_preset, start
 from tasks.artifacts import ArtifactRef
 from tasks.datasets import materialize_dataset, validate_data
@@ -52,7 +52,8 @@ class KRRStage(BaseModel):
 
     teacher: SSLConfig = Field(default_factory=SSLConfig, description="Barlow Twins teacher training.")
     krr: KRRConfig = Field(default_factory=KRRConfig, description="KRR-ST distillation.")
-    transfer: TransferConfig = Field(default_factory=krr_transfer, description="Pretraining + transfer recipe (distill.transfer), shared by all methods.")
+    transfer: TransferConfig = Field(default_factory=krr_transfer, description="Pretraining + transfer recipe "
+                                     "(distill.transfer), shared by all methods.")
     methods: list[str] = Field(default_factory=lambda: list(METHODS), min_length=1,
                                description=f"Compared methods: any of {', '.join(METHODS)}.")
     seeds: int = Field(3, ge=1, description="Evaluation seeds per method (mean and std over these).")
@@ -69,7 +70,8 @@ class KRRStage(BaseModel):
 class DistillKRRConfig(KRRStage):
     """Parameters of the `distill-krr` flow (a validated form in the Prefect UI)."""
 
-    source: DataConfig = Field(description="The source to distill (its labels are used only by the random-real-ce baseline): Tiny-ImageNet-200 at 32x32, a subset.")
+    source: DataConfig = Field(description="The source to distill (its labels are used only by the random-real-ce "
+                               "baseline): Tiny-ImageNet-200 at 32x32, a subset.")
     target: DataConfig = Field(description="The labelled transfer target (CIFAR-10), same image size as the source.")
     resources: Resources = Field(default_factory=Resources, description="Ray resources per heavy task.")
     store: str | None = Field(None, description="Artifact store URI; default $DISTILLERY_STORE or ./artifacts.")
