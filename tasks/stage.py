@@ -3,7 +3,7 @@
     def dataset_key(data: DataConfig) -> Key:                 # typed, from the task's parameters
         return Key({"data": data, "source_stamp": stamp(data)})
 
-    @stage("dataset", key=dataset_key, name="materialize-dataset")
+    @stage("dataset", key=dataset_key, task_name="materialize-dataset")
     def materialize_dataset(data: DataConfig, store: str, run: StageRun) -> Publish:
         train = data.load(data.train_split)                   # runs only when the artifact is missing
         def write(staging: Staging) -> DatasetInfo:
