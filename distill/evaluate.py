@@ -3,7 +3,8 @@
 Every method and its baselines go through `evaluate_set` with the same `EvalConfig`, so a
 distilled set and the random real subset it is compared with differ only in their images
 (and, where the method learned one, the learning rate). The reported number is the
-accuracy after the final epoch, never the maximum over test evaluations; `summarize` gives
+accuracy after the final epoch, never the maximum over test evaluations; `evaluate_seeds` runs
+several seeds (optionally trained together, distill.batched); `summarize` gives
 mean and std over seeds, `summarize_groups` one such row per (method, setting, ...) of a
 metrics table.
 """
@@ -81,6 +82,62 @@ def evaluate_set(
     result = train(net, train_x, train_y, train_cfg, device=dev, seed=seed, progress=progress)
     seconds = time.perf_counter() - start
     test = evaluate(net, test_x, test_y, device=dev)
+    return _row(seed, test, result, train_x, train_cfg, seconds, dev)
+
+
+# Whether evaluate_seeds trains the nets of a setting together by default (benchmarks/evaluate_speed.py).
+BATCHED_DEFAULT = False
+
+
+def evaluate_seeds(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    cfg: EvalConfig,
+    *,
+    num_classes: int,
+    seeds: Sequence[int],
+    learned_lr: float | None = None,
+    device: str | None = None,
+    progress: Progress | None = None,
+    batched: bool | None = None,
+) -> list[dict[str, Any]]:
+    """`evaluate_set` for every seed: one row each, in seed order.
+
+    batched (None: BATCHED_DEFAULT) trains the nets together (distill.batched: one vmapped step for
+    all), each from the same init, batches and augmentations as alone, so the rows equal the
+    one-by-one rows up to float rounding; train_seconds is then the shared time / number of nets.
+    Nets that cannot be batched (buffers, fused norm) are trained one by one.
+    """
+    from distill.batched import check_batchable, train_batched
+
+    seeds = list(seeds)
+    if not (batched if batched is not None else BATCHED_DEFAULT) or len(seeds) < 2:
+        return [evaluate_set(train_x, train_y, test_x, test_y, cfg, num_classes=num_classes, seed=s,
+                             learned_lr=learned_lr, device=device, progress=progress) for s in seeds]
+    dev = resolve_device(device)
+    nets = []
+    for seed in seeds:
+        seed_everything(seed)
+        nets.append(create_net(cfg.net, num_classes=num_classes, channels=train_x.shape[1],
+                               image_size=train_x.shape[-1], **cfg.net_kwargs))
+    try:
+        check_batchable(nets)
+    except ValueError:
+        return evaluate_seeds(train_x, train_y, test_x, test_y, cfg, num_classes=num_classes, seeds=seeds,
+                              learned_lr=learned_lr, device=device, progress=progress, batched=False)
+    train_cfg = cfg.train_config(learned_lr)
+    results = train_batched(nets, train_x, train_y, train_cfg, seeds=seeds, device=dev, progress=progress)
+    rows = []
+    for seed, net, result in zip(seeds, nets, results):
+        test = evaluate(net, test_x, test_y, device=dev)
+        rows.append(_row(seed, test, result, train_x, train_cfg, result.seconds / len(seeds), dev))
+    return rows
+
+
+def _row(seed: int, test: dict, result: Any, train_x: torch.Tensor, train_cfg: Any, seconds: float,
+         dev: torch.device) -> dict[str, Any]:
     return {
         "seed": seed,
         "test_acc": float(test["acc"]),

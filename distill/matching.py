@@ -92,7 +92,7 @@ from distill.augment import DSAConfig, DSAParams, apply_params, sample_params
 from distill.checkpoint import Checkpoint, CheckpointError
 from distill.data import check_ipc as data_check_ipc
 from distill.graph_memory import GraphMemoryMeter
-from distill.nets import create_net, unflatten_params
+from distill.nets import create_net, fast_net_kwargs, unflatten_params
 from distill.registry import Registry
 from distill.trajectory import TrajectorySet, layout_from_json
 from distill.utils import Progress, resolve_device
@@ -146,6 +146,9 @@ class MatchConfig(BaseModel, frozen=True, extra="forbid"):
     # budget/auto: MB of inner-step graphs to keep (budget: as many steps as fit, recomputing the
     # rest; auto: unrolled if all fit, else budget, else constant); None for unrolled/constant
     memory_budget_mb: float | None = Field(None, gt=0)
+    # the student's instance norm and avg pooling by their faster exact equivalents (distill.nets.
+    # FAST_EQUIVALENTS: same parameters, same values to rounding); False = the experts' own layers
+    fast_layers: bool = True
     checkpoint_every: int = Field(50, ge=1)  # iterations between checkpoints (needs a work_dir)
     on_divergence: Literal["stop", "rollback"] = "stop"
     rollback_factor: float = Field(0.5, gt=0, lt=1)  # image lr multiplier per rollback
@@ -209,7 +212,7 @@ class MatchConfig(BaseModel, frozen=True, extra="forbid"):
 
 
 # Options of how fast a run goes, not what it computes; left out of the identity at their defaults.
-SPEED_OPTIONS = ("memory_budget_mb",)
+SPEED_OPTIONS = ("memory_budget_mb", "fast_layers")
 BUDGETED_MODES = ("budget", "auto")  # memory modes sized by memory_budget_mb
 
 FOLLOW_UPS = ("ema_decay", "soft_labels", "lr_labels", "momentum_labels", "label_epoch", "min_start_epoch",
@@ -274,10 +277,13 @@ def check_experts(
 class Student:
     """The expert's net evaluated at a flat parameter vector (differentiable w.r.t. it, twice)."""
 
-    def __init__(self, meta: dict, device: torch.device, dtype: torch.dtype = torch.float32):
+    def __init__(self, meta: dict, device: torch.device, dtype: torch.dtype = torch.float32, fast: bool = True):
+        # fast: layers swapped for their faster equivalents (distill.nets.FAST_EQUIVALENTS: the fused
+        # instance norm, strided-add avg pooling), same parameters and values to rounding
         self.layout = layout_from_json(meta["layout"])
+        kwargs = fast_net_kwargs(meta["net"], meta["net_kwargs"]) if fast else meta["net_kwargs"]
         net = create_net(meta["net"], num_classes=meta["num_classes"], channels=meta["channels"],
-                         image_size=meta["image_size"], **meta["net_kwargs"])
+                         image_size=meta["image_size"], **kwargs)
         self.net = net.to(device=device, dtype=dtype)
         names = [name for name, _ in self.layout]
         if names != [name for name, _ in self.net.named_parameters()]:
@@ -750,7 +756,7 @@ def match_trajectories(
     check_experts(experts.meta, experts.last_epoch, cfg, num_classes=num_classes, image_shape=tuple(train_x.shape[1:]),
                   dataset_fingerprint=dataset_fingerprint, preprocessor_fingerprint=preprocessor_fingerprint)
     dev = resolve_device(device)
-    student = Student(experts.meta, dev, dtype)
+    student = Student(experts.meta, dev, dtype, fast=cfg.fast_layers)
     labels = torch.arange(num_classes).repeat_interleave(cfg.ipc).to(dev)
     identity = {
         "config": cfg.identity(),

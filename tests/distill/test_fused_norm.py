@@ -79,7 +79,7 @@ def _student(norm: str, width: int = 6, depth: int = 2, size: int = 16) -> tuple
     net = create_net("convnet", num_classes=4, image_size=size, **kwargs)
     meta = {"layout": layout_to_json(param_layout(net)), "net": "convnet", "net_kwargs": kwargs,
             "num_classes": 4, "channels": 3, "image_size": size}
-    return Student(meta, torch.device("cpu"), torch.float64), flatten_params(net).double()
+    return Student(meta, torch.device("cpu"), torch.float64, fast=False), flatten_params(net).double()
 
 
 @pytest.mark.parametrize("mode", ["unrolled", "constant"])
@@ -130,3 +130,58 @@ def test_third_derivative_is_refused():
 def test_bad_input_rank_is_refused():
     with pytest.raises(ValueError, match="instance norm needs"):
         instance_norm(torch.randn(4, 3), torch.ones(3), torch.zeros(3))
+
+
+# ---------------------------------------------------------------- fast avg pooling and the fast student
+
+
+def test_fast_avg_pool_equals_avg_pool2d_in_every_derivative_order():
+    from distill.fast_pool import AvgPool2, avg_pool2
+
+    x = torch.randn(2, 3, 6, 8, dtype=torch.float64, requires_grad=True)
+    assert gradcheck(avg_pool2, (x,))
+    assert gradgradcheck(avg_pool2, (x,))
+    torch.testing.assert_close(avg_pool2(x), F.avg_pool2d(x, 2), rtol=0, atol=1e-15)
+    g = torch.randn(2, 3, 3, 4, dtype=torch.float64)
+    (mine,) = torch.autograd.grad(avg_pool2(x), x, g)
+    (ref,) = torch.autograd.grad(F.avg_pool2d(x, 2), x, g)
+    assert torch.equal(mine, ref)
+    odd = torch.randn(2, 3, 7, 5)  # odd sizes: avg_pool2d's flooring
+    assert torch.equal(AvgPool2()(odd), nn.AvgPool2d(2, 2)(odd))
+    with pytest.raises(ValueError, match="avg_pool2 needs"):
+        avg_pool2(torch.randn(3, 4, 4))
+
+
+def test_fast_net_kwargs_swaps_defaults_and_explicit_layers_only():
+    from distill.nets import fast_net_kwargs
+
+    assert fast_net_kwargs("convnet", {"width": 8}) == {"width": 8, "norm": "instance_fused", "pooling": "avg_fast"}
+    assert fast_net_kwargs("convnet", {"norm": "batch", "pooling": "max"}) == {"norm": "batch", "pooling": "max"}
+    assert fast_net_kwargs("convnet_bn", {}) == {"pooling": "avg_fast"}
+    assert fast_net_kwargs("resnet18", {"norm": "batch"}) == {"norm": "batch"}
+    with pytest.raises(ValueError, match="unknown net"):
+        fast_net_kwargs("vgg", {})
+
+
+def test_fast_student_gives_the_native_matching_gradient_in_float64():
+    native, start = _student("instance")
+    fast = Student(native_meta(), torch.device("cpu"), torch.float64)  # fast=True by default
+    assert any(isinstance(m, InstanceNorm) for m in fast.net.modules())
+    g = torch.Generator().manual_seed(2)
+    images = torch.randn(8, 3, 16, 16, generator=g, dtype=torch.float64)
+    labels = torch.arange(4).repeat_interleave(2)
+    target = start + 0.05 * torch.randn(start.shape, generator=g, dtype=torch.float64)
+    plan = [(torch.randperm(8, generator=g)[:6], sample_params(6, DSAConfig(), g)) for _ in range(3)]
+    seg = Segment(start, [(3, target, 1.0)], plan)
+    lr = torch.tensor(0.05, dtype=torch.float64)
+    want = matching_grad("unrolled", native, images, labels, lr, seg)
+    got = matching_grad("unrolled", fast, images, labels, lr, seg)
+    for a, b in zip(got[1:], want[1:]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9 * max(1.0, float(b.abs().max())))
+
+
+def native_meta() -> dict:
+    kwargs = {"width": 6, "depth": 2, "norm": "instance"}
+    net = create_net("convnet", num_classes=4, image_size=16, **kwargs)
+    return {"layout": layout_to_json(param_layout(net)), "net": "convnet", "net_kwargs": kwargs,
+            "num_classes": 4, "channels": 3, "image_size": 16}

@@ -107,6 +107,8 @@ def test_step_graph_mb_is_measured_once_per_layout():
 
 def test_budget_config_is_checked_up_front():
     assert "memory_budget_mb" not in MatchConfig().identity()  # old keys and checkpoints stay valid
+    assert "fast_layers" not in MatchConfig().identity()
+    assert MatchConfig(fast_layers=False).identity()["fast_layers"] is False
     assert MatchConfig(memory="budget", memory_budget_mb=500).identity()["memory_budget_mb"] == 500
     with pytest.raises(ValidationError, match="memory='budget' needs memory_budget_mb"):
         MatchConfig(memory="budget")
@@ -127,3 +129,79 @@ def test_graph_memory_meter_counts_shared_storage_once_and_tracks_release():
         z.backward()
         assert meter.current_bytes == 0
     assert meter.peak_bytes == 8000
+
+
+# ---------------------------------------------------------------- evaluation nets trained together
+
+
+def _eval_data():
+    g = torch.Generator().manual_seed(5)
+    patterns = torch.randn(3, 3, 16, 16, generator=g)
+    y = torch.arange(3).repeat_interleave(8)
+    x = patterns[y] + 0.7 * torch.randn(len(y), 3, 16, 16, generator=g)
+    ty = torch.arange(3).repeat_interleave(20)
+    tx = patterns[ty] + 0.7 * torch.randn(len(ty), 3, 16, 16, generator=g)
+    return x, y, tx, ty
+
+
+@pytest.mark.parametrize("augment", ["dsa", "flip_crop"])
+def test_batched_evaluation_equals_one_by_one(augment):
+    from distill.evaluate import EvalConfig, evaluate_seeds
+    from distill.train import TrainConfig
+
+    x, y, tx, ty = _eval_data()
+    cfg = EvalConfig(net_kwargs={"width": 8, "depth": 2, "norm": "instance"},
+                     train=TrainConfig(epochs=6, batch_size=10, lr=0.05, momentum=0.9, augment=augment), num_models=3)
+    one = evaluate_seeds(x, y, tx, ty, cfg, num_classes=3, seeds=[0, 1, 2], batched=False, device="cpu")
+    together = evaluate_seeds(x, y, tx, ty, cfg, num_classes=3, seeds=[0, 1, 2], batched=True, device="cpu")
+    assert [r["seed"] for r in together] == [0, 1, 2]
+    for a, b in zip(one, together):
+        assert a["test_acc"] == b["test_acc"]
+        assert a["train_acc"] == b["train_acc"]
+        assert b["test_loss"] == pytest.approx(a["test_loss"], rel=1e-4)
+    assert len({r["test_loss"] for r in one}) == 3  # the seeds differ
+
+
+def test_batched_training_follows_each_nets_own_trajectory():
+    from distill.batched import train_batched
+    from distill.train import TrainConfig, train
+    from distill.utils import seed_everything
+
+    x, y, _, _ = _eval_data()
+    cfg = TrainConfig(epochs=4, batch_size=8, lr=0.05, momentum=0.9, weight_decay=5e-4, augment="dsa")
+
+    def fresh(seed):
+        seed_everything(seed)
+        return create_net("convnet", num_classes=3, image_size=16, width=6, depth=2)
+
+    alone = [fresh(s) for s in (3, 4)]
+    histories = [train(net, x, y, cfg, seed=s, device="cpu").history for net, s in zip(alone, (3, 4))]
+    together = [fresh(s) for s in (3, 4)]
+    results = train_batched(together, x, y, cfg, seeds=[3, 4], device="cpu")
+    for a, b, h, r in zip(alone, together, histories, results):
+        for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+            torch.testing.assert_close(pb, pa, rtol=1e-4, atol=1e-5, msg=name)
+        assert [e["train_acc"] for e in r.history] == [e["train_acc"] for e in h]
+        assert [e["loss"] for e in r.history] == pytest.approx([e["loss"] for e in h], rel=1e-5)
+
+
+def test_unbatchable_nets_are_refused_and_evaluation_falls_back():
+    from distill.batched import check_batchable, train_batched
+    from distill.evaluate import EvalConfig, evaluate_seeds
+    from distill.train import TrainConfig
+
+    bn = [create_net("convnet", num_classes=3, image_size=16, width=4, depth=1, norm="batch") for _ in range(2)]
+    with pytest.raises(ValueError, match="buffers"):
+        check_batchable(bn)
+    fused = [create_net("convnet", num_classes=3, image_size=16, width=4, depth=1, norm="instance_fused")]
+    with pytest.raises(ValueError, match="no vmap rule"):
+        check_batchable(fused)
+    mixed = [create_net("convnet", num_classes=3, image_size=16, width=w, depth=1) for w in (4, 5)]
+    with pytest.raises(ValueError, match="share one architecture"):
+        check_batchable(mixed)
+    x, y, tx, ty = _eval_data()
+    with pytest.raises(ValueError, match="one seed per net"):
+        train_batched(mixed[:1], x, y, TrainConfig(epochs=1), seeds=[0, 1])
+    cfg = EvalConfig(net_kwargs={"width": 4, "depth": 1, "norm": "batch"}, train=TrainConfig(epochs=1, augment="none"))
+    rows = evaluate_seeds(x, y, tx, ty, cfg, num_classes=3, seeds=[0, 1], batched=True, device="cpu")
+    assert [r["seed"] for r in rows] == [0, 1]
