@@ -225,7 +225,8 @@ def stage(
             k = _named_call(key, params)
             run = StageRun(name, artifact_key(name, k.config, list(k.inputs)), params["store"])
             store = ArtifactStore(run.store)
-            if not store.exists(name, run.key):
+            hit = store.exists(name, run.key)
+            if not hit:
                 out = body(**params, run=run)
                 if not publish:
                     return out
@@ -235,7 +236,8 @@ def stage(
                               inputs=list(k.inputs), seeds=out.seeds)
                 for path in run._work:
                     shutil.rmtree(path, ignore_errors=True)
-            return run.ref if result is None else _named_call(result, {**params, "ref": run.ref})
+            value = run.ref if result is None else _named_call(result, {**params, "ref": run.ref})
+            return _reused_state(value, f"{name}/{run.key}", run_stage) if hit else value
 
         # Prefect caches a task's return value, so its cache key names the artifact (the store's key, offered
         # once published) and also the task and every parameter `result` reads: the tasks of one stage (train
@@ -267,6 +269,23 @@ def stage(
         )
 
     return decorate
+
+
+def _reused_state(value: Any, what: str, fn: Callable[..., Any]) -> Any:
+    """On a store hit inside this stage's own task run: a Completed state that says so.
+
+    The message ("reused <stage>/<key>") is how the UI and `flows.watch` tell a reused stage from
+    one that ran; Prefect's own cache shows as "Cached", but a store hit happens inside the task
+    (a cache key is offered only for a published artifact, and Prefect may not have a result to
+    reuse). A plain call (`task.fn(...)`, also from inside another task) gets the value itself.
+    """
+    from prefect.context import TaskRunContext
+    from prefect.states import Completed
+
+    ctx = TaskRunContext.get()
+    if ctx is None or getattr(ctx.task, "fn", None) is not fn:
+        return value
+    return Completed(data=value, message=f"reused {what} from the artifact store")
 
 
 def _write_info(write: Callable[[Staging], StageInfo], where: str, staging: Staging) -> dict[str, Any]:
