@@ -6,14 +6,14 @@ Parquet and a mean/std table in the Prefect UI. Every distillation method is com
 this flow's number at the same k, under the same evaluation recipe.
 
 Run it:
-    make demo                                   # deploys everything and runs baseline/cpu
+    DISTILLERY_DEMO=baseline/cpu make demo      # deploys everything and runs baseline/cpu
     prefect deployment run baseline/tiny --watch
     python -m flows.baseline --preset tiny      # in-process, without a deployment
+    python -m flows.baseline --preset cpu --data /path/to/my_dataset --set ipc=5
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from typing import Any
 
@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from distill.data import DataConfig
 from distill.evaluate import EvalConfig
-from flows.presets import load_preset, start
+from flows.presets import build_config, flow_params, start
 from tasks.datasets import materialize_dataset, validate_data
 from tasks.evaluation import collect_metrics, evaluate_distilled, random_subset
 from tasks.runtime import Resources, heavy, ray_task_runner
@@ -62,10 +62,8 @@ def baseline(config: BaselineConfig) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny", help="preset in deployments/presets/baseline.yaml")
-    args = parser.parse_args()
-    baseline(BaselineConfig(**load_preset("baseline", args.preset)))
+    _, params = flow_params("baseline", doc=__doc__)
+    baseline(build_config(BaselineConfig, params))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ Run it:
 
 from __future__ import annotations
 
-import argparse
 import json
 from typing import Any
 
@@ -28,7 +27,7 @@ from distill.data import DataConfig
 from distill.krr import METHODS, KRRConfig, check_methods, krr_transfer
 from distill.ssl import SSLConfig
 from distill.transfer import TransferConfig
-from flows.presets import load_preset, start
+from flows.presets import build_config, flow_params, start
 from tasks.artifacts import ArtifactRef
 from tasks.datasets import materialize_dataset, validate_data
 from tasks.krr import (
@@ -117,10 +116,8 @@ def distill_krr_flow(config: DistillKRRConfig) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny", help="preset in deployments/presets/distill-krr.yaml")
-    args = parser.parse_args()
-    distill_krr_flow(DistillKRRConfig(**load_preset("distill-krr", args.preset)))
+    _, params = flow_params("distill-krr", doc=__doc__)
+    distill_krr_flow(build_config(DistillKRRConfig, params))
 
 
 if __name__ == "__main__":

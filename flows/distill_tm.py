@@ -16,7 +16,6 @@ Run it:
 
 from __future__ import annotations
 
-import argparse
 import json
 from typing import Any
 
@@ -27,7 +26,7 @@ from distill.data import DataConfig
 from distill.evaluate import EvalConfig
 from distill.experts import ExpertConfig
 from distill.matching import MatchConfig
-from flows.presets import load_preset, start
+from flows.presets import build_config, flow_params, start
 from tasks.artifacts import ArtifactRef
 from tasks.datasets import materialize_dataset, validate_data
 from tasks.evaluation import RANDOM_REAL, EvaluatedSet, collect_metrics, evaluate_distilled, random_subset, setting
@@ -152,10 +151,8 @@ def distill_tm_flow(config: DistillTMConfig) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny", help="preset in deployments/presets/distill-tm.yaml")
-    args = parser.parse_args()
-    distill_tm_flow(DistillTMConfig(**load_preset("distill-tm", args.preset)))
+    _, params = flow_params("distill-tm", doc=__doc__)
+    distill_tm_flow(build_config(DistillTMConfig, params))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Run it:
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 from prefect import flow
@@ -21,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from distill.data import DataConfig
 from distill.experts import ExpertConfig
-from flows.presets import load_preset, start
+from flows.presets import build_config, flow_params, start
 from tasks.datasets import materialize_dataset, validate_data
 from tasks.experts import publish_experts, report_experts, train_one_expert
 from tasks.runtime import Resources, heavy, ray_task_runner
@@ -68,10 +67,8 @@ def experts(config: ExpertsConfig) -> list[dict[str, Any]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny", help="preset in deployments/presets/experts.yaml")
-    args = parser.parse_args()
-    experts(ExpertsConfig(**load_preset("experts", args.preset)))
+    _, params = flow_params("experts", doc=__doc__)
+    experts(build_config(ExpertsConfig, params))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ Run it:
 
 from __future__ import annotations
 
-import argparse
 import contextvars
 import json
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +36,7 @@ from dp4tl.methods import SelectionConfig, check_ratio, get_method, num_kept_cla
 from dp4tl.surrogate import SurrogateConfig
 from flows.distill_krr import KRRStage, run_krr
 from flows.distill_tm import TMStage, run_tm
-from flows.presets import load_preset, start
+from flows.presets import build_config, flow_params, start
 from tasks.artifacts import ArtifactRef
 from tasks.datasets import materialize_dataset, validate_data
 from tasks.pipeline import PipelineResults, TransferPath, report_pipeline
@@ -177,10 +176,8 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny", help="preset in deployments/presets/pipeline.yaml")
-    args = parser.parse_args()
-    report = pipeline(PipelineConfig(**load_preset("pipeline", args.preset)))
+    _, params = flow_params("pipeline", doc=__doc__)
+    report = pipeline(build_config(PipelineConfig, params))
     # the last line of output: the report as JSON (benchmarks/pipeline.py reads it)
     print(json.dumps({"results": report["rows"], "notes": report["notes"], "report": report["report_uri"]},
                      default=str))

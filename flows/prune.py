@@ -18,7 +18,6 @@ Run it:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from typing import Any
@@ -30,7 +29,7 @@ from distill.data import DataConfig, DataError
 from distill.transfer import TransferConfig
 from dp4tl.methods import SelectionConfig, check_ratio
 from dp4tl.surrogate import SurrogateConfig
-from flows.presets import load_preset, start
+from flows.presets import build_config, flow_params, start
 from tasks.artifacts import ArtifactRef
 from tasks.datasets import materialize_dataset, validate_data
 from tasks.prune import materialize_pruned, report_selection, select, surrogate
@@ -168,12 +167,10 @@ FLOWS = {"prune": (prune, PruneConfig), "prune-eval": (prune_eval, PruneEvalConf
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--flow", choices=sorted(FLOWS), default="prune")
-    parser.add_argument("--preset", default="tiny", help="preset in deployments/presets/<flow>.yaml")
-    args = parser.parse_args()
+    args, params = flow_params("prune", doc=__doc__, extra=lambda parser: parser.add_argument(
+        "--flow", choices=sorted(FLOWS), default="prune", help="prune (selection only) or prune-eval"))
     fn, cfg = FLOWS[args.flow]
-    fn(cfg(**load_preset(args.flow, args.preset)))
+    fn(build_config(cfg, params))
 
 
 if __name__ == "__main__":
