@@ -12,7 +12,7 @@ import argparse
 import pyarrow.parquet as pq
 
 from tasks.store import ArtifactStore
-from tasks.tables import markdown_table
+from tasks.tables import markdown_table, path_report
 
 # stage -> its table file: tasks.evaluation (eval-metrics), tasks.transfer (transfer-metrics), tasks.krr
 # (krr-metrics) and tasks.pipeline (pipeline-report); "metrics" is where stores written before the
@@ -37,7 +37,8 @@ def results(show_all: bool = False, store_uri: str | None = None) -> str:
         name = (m.get("config") or {}).get("name", m["key"])
         rows = pq.read_table(art.file(TABLES[m["stage"]]), filesystem=art.fs).to_pylist()
         notes = "".join(f"- {n}\n" for n in m.get("notes", []))
-        out.append(f"{name} ({art.uri})\n{notes}" + markdown_table(rows))
+        table = path_report(rows) if m["stage"] == "pipeline-report" else markdown_table(rows)
+        out.append(f"{name} ({art.uri})\n{notes}" + table)
     return "\n".join(out)
 
 

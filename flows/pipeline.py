@@ -39,7 +39,7 @@ from flows.distill_tm import TMStage, run_tm
 from flows.presets import build_config, flow_params, start
 from tasks.artifacts import ArtifactRef
 from tasks.datasets import materialize_dataset, validate_data
-from tasks.pipeline import PipelineResults, TransferPath, report_pipeline
+from tasks.pipeline import PipelineResults, TransferPath, headline_report, report_pipeline
 from tasks.prune import materialize_pruned, report_selection, select, surrogate
 from tasks.runtime import Resources, heavy, ray_task_runner
 
@@ -171,6 +171,7 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
         futures = {k: pool.submit(contextvars.copy_context().run, p) for k, p in paths.items()}
         results = PipelineResults(**{k: f.result() for k, f in futures.items()})
     report = report_pipeline.submit(results, [resize_note] if resize_note else [], name, store).result()
+    headline_report(report, name)  # in the flow run itself, so it heads the Artifacts tab
     print("\n".join(report.notes) + f"\nreport: {report.report_uri}")
     return report.model_dump()
 

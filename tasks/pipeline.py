@@ -24,7 +24,7 @@ from tasks.krr import KRRResult
 from tasks.matching import TMResult
 from tasks.stage import Key, Manifest, Publish, StageInfo, StageRun, stage
 from tasks.store import Staging
-from tasks.tables import markdown_table
+from tasks.tables import path_report
 
 STAGE = "pipeline-report"
 
@@ -195,11 +195,17 @@ def show_report(ref: ArtifactRef, name: str) -> PipelineReport:
     reports.table(rows, key=reports.ui_key(name, "report"),
                   description=f"{name}: every path and its baselines; accuracy = final epoch, mean and std over "
                   f"seeds; wall time and peak memory summed/maxed over the stages that made it. Data: {art.uri}")
-    text = f"# {name}\n\n" + "".join(f"- {n}\n" for n in notes) + "\n" + markdown_table(rows) + "\n\n"
-    text += reports.png_markdown(accuracy_bars(rows), "target accuracy per path (blue: method, grey: baseline)")
-    reports.markdown(text, key=reports.ui_key(name, "report-plot"), description=f"{name}: report and plot")
-    reports.run_logger().info("\n%s", markdown_table(rows))
+    reports.run_logger().info("\n%s", path_report(rows))
     return PipelineReport(rows=rows, notes=notes, report_uri=art.uri)
+
+
+def headline_report(report: PipelineReport, name: str) -> None:
+    """The report a person reads, created by the flow itself (not a task) so that it heads the flow
+    run's Artifacts tab: the notes, one table per path with verdicts against each baseline, the plot."""
+    text = f"# {name}\n\n" + "".join(f"- {n}\n" for n in report.notes) + "\n" + path_report(report.rows) + "\n\n"
+    text += reports.png_markdown(accuracy_bars(report.rows), "target accuracy per path (blue: method, grey: baseline)")
+    reports.markdown(text, key=reports.ui_key(name, "report-plot"),
+                     description=f"{name}: per-path report, verdicts and plot (data: {report.report_uri})")
 
 
 @stage(STAGE, key=report_key, result=show_report, cache=False)

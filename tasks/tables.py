@@ -21,3 +21,59 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- the per-path report a person reads
+
+_ACCURACIES = (("linear_probe_acc", "linear probe"), ("fine_tune_acc", "fine-tune"), ("test_acc", "test accuracy"))
+
+
+def pct(mean: float | None, std: float | None = None) -> str:
+    """An accuracy fraction as a percentage with one decimal, with its spread: '43.2 +- 0.7'."""
+    if mean is None or (isinstance(mean, float) and not math.isfinite(mean)):
+        return "-"
+    return f"{100 * mean:.1f}" + (f" +- {100 * std:.1f}" if std is not None and math.isfinite(std) else "")
+
+
+def verdict(method: dict[str, Any], baseline: dict[str, Any], metric: str) -> str | None:
+    """'+4.1 +- 1.2 over <baseline>: gain' (difference of the means in points, spread = the two stds
+    combined as for independent runs); 'no clear gain' when the difference is within that spread."""
+    m, b = method.get(f"{metric}_mean"), baseline.get(f"{metric}_mean")
+    if m is None or b is None:
+        return None
+    spread = math.hypot(method.get(f"{metric}_std") or 0.0, baseline.get(f"{metric}_std") or 0.0)
+    diff = m - b
+    word = "gain" if diff > spread else "loss" if diff < -spread else "no clear gain (within the spread)"
+    return f"{100 * diff:+.1f} +- {100 * spread:.1f} points over {baseline['method']}: {word}"
+
+
+def path_report(rows: list[dict[str, Any]]) -> str:
+    """Markdown: one table per path (only the columns that path fills, accuracies as percentages with
+    one decimal and +- std), then one verdict line per method against each of its baselines."""
+    out = []
+    for path in dict.fromkeys(r["path"] for r in rows):
+        group = [r for r in rows if r["path"] == path]
+        metrics = [(k, label) for k, label in _ACCURACIES if any(r.get(f"{k}_mean") is not None for r in group)]
+        table = []
+        for r in group:
+            row = {"method": r["method"], "role": r.get("kind", "")}
+            row |= {label: pct(r.get(f"{k}_mean"), r.get(f"{k}_std")) for k, label in metrics}
+            row["seeds"] = r.get("seeds", "")
+            if r.get("data_mib") is not None:
+                row["data (MiB)"] = f"{r['data_mib']:.2f}"
+            for key, label in (("wall_s", "stage time (s)"), ("peak_rss_mb", "peak (MiB)")):
+                if any(g.get(key) is not None for g in group):
+                    row[label] = "-" if r.get(key) is None else f"{r[key]:.0f}"
+            table.append(row)
+        out.append(f"### {path}\n\n" + markdown_table(table))
+        methods = [r for r in group if r.get("kind") == "method"]
+        baselines = [r for r in group if r.get("kind") == "baseline"]
+        lines = []
+        for m in methods:
+            for k, label in metrics:
+                said = [v for b in baselines if (v := verdict(m, b, k))]
+                if said:
+                    lines.append(f"- {m['method']}, {label}: " + "; ".join(said))
+        if lines:
+            out.append("\n".join(lines) + "\n")
+    return "\n".join(out)
