@@ -62,23 +62,32 @@ OptimizerName, ScheduleName, LossName = OPTIMIZERS.name_type(), SCHEDULES.name_t
 class TrainConfig(BaseModel, frozen=True, extra="forbid"):
     """How to train one net on in-memory tensors. Defaults: the MTT/DC evaluation recipe."""
 
-    epochs: int = Field(300, ge=1)  # full passes over x; DC/DM evaluate with 300, MTT with 1000 (paper preset)
-    batch_size: int = Field(256, ge=1)  # images per step; clipped to N, so a 10-image set trains full-batch
-    lr: float = Field(0.01, gt=0)  # peak learning rate; MTT replaces it by the learned syn_lr
-    momentum: float = Field(0.9, ge=0, lt=1)  # SGD only; MTT experts use 0, evaluation 0.9
-    weight_decay: float = Field(5e-4, ge=0)  # L2 on all parameters (incl. norms and biases, as MTT/DC)
-    # lr multiplier, updated every step: "step" = x0.1 from half of training (MTT/DC evaluation),
-    # "cosine" = to 0 (KRR-ST fine-tuning), "constant" = MTT experts without --decay
-    schedule: ScheduleName = "step"
-    # ce: int labels [N]; soft_ce: [N, K] probabilities or logits; mse: regression targets (KRR-ST)
-    loss: LossName = "ce"
-    # a name in AUGMENTS: flip_crop = CIFAR recipe; "dsa" (registered by its module) for distilled
-    # sets as MTT evaluates them; "none" for KRR-ST pretraining (no augmentation in the paper)
-    augment: AugmentName = "flip_crop"
-    optimizer: OptimizerName = "sgd"  # adamw: KIP/FRePo pretraining recipe
-    label_smoothing: float = Field(0.0, ge=0, lt=1)  # ce/soft_ce only
-    # epochs between held-out evaluations; 0 = only after the last. Logged, never used to pick a number
-    eval_every: int = Field(0, ge=0)
+    epochs: int = Field(300, ge=1, description=(
+        "Full passes over the training images. DC/DM evaluate distilled sets with 300, "
+        "MTT (Dataset Distillation by Matching Training Trajectories) with 1000."))
+    batch_size: int = Field(256, ge=1, description=(
+        "Images per optimizer step; clipped to the number of images, so a 10-image set trains full-batch."))
+    lr: float = Field(0.01, gt=0, description=(
+        "Peak learning rate (before the schedule). MTT evaluation replaces it by the learned syn_lr."))
+    momentum: float = Field(0.9, ge=0, lt=1, description=(
+        "SGD momentum (ignored by adam/adamw). MTT experts use 0, evaluation 0.9."))
+    weight_decay: float = Field(5e-4, ge=0, description=(
+        "L2 penalty on all parameters, norms and biases included (as MTT/DC)."))
+    schedule: ScheduleName = Field("step", description=(
+        "Learning-rate multiplier, updated every step: step = x0.1 from half of training "
+        "(MTT/DC evaluation), cosine = down to 0 (KRR-ST fine-tuning), constant = none (MTT experts)."))
+    loss: LossName = Field("ce", description=(
+        "ce: integer class labels [N]; soft_ce: [N, K] probabilities or logits; "
+        "mse: regression targets (KRR-ST representations)."))
+    augment: AugmentName = Field("flip_crop", description=(
+        "Training augmentation: flip_crop = the CIFAR recipe; dsa = differentiable Siamese "
+        "augmentation, as MTT evaluates distilled sets; none = KRR-ST pretraining (the paper uses none)."))
+    optimizer: OptimizerName = Field("sgd", description="Optimizer; adamw is the KIP/FRePo pretraining recipe.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description=(
+        "Label smoothing of the cross-entropy (ce/soft_ce only; 0 = off)."))
+    eval_every: int = Field(0, ge=0, description=(
+        "Epochs between held-out evaluations; 0 = only after the last epoch. Logged only, "
+        "never used to pick the reported number."))
 
     @model_validator(mode="after")
     def _smoothing_needs_classes(self) -> TrainConfig:
