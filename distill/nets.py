@@ -34,6 +34,7 @@ from distill.fused_norm import InstanceNorm
 from distill.registry import Registry
 
 NETS: Registry[Callable[..., nn.Module]] = Registry("net")
+NetName = NETS.name_type()  # a config field holding a net name: a drop-down in the run form
 
 # Arguments every builder receives from create_net; everything else is net-specific.
 _COMMON_ARGS = ("num_classes", "channels", "image_size")
