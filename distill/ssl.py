@@ -47,7 +47,7 @@ from distill.checkpoint import (
     module_tensors,
     optimizer_tensors,
 )
-from distill.nets import NetFields, create_net
+from distill.nets import NetFields, NetName, create_net
 from distill.train import check_finite_losses
 from distill.fsio import atomic_file
 from distill.utils import Progress, derive_seed, resolve_device
@@ -59,20 +59,27 @@ TEACHER_FORMAT = "distillery.ssl-teacher/1"
 class SSLConfig(NetFields, frozen=True, extra="forbid"):
     """How the Barlow Twins teacher is trained. Defaults: a CPU-sized teacher."""
 
-    net: str = "convnet_bn"  # a distill.nets name; the paper's teacher is "resnet18" (512-d)
-    # convnet_bn at 32 px with 4 blocks: a 2x2x256 map, i.e. 1024-d representations
-    net_kwargs: dict[str, Any] = {"widths": [32, 64, 128, 256]}
-    projector: list[int] = Field(default_factory=lambda: [1024, 1024], min_length=1)  # BT uses 8192 x 3
-    # lambda of the off-diagonal term; Barlow Twins uses 5e-3 with an 8192-d projector
-    off_diagonal_weight: float = Field(5e-3, ge=0)
-    epochs: int = Field(20, ge=1)  # full passes over the source
-    batch_size: int = Field(256, ge=2)  # images per step (two views each); correlations need >= 2
-    lr: float = Field(1e-3, gt=0)  # AdamW peak lr, cosine to 0 (BT's LARS is for batch 2048 on GPUs)
-    weight_decay: float = Field(1e-5, ge=0)  # BT 1.5e-6 with LARS; a little more for small data
-    # view augmentation: every family in turn (mode "all"), per-sample parameters; cutout and
-    # rotate are left out as BT's views are crops, flips and colour changes
-    augment: DSAConfig = DSAConfig(strategy="color_crop_flip_scale", mode="all")
-    seed: int = 0  # init, batch order and views
+    net: NetName = Field("convnet_bn", description=(
+        "Teacher backbone (a distill.nets name); the paper's teacher is resnet18 (512-d)."))
+    net_kwargs: dict[str, Any] = Field({"widths": [32, 64, 128, 256]}, description=(
+        "Options of the backbone; convnet_bn at 32 px with 4 blocks gives a 2x2x256 map, "
+        "i.e. 1024-d representations."))
+    projector: list[int] = Field(default_factory=lambda: [1024, 1024], min_length=1, description=(
+        "Projector layer sizes, the last one being the output dim (Barlow Twins uses 8192 x 3)."))
+    off_diagonal_weight: float = Field(5e-3, ge=0, description=(
+        "Weight (lambda) of the off-diagonal term of the Barlow Twins loss; the paper uses 5e-3 "
+        "with an 8192-d projector."))
+    epochs: int = Field(20, ge=1, description="Full passes over the source images.")
+    batch_size: int = Field(256, ge=2, description=(
+        "Images per step, two views each; at least 2, as the loss needs batch correlations."))
+    # AdamW rather than Barlow Twins' LARS, which is for batch 2048 on GPUs
+    lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate, cosine-decayed to 0.")
+    weight_decay: float = Field(1e-5, ge=0, description=(
+        "AdamW weight decay (Barlow Twins uses 1.5e-6 with LARS; a little more for small data)."))
+    # cutout and rotate are left out as Barlow Twins' views are crops, flips and colour changes
+    augment: DSAConfig = Field(DSAConfig(strategy="color_crop_flip_scale", mode="all"), description=(
+        "Augmentation making the two views: every family in turn (mode all), per-sample parameters."))
+    seed: int = Field(0, description="Seed of the init, the batch order and the views.")
 
 
 # ---------------------------------------------------------------- the loss
