@@ -60,7 +60,7 @@ from distill.checkpoint import (
     module_tensors,
     optimizer_tensors,
 )
-from distill.nets import NetFields, create_net
+from distill.nets import NetFields, NetName, create_net
 from distill.registry import Registry
 from distill.train import TrainConfig
 from distill.transfer import TransferConfig, pretrain, transfer  # noqa: F401  (transfer: re-exported)
@@ -77,25 +77,40 @@ PoolMode = POOL_MODES.name_type()
 class KRRConfig(NetFields, frozen=True, extra="forbid"):
     """KRR-ST distillation. Defaults: a CPU-feasible setting (the paper's values in the comments)."""
 
-    num_images: int = Field(100, ge=1)  # synthetic images; the paper: 2% of the source (1000 for CIFAR-100)
-    net: str = "convnet_bn"  # pool models (and, by default, the students); KRR-ST's BN ConvNet
-    net_kwargs: dict[str, Any] = {}  # convnet_bn defaults to 32-64-128 (paper: 128-256-512 at 32 px)
-    pool_mode: PoolMode = "online"  # a POOL_MODES name: "online" (trained pool) or "random-features"
-    num_models: int = Field(4, ge=1)  # pool size M (paper 10)
-    online_iterations: int = Field(100, ge=1)  # T: steps a pool model trains before it is reset (paper 1000)
-    online_lr: float = Field(0.1, gt=0)  # pool SGD (paper: lr 0.1, momentum 0.9, wd 1e-3, full batch)
-    online_momentum: float = Field(0.9, ge=0, lt=1)
-    online_weight_decay: float = Field(1e-3, ge=0)
-    outer_steps: int = Field(1000, ge=1)  # paper 160,000 (infeasible on CPU: 14.6 s per paper-size step)
-    outer_lr: float = Field(1e-3, gt=0)  # AdamW on X_s and Y_s (paper 1e-4 CIFAR-100, 1e-5 Tiny over 160k steps)
-    lr_end_factor: float = Field(0.1, gt=0, le=1)  # linear decay to outer_lr * this (paper 1e-3 over 160k)
-    learn_targets: bool = True  # Y_s learnable (paper: yes); False keeps the teacher's representations
-    real_batch: int = Field(256, ge=1)  # augmented real images per outer step (paper 1024)
-    ridge: float = Field(1e-6, gt=0)  # lambda = ridge * trace(K_ss), the paper's rule
-    augment: AugmentName = "flip_crop"  # real-batch augmentation, a distill.augment.AUGMENTS name (paper: crop + flip)
-    grad_clip: float = Field(0.0, ge=0)  # max grad norm of (X_s, Y_s); 0 = off (paper default)
-    checkpoint_every: int = Field(50, ge=1)  # outer steps between checkpoints
-    seed: int = 0  # init images, pool inits, batches and augmentation
+    num_images: int = Field(100, ge=1, description=(
+        "Synthetic images to distill; the paper uses 2% of the source (1000 for CIFAR-100)."))
+    net: NetName = Field("convnet_bn", description=(
+        "Net of the model pool whose features the KRR solve uses (KRR-ST's ConvNet with batch norm; "
+        "the transfer students default to the same net)."))
+    net_kwargs: dict[str, Any] = Field({}, description=(
+        "Options of the pool net; convnet_bn defaults to widths 32-64-128 (paper: 128-256-512 at 32 px)."))
+    pool_mode: PoolMode = Field("online", description=(
+        "How the feature maps are drawn each outer step: online = a pool of models trained on the "
+        "synthetic set (KRR-ST, FRePo's scheme); random-features = a fresh random net every step (an ablation)."))
+    num_models: int = Field(4, ge=1, description="Pool size M (paper: 10).")
+    online_iterations: int = Field(100, ge=1, description=(
+        "T: steps a pool model trains before it is reset to a fresh net (paper: 1000)."))
+    online_lr: float = Field(0.1, gt=0, description="Pool models' full-batch SGD learning rate (paper: 0.1).")
+    online_momentum: float = Field(0.9, ge=0, lt=1, description="Pool models' SGD momentum (paper: 0.9).")
+    online_weight_decay: float = Field(1e-3, ge=0, description="Pool models' SGD weight decay (paper: 1e-3).")
+    # 160,000 paper-size steps are infeasible on a CPU: 14.6 s per step
+    outer_steps: int = Field(1000, ge=1, description="Distillation (outer) steps (paper: 160,000).")
+    outer_lr: float = Field(1e-3, gt=0, description=(
+        "AdamW learning rate of the synthetic images and targets (paper: 1e-4 CIFAR-100, "
+        "1e-5 Tiny-ImageNet, over 160k steps)."))
+    lr_end_factor: float = Field(0.1, gt=0, le=1, description=(
+        "The outer lr decays linearly to outer_lr x this at the last step (paper: 1e-3 over 160k)."))
+    learn_targets: bool = Field(True, description=(
+        "Learn the target representations Y_s too (paper: yes); false keeps the teacher's representations."))
+    real_batch: int = Field(256, ge=1, description="Augmented real images per outer step (paper: 1024).")
+    ridge: float = Field(1e-6, gt=0, description=(
+        "KRR regularization: lambda = ridge x trace(K_ss), the paper's rule."))
+    augment: AugmentName = Field("flip_crop", description=(
+        "Augmentation of the real batches (paper: crop + flip)."))
+    grad_clip: float = Field(0.0, ge=0, description=(
+        "Max gradient norm of (X_s, Y_s); 0 = off (the paper's default)."))
+    checkpoint_every: int = Field(50, ge=1, description="Outer steps between checkpoints (resume points).")
+    seed: int = Field(0, description="Seed of the initial images, pool inits, batches and augmentation.")
 
 
 # ---------------------------------------------------------------- the KRR solve
