@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
-from distill.nets import NetFields, create_net
+from distill.nets import NetFields, NetName, create_net
 from distill.train import TrainConfig, TrainResult, extract_features, train
 from distill.utils import Progress, resolve_device
 
@@ -80,12 +80,18 @@ def _finetune_default() -> TrainConfig:
 class TransferConfig(NetFields, frozen=True, extra="forbid"):
     """How a backbone is pretrained and judged: the one transfer recipe of the project."""
 
-    net: str = "convnet"  # the backbone that is pretrained and transferred (a distill.nets name)
-    net_kwargs: dict[str, Any] = {"width": 32, "depth": 3}  # the CPU-scale ConvNet; DP4TL uses ResNet-18/50
-    pretrain: TrainConfig = Field(default_factory=_pretrain_default)  # its loss is set per call (ce / mse)
-    linear_probe: TrainConfig = Field(default_factory=_probe_default)
-    fine_tune: TrainConfig = Field(default_factory=_finetune_default)
-    modes: list[Mode] = Field(default_factory=lambda: list(MODES), min_length=1)  # which judgements run
+    net: NetName = Field("convnet", description=(
+        "The backbone that is pretrained and transferred (a distill.nets name)."))
+    net_kwargs: dict[str, Any] = Field({"width": 32, "depth": 3}, description=(
+        "Options of the backbone; the default is the CPU-scale ConvNet (DP4TL uses ResNet-18/50)."))
+    pretrain: TrainConfig = Field(default_factory=_pretrain_default, description=(
+        "Pretraining recipe on the source (its loss, ce or mse, is set per call by the method)."))
+    linear_probe: TrainConfig = Field(default_factory=_probe_default, description=(
+        "Linear probe: a fresh linear head trained on the frozen backbone's standardized target features."))
+    fine_tune: TrainConfig = Field(default_factory=_finetune_default, description=(
+        "Fine-tuning: the backbone plus a fresh linear head, all weights trained on the target."))
+    modes: list[Mode] = Field(default_factory=lambda: list(MODES), min_length=1, description=(
+        "Which judgements run: linear_probe, fine_tune or both."))
 
     def pretraining(self) -> dict[str, Any]:
         """What a pretrained net depends on (net and pretraining recipe, not how it is judged): a cache
