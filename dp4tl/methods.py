@@ -116,15 +116,25 @@ def kept_samples(
 class SelectionConfig(BaseModel, frozen=True, extra="forbid"):
     """Which pruning methods to run, at which ratios and seeds, and how the target is read."""
 
-    # The issue's comparison: both mappings, random class pruning and the bottom-K ablation.
-    methods: list[PruneMethodName] = Field(default_factory=lambda: ["lm", "fm", "random", "lm_bottom"], min_length=1)
-    ratios: list[float] = Field(default_factory=lambda: [0.5, 0.8], min_length=1)  # fractions of classes pruned
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)  # at least 3: the effect is small
-    k_clusters: int | None = Field(None, ge=1)  # fm_kmeans groups; None = the number of source classes (the paper)
-    batch_size: int = Field(1024, ge=1)  # surrogate inference only; memory, not results
-    # Target images whose size differs from the source's are resized to it (bilinear, antialiased);
-    # False refuses them instead, naming both sizes.
-    resize_target: bool = True
+    # The default comparison: both mappings, random class pruning and the bottom-K ablation.
+    methods: list[PruneMethodName] = Field(
+        default_factory=lambda: ["lm", "fm", "random", "lm_bottom"], min_length=1, description=(
+            "Pruning methods to compare, distinct: lm/lm_soft = label mapping, fm = feature mapping over "
+            "source labels, fm_kmeans = over K-means clusters, random = random classes, lm_bottom = the "
+            "bottom-K ablation, moderate = MODERATE data-wise selection at the same image budget."))
+    ratios: list[float] = Field(default_factory=lambda: [0.5, 0.8], min_length=1, description=(
+        "Fractions of source classes pruned, each strictly between 0 and 1 (the full source is "
+        "its own comparison arm); for moderate, the fraction of images."))
+    # the effect of a pruning method is small next to seed noise
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description=(
+        "Seeds; each method runs once per seed (selection, pretraining and transfer). Use at least 3."))
+    k_clusters: int | None = Field(None, ge=1, description=(
+        "fm_kmeans: number of K-means clusters; empty = the number of source classes (the paper)."))
+    batch_size: int = Field(1024, ge=1, description=(
+        "Images per surrogate inference batch: affects memory only, not results."))
+    resize_target: bool = Field(True, description=(
+        "Resize target images whose size differs from the source's to it (bilinear, antialiased); "
+        "false refuses them instead, naming both sizes."))
 
     @field_validator("methods")
     @classmethod
