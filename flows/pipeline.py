@@ -32,7 +32,7 @@ from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from distill.data import DataConfig, DataError
-from dp4tl.methods import SelectionConfig, check_ratio, get_method, num_kept_classes
+from dp4tl.methods import PruneMethodName, SelectionConfig, check_ratio, get_method, num_kept_classes
 from dp4tl.surrogate import SurrogateConfig
 from flows.distill_krr import KRRStage, run_krr
 from flows.distill_tm import TMStage, run_tm
@@ -49,7 +49,8 @@ class PruneStage(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    method: str = Field("lm", description="Pruning method (dp4tl.methods): lm, lm_soft, fm, fm_kmeans, random, ...")
+    method: PruneMethodName = Field("lm", description=(
+        "Pruning method (dp4tl.methods): lm, lm_soft, fm, fm_kmeans, random, lm_bottom, moderate."))
     ratio: float = Field(0.5, description="Fraction of source classes pruned, in (0, 1).")
     seed: int = Field(0, description="Seed of the selection (random methods, K-means).")
     surrogate: SurrogateConfig = Field(default_factory=SurrogateConfig,
