@@ -42,6 +42,8 @@ from tasks.krr import (
 )
 from tasks.runtime import Resources, heavy, ray_task_runner
 
+MethodName = METHODS.name_type()  # a drop-down of the compared methods in the run form
+
 
 class KRRStage(BaseModel):
     """What KRR-ST does to a source: teacher, distillation and the transfer comparison (also the
@@ -53,8 +55,8 @@ class KRRStage(BaseModel):
     krr: KRRConfig = Field(default_factory=KRRConfig, description="KRR-ST distillation.")
     transfer: TransferConfig = Field(default_factory=krr_transfer, description="Pretraining + transfer recipe "
                                      "(distill.transfer), shared by all methods.")
-    methods: list[str] = Field(default_factory=lambda: list(METHODS), min_length=1,
-                               description=f"Compared methods: any of {', '.join(METHODS)}.")
+    methods: list[MethodName] = Field(default_factory=lambda: list(METHODS), min_length=1,
+                                      description=f"Compared methods: any of {', '.join(METHODS)}.")
     seeds: int = Field(3, ge=1, description="Evaluation seeds per method (mean and std over these).")
 
     @field_validator("methods")
