@@ -13,6 +13,8 @@ random target. Parts (--part, default all):
            goals: budget <= 1.2x unrolled, memory strictly between constant and unrolled,
            constant memory at 80 steps <= 1.3x at 10.
   threads  the same unrolled iteration at 1 and 2 torch threads (speedup = t1 / t2).
+  allocator  glibc's default malloc vs freed blocks kept for reuse (distill.allocator; width 128).
+Runs keep freed memory (as the library's heavy loops do) unless --default-malloc.
 
 Timing: every variant of a setting runs in the same process, one iteration each in turn (order
 reversed every other round) after a warm-up round; ratios are medians of per-round ratios, so
@@ -25,6 +27,7 @@ depend on the load or the allocator. The whole process's peak RSS is reported to
     .venv/bin/python benchmarks/matching_speed.py --preset cpu --part norm      # ~4 min on 2 loaded cores
     .venv/bin/python benchmarks/matching_speed.py --preset cpu --part modes
     .venv/bin/python benchmarks/matching_speed.py --preset cpu --part threads
+    .venv/bin/python benchmarks/matching_speed.py --preset cpu --part allocator
 Last line: one JSON object; every run is appended to benchmarks/records/matching_speed.jsonl.
 """
 
@@ -45,13 +48,16 @@ from benchmarks.speed_common import (  # noqa: E402
 # norm: (width, ipc, syn_steps) settings; modes: width, ipc, steps; threads: (width, ipc, steps)
 PRESETS = {
     "tiny": {"norm": [(8, 1, 2)], "norm_rounds": 1, "modes": {"width": 8, "ipc": 1, "steps": [2, 4]},
-             "mode_rounds": 1, "threads_setting": (8, 1, 2), "thread_rounds": 1, "threads": 1},
-    "cpu": {"norm": [(32, 10, 10), (32, 10, 30), (128, 10, 2)], "norm_rounds": 3,
+             "mode_rounds": 1, "threads_setting": (8, 1, 2), "thread_rounds": 1, "threads": 1,
+             "allocator_setting": (8, 1, 2)},
+    "cpu": {"norm": [(32, 10, 10), (32, 10, 30), (128, 10, 2)], "norm_rounds": 2,
             "modes": {"width": 32, "ipc": 1, "steps": [10, 30, 80]}, "mode_rounds": 2,
-            "threads_setting": (32, 10, 10), "thread_rounds": 4, "threads": 1},
+            "threads_setting": (32, 10, 10), "thread_rounds": 3, "threads": 1,
+            "allocator_setting": (128, 10, 2)},
     "gpu": {"norm": [(128, 10, 20), (128, 10, 40)], "norm_rounds": 5,
             "modes": {"width": 128, "ipc": 10, "steps": [10, 30, 80]}, "mode_rounds": 3,
-            "threads_setting": (128, 10, 10), "thread_rounds": 3, "threads": 4},
+            "threads_setting": (128, 10, 10), "thread_rounds": 3, "threads": 4,
+            "allocator_setting": (128, 10, 10)},
 }
 BUDGET_FRACTION = 0.5
 
@@ -184,7 +190,36 @@ def part_threads(p: dict, device: str) -> dict:
             "speedup_2_vs_1_thread": speedup}
 
 
-PARTS = {"norm": part_norm, "modes": part_modes, "threads": part_threads}
+def part_allocator(p: dict, device: str) -> dict:
+    """glibc's default malloc vs freed blocks kept (distill.allocator), toggled in one process."""
+    import time
+
+    from distill.allocator import keep_freed_memory, restore_default_malloc
+    from distill.matching import matching_grad
+
+    width, ipc, steps = p["allocator_setting"]
+    args = problem(width, ipc, steps, "fast", device)
+    times: dict[str, list[float]] = {"default": [], "kept": []}
+    for _ in range(p["thread_rounds"]):
+        restore_default_malloc()
+        t0 = time.perf_counter()
+        matching_grad("unrolled", *args)
+        times["default"].append(time.perf_counter() - t0)
+        keep_freed_memory()
+        matching_grad("unrolled", *args)  # fills the heap the timed run reuses, as every later iteration does
+        t0 = time.perf_counter()
+        matching_grad("unrolled", *args)
+        times["kept"].append(time.perf_counter() - t0)
+    keep_freed_memory()
+    ratio = paired_ratio(times, "kept", "default")
+    print(f"allocator w{width} ipc{ipc} steps {steps}: default {timing_summary(times['default'])['s_median']:.3f} s, "
+          f"kept {timing_summary(times['kept'])['s_median']:.3f} s (ratio {ratio})", flush=True)
+    return {"allocator_setting": {"width": width, "ipc": ipc, "syn_steps": steps, "layers": "fast"},
+            "malloc_default": timing_summary(times["default"]), "malloc_kept": timing_summary(times["kept"]),
+            "kept_vs_default_malloc_time": ratio}
+
+
+PARTS = {"norm": part_norm, "modes": part_modes, "threads": part_threads, "allocator": part_allocator}
 
 
 def main() -> None:
@@ -193,8 +228,12 @@ def main() -> None:
     parser.add_argument("--part", default="all", choices=["all", *PARTS])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/records (smoke tests)")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="keep glibc's default malloc (runs call distill.allocator.keep_freed_memory otherwise)")
     args = parser.parse_args()
     import torch
+
+    from distill.allocator import keep_freed_memory
 
     from distill.utils import peak_rss_mb
 
@@ -202,7 +241,8 @@ def main() -> None:
     torch.set_num_threads(p["threads"])
     load_start = loadavg()
     print(f"preset {args.preset}, torch threads {torch.get_num_threads()}, loadavg {load_start}", flush=True)
-    summary = {"benchmark": "matching_speed", "part": args.part, "device": args.device,
+    malloc = "default" if args.default_malloc or not keep_freed_memory() else "kept"
+    summary = {"benchmark": "matching_speed", "part": args.part, "device": args.device, "malloc": malloc,
                "setting": "10 classes x ipc 3x32x32, convnet depth 3, DSA, one matching iteration"}
     for name, fn in PARTS.items():
         if args.part in ("all", name):

@@ -26,6 +26,7 @@ import time
 import torch
 import torch.nn as nn
 
+from distill.allocator import keep_freed_memory
 from distill.augment import AUGMENTS
 from distill.fused_norm import InstanceNorm
 from distill.train import (
@@ -69,6 +70,7 @@ def train_batched(
     if len(seeds) != len(nets):
         raise ValueError(f"need one seed per net; got {len(seeds)} seeds for {len(nets)} nets")
     dev = resolve_device(device)
+    keep_freed_memory()
     n = x.shape[0]
     if n == 0:
         raise ValueError("cannot train on an empty dataset")

@@ -19,11 +19,12 @@ import torch
 from pydantic import ConfigDict, Field
 
 from distill.nets import NetFields, create_net
+from distill.precision import PrecisionField, precision_context
 from distill.train import TrainConfig, evaluate, train
 from distill.utils import Progress, peak_rss_mb, resolve_device, seed_everything
 
 
-class EvalConfig(NetFields):
+class EvalConfig(NetFields, PrecisionField):
     """How a training set is judged: N fresh networks, one recipe, final-epoch test accuracy."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -79,9 +80,10 @@ def evaluate_set(
     )
     train_cfg = cfg.train_config(learned_lr)
     start = time.perf_counter()
-    result = train(net, train_x, train_y, train_cfg, device=dev, seed=seed, progress=progress)
-    seconds = time.perf_counter() - start
-    test = evaluate(net, test_x, test_y, device=dev)
+    with precision_context(cfg.precision, dev):
+        result = train(net, train_x, train_y, train_cfg, device=dev, seed=seed, progress=progress)
+        seconds = time.perf_counter() - start
+        test = evaluate(net, test_x, test_y, device=dev)
     return _row(seed, test, result, train_x, train_cfg, seconds, dev)
 
 
@@ -128,11 +130,12 @@ def evaluate_seeds(
         return evaluate_seeds(train_x, train_y, test_x, test_y, cfg, num_classes=num_classes, seeds=seeds,
                               learned_lr=learned_lr, device=device, progress=progress, batched=False)
     train_cfg = cfg.train_config(learned_lr)
-    results = train_batched(nets, train_x, train_y, train_cfg, seeds=seeds, device=dev, progress=progress)
     rows = []
-    for seed, net, result in zip(seeds, nets, results):
-        test = evaluate(net, test_x, test_y, device=dev)
-        rows.append(_row(seed, test, result, train_x, train_cfg, result.seconds / len(seeds), dev))
+    with precision_context(cfg.precision, dev):
+        results = train_batched(nets, train_x, train_y, train_cfg, seeds=seeds, device=dev, progress=progress)
+        for seed, net, result in zip(seeds, nets, results):
+            test = evaluate(net, test_x, test_y, device=dev)
+            rows.append(_row(seed, test, result, train_x, train_cfg, result.seconds / len(seeds), dev))
     return rows
 
 

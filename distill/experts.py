@@ -50,6 +50,8 @@ from distill.checkpoint import (
     optimizer_tensors,
 )
 from distill.nets import NetFields, create_net, flatten_params, param_layout
+from distill.allocator import keep_freed_memory
+from distill.precision import PrecisionField, precision_context
 from distill.registry import Registry
 from distill.train import check_finite_losses, evaluate
 from distill.trajectory import Snapshot, TrajectoryReader, param_change, write_trajectory
@@ -79,7 +81,7 @@ RECIPES: Registry[dict[str, Any]] = Registry("expert recipe", {
 RecipeName = RECIPES.name_type()
 
 
-class ExpertConfig(NetFields, frozen=True, extra="forbid"):
+class ExpertConfig(NetFields, PrecisionField, frozen=True, extra="forbid"):
     """How to train a pool of experts. `recipe` presets the other fields (see RECIPES)."""
 
     recipe: RecipeName = "mtt"  # a RECIPES name; fills the fields it presets unless they are given
@@ -401,6 +403,7 @@ def train_expert(
         return _summary(out_path, time.perf_counter() - start_time, None, reused=True)
 
     dev = resolve_device(device)
+    keep_freed_memory()  # CPU: reuse freed activations instead of page-faulting new ones (distill.allocator)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.seed, expert_id, "init"))
         net = create_net(cfg.net, num_classes=num_classes, channels=identity["channels"],
@@ -419,7 +422,8 @@ def train_expert(
         checkpoint.save(Snapshot(0, previous, **_test_metrics(net, test_x, test_y, dev)), net, optimizer, generator)
     try:
         for epoch in range((resumed_from or 0) + 1, cfg.epochs + 1):
-            train_metrics = _train_epoch(net, optimizer, x, y, generator, cfg, epoch, expert_id)
+            with precision_context(cfg.precision, x.device):  # fp32 (default) | tf32 | bf16 autocast
+                train_metrics = _train_epoch(net, optimizer, x, y, generator, cfg, epoch, expert_id)
             current = flatten_params(net).cpu()
             if not bool(torch.isfinite(current).all()):
                 raise FloatingPointError(

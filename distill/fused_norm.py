@@ -161,6 +161,11 @@ def instance_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps
     """F.group_norm(x, C, weight, bias, eps) with a closed-form double backward."""
     if x.dim() < 3:
         raise ValueError(f"instance norm needs [N, C, *spatial] input; got shape {tuple(x.shape)}")
+    if torch.is_autocast_enabled(x.device.type):
+        # statistics in float32 under autocast (bf16 means and variances lose too much); the next
+        # convolution casts the output back down
+        with torch.autocast(x.device.type, enabled=False):
+            return _InstanceNormFn.apply(x.float(), weight.float(), bias.float(), eps)
     return _InstanceNormFn.apply(x, weight, bias, eps)
 
 

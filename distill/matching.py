@@ -88,11 +88,13 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from distill.allocator import keep_freed_memory
 from distill.augment import DSAConfig, DSAParams, apply_params, sample_params
 from distill.checkpoint import Checkpoint, CheckpointError
 from distill.data import check_ipc as data_check_ipc
 from distill.graph_memory import GraphMemoryMeter
 from distill.nets import create_net, fast_net_kwargs, unflatten_params
+from distill.precision import Precision, precision_context
 from distill.registry import Registry
 from distill.trajectory import TrajectorySet, layout_from_json
 from distill.utils import Progress, resolve_device
@@ -149,6 +151,9 @@ class MatchConfig(BaseModel, frozen=True, extra="forbid"):
     # the student's instance norm and avg pooling by their faster exact equivalents (distill.nets.
     # FAST_EQUIVALENTS: same parameters, same values to rounding); False = the experts' own layers
     fast_layers: bool = True
+    # fp32 (default), tf32 (CUDA TF32 convolutions/matmuls) or bf16 autocast, for the inner loop and
+    # both backward passes (distill.precision); images, lr and the student's parameters stay float32
+    precision: Precision = "fp32"
     checkpoint_every: int = Field(50, ge=1)  # iterations between checkpoints (needs a work_dir)
     on_divergence: Literal["stop", "rollback"] = "stop"
     rollback_factor: float = Field(0.5, gt=0, lt=1)  # image lr multiplier per rollback
@@ -212,7 +217,7 @@ class MatchConfig(BaseModel, frozen=True, extra="forbid"):
 
 
 # Options of how fast a run goes, not what it computes; left out of the identity at their defaults.
-SPEED_OPTIONS = ("memory_budget_mb", "fast_layers")
+SPEED_OPTIONS = ("memory_budget_mb", "fast_layers", "precision")
 BUDGETED_MODES = ("budget", "auto")  # memory modes sized by memory_budget_mb
 
 FOLLOW_UPS = ("ema_decay", "soft_labels", "lr_labels", "momentum_labels", "label_epoch", "min_start_epoch",
@@ -420,7 +425,7 @@ def _segmented(student: Student, images: torch.Tensor, labels: torch.Tensor, lr:
     wrt = [images, lr] + ([labels] if learn_labels else [])
     totals = [torch.zeros_like(t) for t in wrt]
     theta_bar = velocity_bar = None
-    loss_value = 0.0
+    loss_value = torch.zeros((), dtype=alpha.dtype, device=alpha.device)  # read once at the end: no sync per segment
     for begin, end in reversed(list(zip(starts, starts[1:] + [n]))):
         theta0, velocity0 = checkpoints[begin]
         theta = theta0.clone().requires_grad_(True)
@@ -440,7 +445,7 @@ def _segmented(student: Student, images: torch.Tensor, labels: torch.Tensor, lr:
         if loss is not None:
             outputs.append(loss)
             grad_outputs.append(torch.ones_like(loss))
-            loss_value += float(loss.detach())
+            loss_value = loss_value + loss.detach()
         if theta_bar is not None:
             outputs.append(theta)
             grad_outputs.append(theta_bar)
@@ -452,7 +457,7 @@ def _segmented(student: Student, images: torch.Tensor, labels: torch.Tensor, lr:
         velocity_bar = grads[1] if len(leaves) > 1 else None
         totals = [t + d for t, d in zip(totals, grads[len(leaves):])]
         del outputs, grad_outputs, grads, g, theta, velocity, leaves
-    return (loss_value, totals[0], totals[1]) + ((totals[2],) if learn_labels else ())
+    return (float(loss_value), totals[0], totals[1]) + ((totals[2],) if learn_labels else ())
 
 
 # Graph memory of one inner step, per student and batch layout (measured once, see step_graph_mb).
@@ -756,6 +761,7 @@ def match_trajectories(
     check_experts(experts.meta, experts.last_epoch, cfg, num_classes=num_classes, image_shape=tuple(train_x.shape[1:]),
                   dataset_fingerprint=dataset_fingerprint, preprocessor_fingerprint=preprocessor_fingerprint)
     dev = resolve_device(device)
+    keep_freed_memory()  # CPU: reuse freed graphs instead of page-faulting new ones (distill.allocator)
     student = Student(experts.meta, dev, dtype, fast=cfg.fast_layers)
     labels = torch.arange(num_classes).repeat_interleave(cfg.ipc).to(dev)
     identity = {
@@ -791,9 +797,10 @@ def match_trajectories(
         it = state.iteration + 1
         seg = sample_segment(cfg, experts, len(state.images), generator, dev, dtype, iteration=it)
         learn_labels = cfg.soft_labels and cfg.lr_labels > 0
-        loss, g_images, g_lr, *g_labels = matching_grad(cfg.memory, student, state.images,
-                                                        state.extra.get("labels", labels), state.lr, seg, learn_labels,
-                                                        cfg.memory_budget_mb)
+        with precision_context(cfg.precision, dev):
+            loss, g_images, g_lr, *g_labels = matching_grad(cfg.memory, student, state.images,
+                                                            state.extra.get("labels", labels), state.lr, seg,
+                                                            learn_labels, cfg.memory_budget_mb)
         with torch.no_grad():
             buf_images = cfg.momentum_img * state.buf_images + g_images
             buf_lr = cfg.momentum_lr * state.buf_lr + g_lr

@@ -205,3 +205,94 @@ def test_unbatchable_nets_are_refused_and_evaluation_falls_back():
     cfg = EvalConfig(net_kwargs={"width": 4, "depth": 1, "norm": "batch"}, train=TrainConfig(epochs=1, augment="none"))
     rows = evaluate_seeds(x, y, tx, ty, cfg, num_classes=3, seeds=[0, 1], batched=True, device="cpu")
     assert [r["seed"] for r in rows] == [0, 1]
+
+
+# ---------------------------------------------------------------- precision options
+
+
+def test_precision_fields_keep_old_json_and_refuse_unknown_names():
+    from distill.evaluate import EvalConfig
+    from distill.experts import ExpertConfig
+    from distill.precision import precision_context
+
+    assert "precision" not in EvalConfig().model_dump(mode="json")  # cache keys of fp32 configs unchanged
+    assert "precision" not in ExpertConfig().model_dump(mode="json")
+    assert "precision" not in MatchConfig().identity()
+    assert EvalConfig(precision="bf16").model_dump(mode="json")["precision"] == "bf16"
+    assert ExpertConfig.model_validate(ExpertConfig(precision="tf32").model_dump()).precision == "tf32"
+    assert MatchConfig(precision="bf16").identity()["precision"] == "bf16"
+    for make in (EvalConfig, ExpertConfig, MatchConfig):
+        with pytest.raises(ValidationError):
+            make(precision="fp16")
+    with pytest.raises(ValueError, match="unknown precision 'fp8'; valid: fp32, tf32, bf16"):
+        with precision_context("fp8", "cpu"):
+            pass
+
+
+def _float32_problem():
+    student, images, labels, lr, seg = _problem()
+    seg = Segment(seg.start.float(), [(s, t.float(), w) for s, t, w in seg.targets], seg.plan, momentum=seg.momentum)
+    student.net.float()
+    return student, images.float(), labels, lr.float(), seg
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_bf16_matching_runs_on_cpu_close_to_fp32(fast):
+    """bf16 autocast (8-bit mantissa convolutions): loss within 2% and image gradient at cosine
+    >= 0.98 of the float32 one, on 5 unrolled steps; tf32 on CPU is float32 exactly."""
+    from distill.precision import precision_context
+
+    student, images, labels, lr, seg = _float32_problem()
+    if not fast:
+        meta = {"layout": layout_to_json(param_layout(student.net)), "net": "convnet",
+                "net_kwargs": {"width": 6, "depth": 2, "norm": "instance"}, "num_classes": 4, "channels": 3,
+                "image_size": 16}
+        student = Student(meta, torch.device("cpu"), torch.float32, fast=False)
+    want = matching_grad("unrolled", student, images, labels, lr, seg)
+    with precision_context("tf32", "cpu"):
+        assert torch.equal(matching_grad("unrolled", student, images, labels, lr, seg)[1], want[1])
+    with precision_context("bf16", "cpu"):
+        got = matching_grad("unrolled", student, images, labels, lr, seg)
+    assert got[1].dtype == torch.float32 and torch.isfinite(got[1]).all()
+    assert got[0] == pytest.approx(want[0], rel=0.02)
+    assert float(torch.nn.functional.cosine_similarity(got[1].flatten(), want[1].flatten(), dim=0)) >= 0.98
+    assert not torch.equal(got[1], want[1])  # bf16 really ran
+
+
+def test_bf16_evaluation_and_experts_run_on_cpu_close_to_fp32(tmp_path):
+    from distill.evaluate import EvalConfig, evaluate_set
+    from distill.experts import ExpertConfig, train_expert
+    from distill.train import TrainConfig
+
+    x, y, tx, ty = _eval_data()
+    rows = {}
+    for precision in ("fp32", "bf16"):
+        cfg = EvalConfig(net_kwargs={"width": 8, "depth": 2}, precision=precision,
+                         train=TrainConfig(epochs=8, batch_size=12, lr=0.05, augment="none"))
+        rows[precision] = evaluate_set(x, y, tx, ty, cfg, num_classes=3, seed=0, device="cpu")
+    assert rows["bf16"]["test_loss"] != rows["fp32"]["test_loss"]
+    assert rows["bf16"]["test_acc"] == pytest.approx(rows["fp32"]["test_acc"], abs=0.1)
+    assert rows["bf16"]["test_loss"] == pytest.approx(rows["fp32"]["test_loss"], rel=0.15)
+    finals = {}
+    for precision in ("fp32", "bf16"):
+        cfg = ExpertConfig(net_kwargs={"width": 4, "depth": 2}, epochs=3, batch_size=12, lr=0.05, num_experts=1,
+                           augment="none", precision=precision)
+        out = train_expert(cfg, x, y, tx, ty, num_classes=3, expert_id=0, out_path=tmp_path / precision / "e.parquet",
+                           device="cpu")
+        finals[precision] = out
+    assert finals["bf16"]["test_acc"] == pytest.approx(finals["fp32"]["test_acc"], abs=0.15)
+
+
+def test_keep_freed_memory_applies_once_and_can_be_opted_out(monkeypatch):
+    import distill.allocator as allocator
+
+    if allocator._glibc() is None:
+        pytest.skip("not glibc")
+    allocator.restore_default_malloc()
+    monkeypatch.setenv("DISTILLERY_MALLOC", "default")
+    assert allocator.keep_freed_memory() is False
+    monkeypatch.delenv("DISTILLERY_MALLOC")
+    assert allocator.keep_freed_memory() is True
+    assert allocator.keep_freed_memory() is True  # idempotent
+    big = torch.ones(64, 2**20)  # 256 MB: from the heap now, and correct
+    assert float(big.sum()) == 64 * 2**20
