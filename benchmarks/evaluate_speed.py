@@ -26,7 +26,7 @@ from benchmarks.speed_common import append_record, interleaved, loadavg, paired_
 
 PRESETS = {
     "tiny": {"width": 8, "ipc": 1, "epochs": 2, "nets": [1, 3], "rounds": 1, "threads": 1},
-    "cpu": {"width": 128, "ipc": 10, "epochs": 10, "nets": [1, 3, 5], "rounds": 2, "threads": 1},
+    "cpu": {"width": 128, "ipc": 10, "epochs": 5, "nets": [1, 3, 5], "rounds": 2, "threads": 1},
     "gpu": {"width": 128, "ipc": 50, "epochs": 100, "nets": [1, 3, 5], "rounds": 2, "threads": 4},
 }
 
