@@ -27,6 +27,7 @@ from uuid import UUID
 
 FINAL_OK = {"COMPLETED"}
 FINAL_BAD = {"FAILED", "CRASHED", "CANCELLED"}
+LOG_LAG_S = 5.0  # how long Prefect may take to ship a task's log lines to the API
 
 
 @dataclass
@@ -115,9 +116,8 @@ class Watcher:
         for tr in task_runs:
             line = self.stages.setdefault(tr.id, StageLine(_stage_name(tr.name)))
             state = tr.state.type.value if tr.state else "PENDING"
-            # Prefect's own cache hit, or a store hit of a @stage task (its state message says so).
-            message = (tr.state.message or "") if tr.state else ""
-            line.cached = bool(tr.state and (tr.state.name == "Cached" or message.startswith("reused")))
+            # Prefect's own cache hit; a @stage store hit is found among the progress artifacts below
+            line.cached = line.cached or bool(tr.state and tr.state.name == "Cached")
             if state == "RUNNING" and line.started is None:
                 line.started = tr.start_time.timestamp() if tr.start_time else now
             if state in FINAL_OK | FINAL_BAD and line.finished is None:
@@ -131,12 +131,15 @@ class Watcher:
             line = self.stages.get(art.task_run_id) if art.task_run_id else None
             if line is None or not isinstance(art.data, (int, float)):
                 continue
+            if (art.description or "").startswith("reused "):  # tasks.stage on a store hit
+                line.cached = True
+                continue
             if line.progress != float(art.data):
                 line.history.append((now, float(art.data)))
             line.progress, line.detail = float(art.data), art.description or ""
         return run.state.type.value if run.state else "PENDING"
 
-    def render(self) -> None:
+    def render(self, final: bool = False) -> None:
         now = time.time()
         if self.tty and self.status_width:
             self.out.write("\r" + " " * self.status_width + "\r")
@@ -146,7 +149,10 @@ class Watcher:
             decile = int((line.progress or 0) // 10)
             seen = self.printed.get(tid)
             if line.state in FINAL_OK | FINAL_BAD:
-                if seen is None or seen[0] != line.state:
+                # A store hit is reported by a progress artifact, which may reach the API a little after the
+                # state: a completed stage waits LOG_LAG_S before it is called "completed".
+                settled = final or line.cached or line.state in FINAL_BAD or now - (line.finished or now) > LOG_LAG_S
+                if settled and (seen is None or seen[0] != line.state):
                     self.out.write(("✓ " if line.state in FINAL_OK else "✗ ") + line.text(now) + "\n")
                     self.printed[tid] = (line.state, decile)
             elif line.state == "RUNNING":
@@ -180,8 +186,9 @@ def follow(flow_run_id: UUID, *, interval: float = 2.0, out: TextIO = sys.stdout
             state = watcher.poll()
             watcher.render()
             if state in FINAL_OK | FINAL_BAD:
+                time.sleep(min(LOG_LAG_S, 2.0))  # the last log lines (store hits) reach the API
                 watcher.poll()  # task runs that ended in the last interval
-                watcher.render()
+                watcher.render(final=True)
                 if watcher.tty and watcher.status_width:
                     out.write("\n")
                 out.write(watcher.summary(state, started) + "\n")

@@ -236,8 +236,9 @@ def stage(
                               inputs=list(k.inputs), seeds=out.seeds)
                 for path in run._work:
                     shutil.rmtree(path, ignore_errors=True)
-            value = run.ref if result is None else _named_call(result, {**params, "ref": run.ref})
-            return _reused_state(value, f"{name}/{run.key}", run_stage) if hit else value
+            if hit:
+                _say_reused(f"{name}/{run.key}", run_stage)
+            return run.ref if result is None else _named_call(result, {**params, "ref": run.ref})
 
         # Prefect caches a task's return value, so its cache key names the artifact (the store's key, offered
         # once published) and also the task and every parameter `result` reads: the tasks of one stage (train
@@ -271,21 +272,25 @@ def stage(
     return decorate
 
 
-def _reused_state(value: Any, what: str, fn: Callable[..., Any]) -> Any:
-    """On a store hit inside this stage's own task run: a Completed state that says so.
+def _say_reused(what: str, fn: Callable[..., Any]) -> None:
+    """Report a store hit inside this stage's own task run: a finished progress artifact whose
+    description reads "reused <stage>/<key> from the artifact store", and the same log line.
 
-    The message ("reused <stage>/<key>") is how the UI and `flows.watch` tell a reused stage from
-    one that ran; Prefect's own cache shows as "Cached", but a store hit happens inside the task
-    (a cache key is offered only for a published artifact, and Prefect may not have a result to
-    reuse). A plain call (`task.fn(...)`, also from inside another task) gets the value itself.
+    Prefect's own cache hit shows as "Cached"; a store hit happens inside the task, which then
+    completes normally, so this is how the UI and `flows.watch` tell a reused stage from one that
+    ran. A plain `.fn` call (also from inside another task) reports nothing.
     """
+    from prefect.artifacts import create_progress_artifact
     from prefect.context import TaskRunContext
-    from prefect.states import Completed
 
     ctx = TaskRunContext.get()
     if ctx is None or getattr(ctx.task, "fn", None) is not fn:
-        return value
-    return Completed(data=value, message=f"reused {what} from the artifact store")
+        return
+    message = f"reused {what} from the artifact store"
+    create_progress_artifact(progress=100.0, description=message)
+    from tasks.reports import run_logger
+
+    run_logger().info(message)
 
 
 def _write_info(write: Callable[[Staging], StageInfo], where: str, staging: Staging) -> dict[str, Any]:
