@@ -114,51 +114,81 @@ class MatchingDiverged(FloatingPointError):
 class MatchConfig(BaseModel, frozen=True, extra="forbid"):
     """Trajectory matching. Defaults: MTT's distill.py CLI defaults, AST switches off."""
 
-    ipc: int = Field(1, ge=1)  # synthetic images per class
-    iterations: int = Field(5000, ge=1)  # outer updates of images and lr (MTT Iteration 5000)
-    syn_steps: int = Field(20, ge=1)  # N: student SGD steps per iteration (MTT CLI 20; table 10-80)
-    expert_epochs: int = Field(3, ge=1)  # M: target = expert snapshot M epochs after the start
-    # start epoch drawn uniformly from 0..max_start_epoch inclusive (MTT's randint excludes T+,
-    # so MTT's T+ = 20 is 19 here); needs max_start_epoch + expert_epochs <= stored epochs
-    max_start_epoch: int = Field(19, ge=0)
-    lr_img: float = Field(1000.0, gt=0)  # image SGD lr; MTT tunes it on a 10^n grid (100 .. 1e5)
-    lr_lr: float = Field(1e-5, ge=0)  # SGD lr of the learned student lr; 0 freezes it
-    lr_init: float = Field(0.01, gt=0)  # alpha_0, the student lr to start from (MTT lr_teacher)
-    momentum_img: float = Field(0.5, ge=0, lt=1)  # MTT: SGD momentum 0.5 for images and lr
-    momentum_lr: float = Field(0.5, ge=0, lt=1)
-    batch_syn: int | None = Field(None, ge=1)  # images per inner step; None = all (MTT default)
-    dsa: DSAConfig | None = DSAConfig()  # inner-loop augmentation (MTT: DSA); None = none
-    init: str = "real"  # an INITS name: real, noise, representative (AST)
-    balance_loss: bool = False  # AST --balance_loss
-    intermediate_loss: Literal["none", "constant", "adaptive"] = "none"  # AST --agg_middle_loss / adaptive
-    weight_perturb: float = Field(0.0, ge=0)  # AST --weight_perturb uses 1.0; 0 = off
-    student_momentum: float = Field(0.0, ge=0, lt=1)  # AST 0.9 (its experts use momentum 0.9)
+    ipc: int = Field(1, ge=1, description="Synthetic images per class.")
+    iterations: int = Field(5000, ge=1, description=(
+        "Outer updates of the images and the learned lr (MTT: 5000); a finished run resumes to more."))
+    syn_steps: int = Field(20, ge=1, description=(
+        "N: student SGD steps on the synthetic images per iteration (MTT: 20 by default, 10-80 in its tables)."))
+    expert_epochs: int = Field(3, ge=1, description=(
+        "M: the target is the expert snapshot M epochs after the start epoch."))
+    # MTT's randint excludes T+, so MTT's T+ = 20 is 19 here
+    max_start_epoch: int = Field(19, ge=0, description=(
+        "Start epochs are drawn uniformly from min_start_epoch..max_start_epoch inclusive; "
+        "max_start_epoch + expert_epochs must not exceed the experts' stored epochs."))
+    lr_img: float = Field(1000.0, gt=0, description=(
+        "SGD learning rate of the image pixels; MTT tunes it on a 10^n grid (100 .. 1e5)."))
+    lr_lr: float = Field(1e-5, ge=0, description="SGD learning rate of the learned student lr; 0 freezes it.")
+    lr_init: float = Field(0.01, gt=0, description=(
+        "alpha_0: the student learning rate to start from (MTT: lr_teacher, 0.01)."))
+    momentum_img: float = Field(0.5, ge=0, lt=1, description="SGD momentum of the images (MTT: 0.5).")
+    momentum_lr: float = Field(0.5, ge=0, lt=1, description="SGD momentum of the learned lr (MTT: 0.5).")
+    batch_syn: int | None = Field(None, ge=1, description=(
+        "Synthetic images per student step; empty = all of them (MTT's default)."))
+    dsa: DSAConfig | None = Field(DSAConfig(), description=(
+        "Augmentation of the student's batches (MTT: DSA); empty = none."))
+    # INITS and MEMORY_MODES are defined below with their implementations: their choices enter
+    # the JSON schema (a drop-down in the run form) when it is generated; the validators check names
+    init: str = Field("real", json_schema_extra=lambda s: s.update(enum=INITS.choices()), description=(
+        "Initial images: real = ipc random real images per class (MTT), noise = standard normal "
+        "pixels, representative = per class the real images nearest K-means centres of an expert's logits "
+        "(AST)."))
+    balance_loss: bool = Field(False, description=(
+        "AST's balanced loss (--balance_loss): the inner CE is weighted up for late start epochs, "
+        "down for early ones."))
+    intermediate_loss: Literal["none", "constant", "adaptive"] = Field("none", description=(
+        "AST: also match the student at inner step (N // M) x i to expert epoch t + i, with weight 1 "
+        "(constant, --agg_middle_loss) or i / M (adaptive); needs syn_steps >= expert_epochs."))
+    weight_perturb: float = Field(0.0, ge=0, description=(
+        "AST: scale s of a random perturbation of the student's starting conv weights (AST uses 1.0); 0 = off."))
+    student_momentum: float = Field(0.0, ge=0, lt=1, description=(
+        "SGD momentum of the student's inner steps (AST: 0.9, like its experts; MTT: 0)."))
     # Follow-up switches (FOLLOW_UPS), all off by default; see the module docstring.
-    ema_decay: float = Field(0.0, ge=0, lt=1)  # FTD/ATT: publish an EMA of the images; 0 = the last iterate
-    soft_labels: bool = False  # DATM: learn soft labels (logits) initialised from the experts' logits
-    lr_labels: float = Field(5.0, ge=0)  # DATM lr_y (5 at CIFAR-10 ipc 1, 2 at ipc 10); 0 = fixed soft labels
-    momentum_labels: float = Field(0.9, ge=0, lt=1)  # DATM Momentum_y
-    label_epoch: int | None = Field(None, ge=0)  # expert snapshot whose logits start the labels; None = last
-    min_start_epoch: int = Field(0, ge=0)  # DATM: lower end of the start-epoch window
-    # DATM sequential generation: the window's upper end grows linearly from initial_max_start_epoch
-    # to max_start_epoch over window_growth iterations; None = fixed at max_start_epoch
-    initial_max_start_epoch: int | None = Field(None, ge=0)
-    window_growth: int = Field(1000, ge=1)  # DATM expansion_end_epoch, in iterations
-    memory: str = "unrolled"  # a MEMORY_MODES name: unrolled (MTT), constant (exact, O(1) graphs), budget, auto
-    # budget/auto: MB of inner-step graphs to keep (budget: as many steps as fit, recomputing the
-    # rest; auto: unrolled if all fit, else budget, else constant); None for unrolled/constant
-    memory_budget_mb: float | None = Field(None, gt=0)
-    # the student's instance norm and avg pooling by their faster exact equivalents (distill.nets.
-    # FAST_EQUIVALENTS: same parameters, same values to rounding); False = the experts' own layers
-    fast_layers: bool = True
-    # fp32 (default), tf32 (CUDA TF32 convolutions/matmuls) or bf16 autocast, for the inner loop and
-    # both backward passes (distill.precision); images, lr and the student's parameters stay float32
-    precision: Precision = "fp32"
-    checkpoint_every: int = Field(50, ge=1)  # iterations between checkpoints (needs a work_dir)
-    on_divergence: Literal["stop", "rollback"] = "stop"
-    rollback_factor: float = Field(0.5, gt=0, lt=1)  # image lr multiplier per rollback
-    max_rollbacks: int = Field(3, ge=0)  # then stop with an error after all
-    seed: int = 0  # images init, expert/epoch draws, batches, DSA, perturbations
+    ema_decay: float = Field(0.0, ge=0, lt=1, description=(
+        "FTD/ATT: publish an exponential moving average of the images with this decay; 0 = the last iterate."))
+    soft_labels: bool = Field(False, description=(
+        "DATM: learn soft labels (logits) initialised from the experts' mean logits on the initial images."))
+    lr_labels: float = Field(5.0, ge=0, description=(
+        "DATM lr_y: SGD learning rate of the soft labels (5 at CIFAR-10 ipc 1, 2 at ipc 10); 0 = fixed soft labels."))
+    momentum_labels: float = Field(0.9, ge=0, lt=1, description="DATM Momentum_y: SGD momentum of the soft labels.")
+    label_epoch: int | None = Field(None, ge=0, description=(
+        "Expert snapshot (epoch) whose logits start the soft labels; empty = the last one."))
+    min_start_epoch: int = Field(0, ge=0, description="DATM: lower end of the start-epoch window.")
+    initial_max_start_epoch: int | None = Field(None, ge=0, description=(
+        "DATM sequential generation: the window's upper end grows linearly from this to max_start_epoch "
+        "over window_growth iterations; empty = fixed at max_start_epoch."))
+    window_growth: int = Field(1000, ge=1, description=(
+        "DATM expansion_end_epoch: iterations over which the start-epoch window grows."))
+    memory: str = Field("unrolled", json_schema_extra=lambda s: s.update(enum=MEMORY_MODES.choices()), description=(
+        "How the inner loop is backpropagated, all exact: unrolled = keep every step's graph (MTT), "
+        "constant = one step's graph at a time (adjoint), budget = as many step graphs as fit in "
+        "memory_budget_mb, recomputing the rest, auto = unrolled if all fit, else budget, else constant."))
+    memory_budget_mb: float | None = Field(None, gt=0, description=(
+        "MB of inner-step graphs to keep, for memory budget/auto (required there); empty for unrolled/constant."))
+    fast_layers: bool = Field(True, description=(
+        "Run the student's instance norm and avg pooling as their faster equivalents (same parameters, "
+        "same values to rounding; distill.nets.FAST_EQUIVALENTS); false = the experts' own layers."))
+    precision: Precision = Field("fp32", description=(
+        "Precision of the inner loop and both backward passes: fp32, tf32 (CUDA TF32 convolutions/matmuls) "
+        "or bf16 autocast; images, lr and the student's parameters stay float32 (distill.precision)."))
+    checkpoint_every: int = Field(50, ge=1, description=(
+        "Iterations between checkpoints (written when a work_dir is given; a restarted run resumes from the last)."))
+    on_divergence: Literal["stop", "rollback"] = Field("stop", description=(
+        "When the loss stops being finite or the lr positive: stop with an error, or roll back to the "
+        "last checkpoint with the image lr multiplied by rollback_factor."))
+    rollback_factor: float = Field(0.5, gt=0, lt=1, description="Image lr multiplier per rollback.")
+    max_rollbacks: int = Field(3, ge=0, description="Rollbacks allowed before the run stops with an error after all.")
+    seed: int = Field(0, description=(
+        "Seed of the image init, the expert/epoch draws, the batches, DSA and the weight perturbations."))
 
     @field_validator("init")
     @classmethod
