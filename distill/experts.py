@@ -49,7 +49,7 @@ from distill.checkpoint import (
     module_tensors,
     optimizer_tensors,
 )
-from distill.nets import NetFields, create_net, flatten_params, param_layout
+from distill.nets import NetFields, NetName, create_net, flatten_params, param_layout
 from distill.allocator import keep_freed_memory
 from distill.precision import PrecisionField, precision_context
 from distill.registry import Registry
@@ -84,25 +84,40 @@ RecipeName = RECIPES.name_type()
 class ExpertConfig(NetFields, PrecisionField, frozen=True, extra="forbid"):
     """How to train a pool of experts. `recipe` presets the other fields (see RECIPES)."""
 
-    recipe: RecipeName = "mtt"  # a RECIPES name; fills the fields it presets unless they are given
-    net: str = "convnet"  # a distill.nets name; distillation must use the same net
-    net_kwargs: dict[str, Any] = {}  # e.g. {"width": 128, "depth": 3}: MTT's ConvNet-3 at 32 px
-    epochs: int = Field(50, ge=1)  # MTT/AST train_epochs; matching needs max_start_epoch + expert_epochs of them
-    batch_size: int = Field(256, ge=1)  # images per SGD step (MTT batch_train)
-    lr: float = Field(0.01, gt=0)  # MTT lr_teacher 0.01; AST 0.003 (slower, smoother experts)
-    momentum: float = Field(0.0, ge=0, lt=1)  # MTT 0; AST 0.9 (its students use momentum 0.9 too)
-    weight_decay: float = Field(0.0, ge=0)  # MTT 0; AST 1e-3 (L2 via SGD, on every parameter)
-    # 1-based epoch from which lr is multiplied by lr_drop_factor; "mid" = epochs // 2 + 3, where
-    # MTT --decay and AST drop (both after their 0-based epoch epochs // 2 + 1); None = constant lr
-    lr_drop_epoch: int | Literal["mid"] | None = None
-    lr_drop_factor: float = Field(0.1, gt=0)  # MTT --decay x0.1; AST x0.6
-    augment: AugmentName = "dsa"  # a name in distill.augment.AUGMENTS; MTT and AST train experts with DSA
-    # CE multipliers for epochs 1..len(loss_ramp), 1 afterwards (AST "clipping loss": a warm-up)
-    loss_ramp: list[float] | None = None
-    grad_penalty: float = Field(0.0, ge=0)  # AST lambda (2); 0 disables the extra forward + double backward
-    sam_rho: float = Field(0.0, ge=0)  # SAM ascent radius (FTD 0.01); 0 = plain SGD steps, > 0 doubles the cost
-    num_experts: int = Field(100, ge=1)  # MTT/AST/FTD train 100; not part of an expert's own recipe
-    seed: int = 0  # expert i is seeded from (seed, i): any expert can be (re)trained alone
+    recipe: RecipeName = Field("mtt", description=(
+        "Expert recipe presetting the other fields unless they are given: mtt = MTT's buffer.py, "
+        "ast = AST's smooth experts, sam = FTD's flat experts (SAM steps)."))
+    net: NetName = Field("convnet", description="Expert net (a distill.nets name); distillation must use the same net.")
+    net_kwargs: dict[str, Any] = Field({}, description=(
+        "Options of the net, e.g. {width: 128, depth: 3}: MTT's ConvNet-3 at 32 px."))
+    epochs: int = Field(50, ge=1, description=(
+        "Training epochs per expert, one snapshot each (MTT/AST: 50); matching needs "
+        "max_start_epoch + expert_epochs of them."))
+    batch_size: int = Field(256, ge=1, description="Images per SGD step (MTT batch_train: 256).")
+    lr: float = Field(0.01, gt=0, description=(
+        "SGD learning rate (MTT lr_teacher 0.01; AST 0.003: slower, smoother experts)."))
+    momentum: float = Field(0.0, ge=0, lt=1, description=(
+        "SGD momentum (MTT: 0; AST: 0.9, as its students use)."))
+    weight_decay: float = Field(0.0, ge=0, description=(
+        "SGD weight decay on every parameter (MTT: 0; AST: 1e-3)."))
+    # "mid" is where MTT --decay and AST drop: both after their 0-based epoch epochs // 2 + 1
+    lr_drop_epoch: int | Literal["mid"] | None = Field(None, description=(
+        "1-based epoch from which the lr is multiplied by lr_drop_factor; mid = epochs // 2 + 3; "
+        "empty = constant lr."))
+    lr_drop_factor: float = Field(0.1, gt=0, description="lr multiplier at lr_drop_epoch (MTT --decay: 0.1; AST: 0.6).")
+    augment: AugmentName = Field("dsa", description="Training augmentation (MTT and AST train experts with DSA).")
+    loss_ramp: list[float] | None = Field(None, description=(
+        "CE multipliers for epochs 1..len(loss_ramp), 1 afterwards (AST's clipping loss: 0.5, 0.55, "
+        "..., 0.95, a warm-up); empty = none."))
+    grad_penalty: float = Field(0.0, ge=0, description=(
+        "AST gradient-penalty weight lambda (2) on the input gradient of the logits; 0 = off "
+        "(saves an extra forward and a double backward)."))
+    sam_rho: float = Field(0.0, ge=0, description=(
+        "SAM ascent radius (FTD: 0.01); 0 = plain SGD steps; > 0 doubles the cost per step."))
+    num_experts: int = Field(100, ge=1, description=(
+        "Experts to train (MTT/AST/FTD: 100); not part of an expert's own recipe."))
+    seed: int = Field(0, description=(
+        "Expert i is seeded from (seed, i), so any expert can be (re)trained alone."))
 
     @model_validator(mode="before")
     @classmethod
