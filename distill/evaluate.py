@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 from pydantic import ConfigDict, Field
 
-from distill.nets import NetFields, create_net
+from distill.nets import NetFields, NetName, create_net
 from distill.precision import PrecisionField, precision_context
 from distill.train import TrainConfig, evaluate, train
 from distill.utils import Progress, peak_rss_mb, resolve_device, seed_everything
@@ -29,7 +29,7 @@ class EvalConfig(NetFields, PrecisionField):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    net: str = Field("convnet", description="Registered network trained on the set (see distill.nets).")
+    net: NetName = Field("convnet", description="Registered network trained on the set (see distill.nets).")
     net_kwargs: dict[str, Any] = Field(
         default_factory=lambda: {"width": 128, "depth": 3, "norm": "instance"},
         description="Constructor arguments; MTT's evaluation ConvNet is width 128, depth 3, instance norm.",
