@@ -86,9 +86,13 @@ class Preprocessor:
         count = n * h * w
         mean = total / count
         std = (total_sq / count - mean.square()).clamp_min(0).sqrt()
-        if bool((std == 0).any()):
+        # A relative tolerance, not `== 0`: constant images leave a round-off std of ~1e-8, and
+        # dividing by it turns noise into huge inputs that train at chance. 1e-4 is a 40th of
+        # one 8-bit level, far below any real image's spread (~0.25).
+        if bool((std < 1e-4).any()):
             raise DataError(
-                f"a channel is constant over the training images (std {std.tolist()}); cannot normalize"
+                f"a channel is constant (or nearly) over the training images (std {std.tolist()} in [0, 1] "
+                "units); cannot normalize: check that the images decoded correctly"
             )
         pre = cls(mean.float(), std.float(), image_shape=(c, h, w))
         if not zca:

@@ -129,3 +129,16 @@ def test_bad_inputs(cifar8: torch.Tensor, zca8: Preprocessor, tmp_path: Path):
     save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(DataError, match="not a saved preprocessor"):
         Preprocessor.load(tmp_path / "other.safetensors")
+
+
+def test_nearly_constant_channels_are_refused():
+    """Old behaviour: constant images passed the `std == 0` check (round-off std ~4e-8) and trained at chance."""
+    import pytest
+
+    from distill.data import DataError
+    from distill.transforms import Preprocessor
+
+    flat = torch.full((16, 3, 8, 8), 127, dtype=torch.uint8)
+    flat[0, 0, 0, 0] = 128  # one pixel off by one level: a spread far below any real image's
+    with pytest.raises(DataError, match="constant"):
+        Preprocessor.fit(flat)
