@@ -54,13 +54,19 @@ def _start_prefect_server(home: Path) -> subprocess.Popen | None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update({
-        "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING",
-    })
+    os.environ.update(
+        {
+            "PREFECT_HOME": str(home),
+            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_LOGGING_LEVEL": "WARNING",
+        }
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -75,8 +81,11 @@ def _start_prefect_server(home: Path) -> subprocess.Popen | None:
 
 def points(values: list[float]) -> dict:
     """Mean and sample std of accuracy fractions (or their differences), in points, one decimal."""
-    return {"mean": round(100 * statistics.mean(values), 1),
-            "std": round(100 * statistics.stdev(values), 1) if len(values) > 1 else 0.0, "n": len(values)}
+    return {
+        "mean": round(100 * statistics.mean(values), 1),
+        "std": round(100 * statistics.stdev(values), 1) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
 
 
 def paired(rows: list[dict], a: tuple[str, float], b: tuple[str, float], key: str) -> dict | None:
@@ -118,7 +127,7 @@ def goals(summary: list[dict], diffs: dict) -> dict:
     full = by.get(("full", 0.0))
     if full is None:
         return out
-    for key, short in MODES:
+    for _key, short in MODES:
         gap = diffs.get("full@0.0", {}).get(f"{short}_minus_scratch")
         if gap is not None:
             out[f"goal_full_beats_scratch_{short}_by_5_points"] = gap["mean"] >= 5.0
@@ -142,8 +151,11 @@ def verdicts(diffs: dict) -> list[str]:
     lines = []
     for name, entry in diffs.items():
         parts = []
-        for label, key, bar in (("full", "minus_full", -1.0), ("random", "minus_random", 0.0),
-                                ("no pretraining", "minus_scratch", 0.0)):
+        for label, key, _bar in (
+            ("full", "minus_full", -1.0),
+            ("random", "minus_random", 0.0),
+            ("no pretraining", "minus_scratch", 0.0),
+        ):
             for _, short in MODES:
                 d = entry.get(f"{short}_{key}")
                 if d is not None:
@@ -157,7 +169,9 @@ def verdicts(diffs: dict) -> list[str]:
         elif lp_rand is not None and abs(lp_rand["mean"]) <= max(lp_rand["std"], 1.0):
             verdict = "no gain over random pruning"
         elif lp_rand is not None and lp_rand["mean"] > 0:
-            verdict = "better than random pruning" + (", as good as the full source" if lp_full and lp_full["mean"] >= -1 else "")
+            verdict = "better than random pruning" + (
+                ", as good as the full source" if lp_full and lp_full["mean"] >= -1 else ""
+            )
         else:
             verdict = "worse than random pruning" if lp_rand is not None else ""
         lines.append(f"{name}: {'; '.join(parts)}" + (f": {verdict}" if verdict else ""))
@@ -203,15 +217,17 @@ def main() -> None:
         sur_manifest = st.manifest("surrogate", sur_key)
         source_ref = ArtifactRef(store=store, stage="dataset", key=sur_manifest["inputs"][0])
         test_x, test_y, _ = preprocessed(source_ref, "test")
-        surrogate_acc = evaluate(load_surrogate_net(ArtifactRef(store=store, stage="surrogate", key=sur_key)),
-                                 test_x, test_y, device="cpu")["acc"]
+        surrogate_acc = evaluate(
+            load_surrogate_net(ArtifactRef(store=store, stage="surrogate", key=sur_key)), test_x, test_y, device="cpu"
+        )["acc"]
         classes = {}
         for label, uri in result["selections"].items():
             method, _, seed = label.partition("/seed")
             if method in ("lm", FM) and seed == str(cfg.selection.seeds[0]):
                 table = class_table(ArtifactRef(store=store, stage="selection", key=uri.rsplit("/", 1)[-1]), 10)
-                classes[method] = {end: [f"{r['name']} ({r['votes']})" for r in table if r["end"] == end]
-                                   for end in ("top", "bottom")}
+                classes[method] = {
+                    end: [f"{r['name']} ({r['votes']})" for r in table if r["end"] == end] for end in ("top", "bottom")
+                }
     finally:
         if server is not None:
             os.killpg(server.pid, 15)
@@ -221,9 +237,12 @@ def main() -> None:
     diffs = comparisons(rows, cfg.selection.ratios)
     table = {}
     for s in summary:
-        entry = {"seeds": s["seeds"], "train_images": s["train_images"],
-                 "pretrain_seconds": round(s["pretrain_seconds"], 1),
-                 "pretrain_time_vs_full": round(s["pretrain_time_vs_full"], 3)}
+        entry = {
+            "seeds": s["seeds"],
+            "train_images": s["train_images"],
+            "pretrain_seconds": round(s["pretrain_seconds"], 1),
+            "pretrain_time_vs_full": round(s["pretrain_time_vs_full"], 3),
+        }
         for key, short in MODES:
             if f"{key}_mean" in s:
                 entry[short] = f"{100 * s[f'{key}_mean']:.1f} +- {100 * s[f'{key}_std']:.1f}"
@@ -233,7 +252,7 @@ def main() -> None:
         "preset": args.preset,
         "source": f"{cfg.source.name} {cfg.source.train_per_class or 'all'}/class @ {cfg.source.image_size}px",
         "target": f"{cfg.target.name} {cfg.target.train_per_class or 'all'}/class train, "
-                  f"{cfg.target.test_per_class or 'all'}/class test",
+        f"{cfg.target.test_per_class or 'all'}/class test",
         "seeds": len(cfg.selection.seeds),
         "pretrain_epochs": cfg.transfer.pretrain.epochs,
         "surrogate_source_test_acc": round(100 * surrogate_acc, 1),

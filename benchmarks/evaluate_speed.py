@@ -50,34 +50,52 @@ def main() -> None:
     x = torch.randn(10 * p["ipc"], 3, 32, 32, generator=g)
     y = torch.arange(10).repeat_interleave(p["ipc"])
     test_x, test_y = torch.randn(500, 3, 32, 32, generator=g), torch.randint(10, (500,), generator=g)
-    cfg = EvalConfig(net_kwargs={"width": p["width"], "depth": 3, "norm": "instance"},
-                     train=TrainConfig(epochs=p["epochs"], batch_size=256, lr=0.01, momentum=0.9, weight_decay=5e-4,
-                                       augment="dsa"))
+    cfg = EvalConfig(
+        net_kwargs={"width": p["width"], "depth": 3, "norm": "instance"},
+        train=TrainConfig(epochs=p["epochs"], batch_size=256, lr=0.01, momentum=0.9, weight_decay=5e-4, augment="dsa"),
+    )
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else None
     rows, accs = [], {}
     for k in p["nets"]:
         seeds = list(range(k))
 
         def run(batched: bool, seeds=seeds):
-            out = evaluate_seeds(x, y, test_x, test_y, cfg, num_classes=10, seeds=seeds, device=args.device,
-                                 batched=batched)
+            out = evaluate_seeds(
+                x, y, test_x, test_y, cfg, num_classes=10, seeds=seeds, device=args.device, batched=batched
+            )
             accs[(len(seeds), batched)] = [r["test_acc"] for r in out]
 
         times = interleaved({"sequential": lambda: run(False), "batched": lambda: run(True)}, p["rounds"], sync=sync)
-        row = {"nets": k, "batched_vs_sequential_time": paired_ratio(times, "batched", "sequential"),
-               "same_test_acc": accs[(k, True)] == accs[(k, False)], "test_acc": accs[(k, False)]}
+        row = {
+            "nets": k,
+            "batched_vs_sequential_time": paired_ratio(times, "batched", "sequential"),
+            "same_test_acc": accs[(k, True)] == accs[(k, False)],
+            "test_acc": accs[(k, False)],
+        }
         for name in times:
-            row[name] = {**timing_summary(times[name]),
-                         "nets_per_minute": round(60 * k / timing_summary(times[name])["s_median"], 2)}
+            row[name] = {
+                **timing_summary(times[name]),
+                "nets_per_minute": round(60 * k / timing_summary(times[name])["s_median"], 2),
+            }
         rows.append(row)
-        print(f"{k} net(s): sequential {row['sequential']['nets_per_minute']:.2f} nets/min, batched "
-              f"{row['batched']['nets_per_minute']:.2f} nets/min (time ratio {row['batched_vs_sequential_time']}), "
-              f"same accuracies: {row['same_test_acc']}", flush=True)
+        print(
+            f"{k} net(s): sequential {row['sequential']['nets_per_minute']:.2f} nets/min, batched "
+            f"{row['batched']['nets_per_minute']:.2f} nets/min (time ratio {row['batched_vs_sequential_time']}), "
+            f"same accuracies: {row['same_test_acc']}",
+            flush=True,
+        )
     summary = {
-        "benchmark": "evaluate_speed", "device": args.device,
-        "setting": {"images": f"10x{p['ipc']} 3x32x32", "net": f"convnet w{p['width']} d3 instance", "dsa": True,
-                    "epochs": p["epochs"], "test_images": 500},
-        "rows": rows, "threads_used": p["threads"],
+        "benchmark": "evaluate_speed",
+        "device": args.device,
+        "setting": {
+            "images": f"10x{p['ipc']} 3x32x32",
+            "net": f"convnet w{p['width']} d3 instance",
+            "dsa": True,
+            "epochs": p["epochs"],
+            "test_images": 500,
+        },
+        "rows": rows,
+        "threads_used": p["threads"],
         "goal_batched_faster_at_5_nets": rows[-1]["batched_vs_sequential_time"] < 1.0,
         "goal_same_accuracies": all(r["same_test_acc"] for r in rows),
     }

@@ -43,7 +43,11 @@ def _run_expert(cfg: dict, train, test, num_classes: int, expert_id: int, out_di
     torch.set_num_threads(1)
     expert = ExpertConfig(**cfg)
     summary = train_expert(
-        expert, *train, *test, num_classes=num_classes, expert_id=expert_id,
+        expert,
+        *train,
+        *test,
+        num_classes=num_classes,
+        expert_id=expert_id,
         out_path=Path(out_dir) / expert_file(expert_id),
     )
     return {"seconds": summary["seconds"], "path": summary["path"]}
@@ -65,8 +69,13 @@ def main() -> None:
     pre = Preprocessor.fit(train_set.images)
     train = (pre(train_set.images), train_set.labels)
     test = (pre(test_set.images), test_set.labels)
-    cfg = {"recipe": args.recipe, "net": "convnet", "net_kwargs": {"width": p["width"], "depth": p["depth"]},
-           "epochs": p["epochs"], "num_experts": p["experts"]}
+    cfg = {
+        "recipe": args.recipe,
+        "net": "convnet",
+        "net_kwargs": {"width": p["width"], "depth": p["depth"]},
+        "epochs": p["epochs"],
+        "num_experts": p["experts"],
+    }
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     remote = ray.remote(num_cpus=1)(_run_expert)
@@ -85,7 +94,11 @@ def main() -> None:
                 ids = range(batch, batch + parallel)
                 done += ray.get([remote.remote(cfg, train_ref, test_ref, classes, i, str(out)) for i in ids])
             wall = time.perf_counter() - start
-            results[parallel] = {"experts": len(done), "wall_s": wall, "per_expert_s": statistics.mean(d["seconds"] for d in done)}
+            results[parallel] = {
+                "experts": len(done),
+                "wall_s": wall,
+                "per_expert_s": statistics.mean(d["seconds"] for d in done),
+            }
             print(f"{parallel} in parallel: {len(done)} experts in {wall:.1f} s", flush=True)
         path = Path(done[0]["path"])
         size = path.stat().st_size
@@ -97,21 +110,25 @@ def main() -> None:
                 loads.append(time.perf_counter() - t)
             num_params, snapshots = reader.num_params, reader.num_snapshots
     ray.shutdown()
-    print(json.dumps({
-        "benchmark": "experts",
-        "preset": args.preset,
-        "recipe": args.recipe,
-        "epochs_per_expert": p["epochs"],
-        "train_images": len(train_set),
-        "experts_per_hour_1_task": round(3600 * results[1]["experts"] / results[1]["wall_s"], 1),
-        "experts_per_hour_2_tasks": round(3600 * results[2]["experts"] / results[2]["wall_s"], 1),
-        "seconds_per_expert_1_task": round(results[1]["per_expert_s"], 2),
-        "seconds_per_expert_2_tasks": round(results[2]["per_expert_s"], 2),
-        "bytes_per_expert": size,
-        "snapshots_per_expert": snapshots,
-        "num_params": num_params,
-        "snapshot_load_ms_median": round(1000 * statistics.median(loads), 3),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "experts",
+                "preset": args.preset,
+                "recipe": args.recipe,
+                "epochs_per_expert": p["epochs"],
+                "train_images": len(train_set),
+                "experts_per_hour_1_task": round(3600 * results[1]["experts"] / results[1]["wall_s"], 1),
+                "experts_per_hour_2_tasks": round(3600 * results[2]["experts"] / results[2]["wall_s"], 1),
+                "seconds_per_expert_1_task": round(results[1]["per_expert_s"], 2),
+                "seconds_per_expert_2_tasks": round(results[2]["per_expert_s"], 2),
+                "bytes_per_expert": size,
+                "snapshots_per_expert": snapshots,
+                "num_params": num_params,
+                "snapshot_load_ms_median": round(1000 * statistics.median(loads), 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

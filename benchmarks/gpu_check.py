@@ -79,10 +79,22 @@ GIB = 2**30
 # A check over its budget gets SIGTERM and up to 15 s to report what it measured, hence 455.
 TOTAL_BUDGET_S = {"full": 455, "smoke": 240}
 BUDGET_S = {
-    "full": {"gpu_tests": 90, "expert_packing": 115, "tm_cifar10_ipc10": 45, "tm_cifar100_ipc50": 80,
-             "krr_st": 70, "precision": 40},
-    "smoke": {"gpu_tests": 60, "expert_packing": 120, "tm_cifar10_ipc10": 45, "tm_cifar100_ipc50": 45,
-              "krr_st": 45, "precision": 45},
+    "full": {
+        "gpu_tests": 90,
+        "expert_packing": 115,
+        "tm_cifar10_ipc10": 45,
+        "tm_cifar100_ipc50": 80,
+        "krr_st": 70,
+        "precision": 40,
+    },
+    "smoke": {
+        "gpu_tests": 60,
+        "expert_packing": 120,
+        "tm_cifar10_ipc10": 45,
+        "tm_cifar100_ipc50": 45,
+        "krr_st": 45,
+        "precision": 45,
+    },
 }
 
 # Sizes per check. "full" follows the paper presets (deployments/presets/*.yaml) wherever the
@@ -92,14 +104,22 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
         "expert_packing": {
             "data": {"train_per_class": 1000, "test_per_class": 100},  # 10k CIFAR-10 images per expert epoch
             "net_kwargs": {"width": 128, "depth": 3},  # the experts `paper` preset's ConvNet-3
-            "epochs": 2, "experts": {"packed": 4, "single": 4}, "num_cpus": 2,
+            "epochs": 2,
+            "experts": {"packed": 4, "single": 4},
+            "num_cpus": 2,
         },
         "tm_cifar10_ipc10": {"preset": "paper", "ipc": 10, "iterations": 4},  # 1 warm-up + 3 timed
         "tm_cifar100_ipc50": {"preset": "paper-cifar100", "ipc": 50, "iterations": 3},
         "krr_st": {
-            "source": 50_000, "image_size": 32,  # CIFAR-100's train split shape
-            "krr": {"num_images": 1000, "net_kwargs": {"widths": [128, 256, 512]}, "outer_lr": 1e-4,
-                    "online_iterations": 100, "outer_steps": 4},
+            "source": 50_000,
+            "image_size": 32,  # CIFAR-100's train split shape
+            "krr": {
+                "num_images": 1000,
+                "net_kwargs": {"widths": [128, 256, 512]},
+                "outer_lr": 1e-4,
+                "online_iterations": 100,
+                "outer_steps": 4,
+            },
         },
         "precision": {"width": 128, "ipc": 10, "syn_steps": 30, "repeats": 2},
     },
@@ -109,17 +129,33 @@ SIZES: dict[str, dict[str, dict[str, Any]]] = {
             "net_kwargs": {"width": 8, "depth": 2},
             # every GPU task starts its own worker process (seconds of imports on 2 cores), so the
             # smoke size runs 2 packed experts (and the probe) side by side and 1 alone
-            "epochs": 1, "experts": {"packed": 2, "single": 1}, "num_cpus": 0.5,
+            "epochs": 1,
+            "experts": {"packed": 2, "single": 1},
+            "num_cpus": 0.5,
         },
-        "tm_cifar10_ipc10": {"preset": "paper", "ipc": 10, "iterations": 2,
-                             "shrink": {"classes": 3, "ipc": 2, "syn_steps": 3, "width": 8, "image_size": 16}},
-        "tm_cifar100_ipc50": {"preset": "paper-cifar100", "ipc": 50, "iterations": 2,
-                              "shrink": {"classes": 4, "ipc": 3, "syn_steps": 4, "batch_syn": 5, "width": 8,
-                                         "image_size": 16}},
+        "tm_cifar10_ipc10": {
+            "preset": "paper",
+            "ipc": 10,
+            "iterations": 2,
+            "shrink": {"classes": 3, "ipc": 2, "syn_steps": 3, "width": 8, "image_size": 16},
+        },
+        "tm_cifar100_ipc50": {
+            "preset": "paper-cifar100",
+            "ipc": 50,
+            "iterations": 2,
+            "shrink": {"classes": 4, "ipc": 3, "syn_steps": 4, "batch_syn": 5, "width": 8, "image_size": 16},
+        },
         "krr_st": {
-            "source": 96, "image_size": 16,
-            "krr": {"num_images": 12, "net_kwargs": {"widths": [4, 8]}, "num_models": 2, "online_iterations": 4,
-                    "outer_steps": 2, "real_batch": 16},
+            "source": 96,
+            "image_size": 16,
+            "krr": {
+                "num_images": 12,
+                "net_kwargs": {"widths": [4, 8]},
+                "num_models": 2,
+                "online_iterations": 4,
+                "outer_steps": 2,
+                "real_batch": 16,
+            },
         },
         "precision": {"width": 8, "ipc": 2, "syn_steps": 3, "repeats": 1},
     },
@@ -161,9 +197,11 @@ def _gpu_peak() -> dict[str, Any]:
     if not torch.cuda.is_available():
         return {"peak_gpu_mib": NO_CUDA, "peak_rss_mib": _peak_rss_mib()}
     torch.cuda.synchronize()
-    return {"peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1),
-            "peak_gpu_reserved_mib": round(torch.cuda.max_memory_reserved() / 2**20, 1),
-            "peak_rss_mib": _peak_rss_mib()}
+    return {
+        "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+        "peak_gpu_reserved_mib": round(torch.cuda.max_memory_reserved() / 2**20, 1),
+        "peak_rss_mib": _peak_rss_mib(),
+    }
 
 
 def _presets(flow: str) -> dict[str, Any]:
@@ -209,12 +247,25 @@ def check_gpu_tests(p: dict, size: str) -> dict[str, Any]:
     """pytest -m gpu tests/gpu in a subprocess; pass/fail/skip counts from its JUnit XML."""
     with tempfile.TemporaryDirectory() as tmp:
         junit = Path(tmp) / "junit.xml"
-        cmd = [sys.executable, "-m", "pytest", "tests/gpu", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-               f"--junitxml={junit}", "-o", "junit_family=xunit2"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "tests/gpu",
+            "-m",
+            "gpu",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--junitxml={junit}",
+            "-o",
+            "junit_family=xunit2",
+        ]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if not junit.exists():
-            raise RuntimeError(f"pytest wrote no report (exit {proc.returncode}): "
-                               f"{proc.stdout[-1500:]}{proc.stderr[-1500:]}")
+            raise RuntimeError(
+                f"pytest wrote no report (exit {proc.returncode}): {proc.stdout[-1500:]}{proc.stderr[-1500:]}"
+            )
         suite = ET.parse(junit).getroot()
         suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
         cases = suite.findall("testcase")
@@ -222,9 +273,16 @@ def check_gpu_tests(p: dict, size: str) -> dict[str, Any]:
     failed = [f"{c.get('name')}: {bad.get('message', '')[:300]}" for c, bad in problems if bad is not None]
     skipped = [c for c in cases if c.find("skipped") is not None]
     reasons = sorted({c.find("skipped").get("message", "")[:200] for c in skipped})
-    row = {"tests": len(cases), "passed": len(cases) - len(failed) - len(skipped), "failed": len(failed),
-           "skipped": len(skipped), "pytest_exit": proc.returncode, "failures": failed, "skip_reasons": reasons,
-           "summary": proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""}
+    row = {
+        "tests": len(cases),
+        "passed": len(cases) - len(failed) - len(skipped),
+        "failed": len(failed),
+        "skipped": len(skipped),
+        "pytest_exit": proc.returncode,
+        "failures": failed,
+        "skip_reasons": reasons,
+        "summary": proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "",
+    }
     if failed or proc.returncode not in (0, 5):
         row["status"] = "failed"
     elif cases and len(skipped) == len(cases):
@@ -249,8 +307,11 @@ def _packing_flow(data, cfgs, num_cpus: float, store: str) -> list[dict[str, Any
     def probe() -> dict[str, Any]:
         import ray
 
-        return {"device": task_device(), "ray_gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+        return {
+            "device": task_device(),
+            "ray_gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        }
 
     start = time.perf_counter()
     dataset = materialize_dataset(data, store)
@@ -266,11 +327,19 @@ def _packing_flow(data, cfgs, num_cpus: float, store: str) -> list[dict[str, Any
         wall = time.perf_counter() - start
         seen = probed.result() if probed is not None else {}
         _log(f"round {label}: {len(results)} experts in {wall:.1f} s")
-        rounds.append({"label": label, "num_gpus": gpus, "experts": len(results), "wall_s": round(wall, 2),
-                       "experts_per_hour": round(3600 * len(results) / wall, 1),
-                       "train_s_per_expert": round(statistics.mean(r["seconds"] for r in results), 2),
-                       "train_s_per_epoch": round(statistics.mean(r["seconds"] for r in results) / cfg.epochs, 3),
-                       "test_acc_mean": round(statistics.mean(r["test_acc"] for r in results), 4), **seen})
+        rounds.append(
+            {
+                "label": label,
+                "num_gpus": gpus,
+                "experts": len(results),
+                "wall_s": round(wall, 2),
+                "experts_per_hour": round(3600 * len(results) / wall, 1),
+                "train_s_per_expert": round(statistics.mean(r["seconds"] for r in results), 2),
+                "train_s_per_epoch": round(statistics.mean(r["seconds"] for r in results) / cfg.epochs, 3),
+                "test_acc_mean": round(statistics.mean(r["test_acc"] for r in results), 4),
+                **seen,
+            }
+        )
     return rounds
 
 
@@ -333,8 +402,10 @@ def check_expert_packing(p: dict, size: str) -> dict[str, Any]:
             base = {"recipe": "mtt", "net": "convnet", "net_kwargs": p["net_kwargs"], "epochs": p["epochs"]}
             # A different seed per round: each round is a different expert set, never a cache hit.
             n = p["experts"]
-            cfgs = [("4 per GPU", 0.25, ExpertConfig(**base, num_experts=n["packed"], seed=1)),
-                    ("1 per GPU", 1.0, ExpertConfig(**base, num_experts=n["single"], seed=2))]
+            cfgs = [
+                ("4 per GPU", 0.25, ExpertConfig(**base, num_experts=n["packed"], seed=1)),
+                ("1 per GPU", 1.0, ExpertConfig(**base, num_experts=n["single"], seed=2)),
+            ]
             run = flow(name="gpu-check-packing", task_runner=ray_task_runner(), log_prints=False)(_packing_flow)
             rounds = run(data, cfgs, p["num_cpus"], store)
     finally:
@@ -343,14 +414,16 @@ def check_expert_packing(p: dict, size: str) -> dict[str, Any]:
     by = {r["label"]: r for r in rounds}
     rounds = [{"label": "prefect server start", "wall_s": server_s}] + rounds
     packed, single = by["4 per GPU"], by["1 per GPU"]
-    row = {"rounds": rounds,
-           "note": "Ray starts a fresh worker process for every GPU task (its max_calls=1 default for GPU "
-                   "tasks), so each expert pays process start, imports and dataset decoding in its wall time",
-           "data": str(data.source) if real is None else f"cifar10 {p['data']}",
-           "expert": {"net_kwargs": p["net_kwargs"], "epochs": p["epochs"]},
-           "experts_per_hour_4_per_gpu": packed["experts_per_hour"],
-           "experts_per_hour_1_per_gpu": single["experts_per_hour"],
-           "packing_speedup": round(packed["experts_per_hour"] / single["experts_per_hour"], 3)}
+    row = {
+        "rounds": rounds,
+        "note": "Ray starts a fresh worker process for every GPU task (its max_calls=1 default for GPU "
+        "tasks), so each expert pays process start, imports and dataset decoding in its wall time",
+        "data": str(data.source) if real is None else f"cifar10 {p['data']}",
+        "expert": {"net_kwargs": p["net_kwargs"], "epochs": p["epochs"]},
+        "experts_per_hour_4_per_gpu": packed["experts_per_hour"],
+        "experts_per_hour_1_per_gpu": single["experts_per_hour"],
+        "packing_speedup": round(packed["experts_per_hour"] / single["experts_per_hour"], 3),
+    }
     expected = "cuda" if _cuda() else "cpu"
     if packed["device"] != expected:
         row["status"], row["error"] = "failed", f"a num_gpus=0.25 task picked {packed['device']}, expected {expected}"
@@ -376,8 +449,12 @@ def _random_walk_experts(directory: Path, meta: dict, epochs: int, count: int = 
         for epoch in range(epochs + 1):
             snaps.append(Snapshot(epoch=epoch, params=theta.clone()))
             theta = theta + step * torch.randn(theta.shape, generator=generator)
-        write_trajectory(directory / expert_file(expert_id), snaps, layout,
-                         {**meta, "expert_id": expert_id, "complete": True, "epochs_planned": epochs})
+        write_trajectory(
+            directory / expert_file(expert_id),
+            snaps,
+            layout,
+            {**meta, "expert_id": expert_id, "complete": True, "epochs_planned": epochs},
+        )
 
 
 def check_tm(p: dict, size: str) -> dict[str, Any]:
@@ -397,16 +474,23 @@ def check_tm(p: dict, size: str) -> dict[str, Any]:
         classes, image_size = shrink["classes"], shrink["image_size"]
         net_kwargs["width"] = shrink["width"]
         entry = {**entry, **{k: shrink[k] for k in ("ipc", "syn_steps", "batch_syn") if k in shrink}}
-    cfg = MatchConfig(**{**entry, "max_start_epoch": min(entry["max_start_epoch"], 1), "iterations": p["iterations"],
-                         "checkpoint_every": 10**6})
+    cfg = MatchConfig(
+        **{
+            **entry,
+            "max_start_epoch": min(entry["max_start_epoch"], 1),
+            "iterations": p["iterations"],
+            "checkpoint_every": 10**6,
+        }
+    )
     dev = _device()
     real = None if "cifar100" in p["preset"] else _cifar10()  # CIFAR-100 is not in ../shared/data
     if real is not None:
         from distill.data import DataConfig
         from distill.transforms import Preprocessor
 
-        part = DataConfig(source=str(real), classes=list(range(classes)), train_per_class=cfg.ipc,
-                          image_size=image_size).load("train")
+        part = DataConfig(
+            source=str(real), classes=list(range(classes)), train_per_class=cfg.ipc, image_size=image_size
+        ).load("train")
         x, y = Preprocessor.fit(part.images)(part.images), part.labels
         source = f"cifar10 ({cfg.ipc} real images per class)"
     else:
@@ -414,19 +498,40 @@ def check_tm(p: dict, size: str) -> dict[str, Any]:
         x = torch.randn(classes * cfg.ipc, 3, image_size, image_size, generator=generator)
         y = torch.arange(classes).repeat_interleave(cfg.ipc)
         source = f"random {classes} classes x {cfg.ipc}, 3x{image_size}x{image_size}"
-    meta = {"net": preset["experts"]["net"], "net_kwargs": net_kwargs, "num_classes": classes, "channels": 3,
-            "image_size": image_size, "recipe": {"recipe": "random-walk"}, "dataset_fingerprint": "",
-            "preprocessor_fingerprint": "", "seed": 0}
+    meta = {
+        "net": preset["experts"]["net"],
+        "net_kwargs": net_kwargs,
+        "num_classes": classes,
+        "channels": 3,
+        "image_size": image_size,
+        "recipe": {"recipe": "random-walk"},
+        "dataset_fingerprint": "",
+        "preprocessor_fingerprint": "",
+        "seed": 0,
+    }
     with tempfile.TemporaryDirectory(prefix="gpu-check-experts-") as tmp:
         _random_walk_experts(Path(tmp), meta, cfg.max_start_epoch + cfg.expert_epochs)
         timer = _Timer()
         _reset_gpu_peak()
         timer.start = time.perf_counter()
         result = match_trajectories(cfg, TrajectorySet(tmp), x, y, num_classes=classes, device=dev, progress=timer)
-    row = {**timer.summary(), **_gpu_peak(), "device": str(dev), "data": source,
-           "setting": {"ipc": cfg.ipc, "syn_steps": cfg.syn_steps, "batch_syn": cfg.batch_syn, "memory": cfg.memory,
-                       "classes": classes, "net": meta["net"], "net_kwargs": net_kwargs, "image_size": image_size},
-           "losses": [round(v, 6) for v in result.losses]}
+    row = {
+        **timer.summary(),
+        **_gpu_peak(),
+        "device": str(dev),
+        "data": source,
+        "setting": {
+            "ipc": cfg.ipc,
+            "syn_steps": cfg.syn_steps,
+            "batch_syn": cfg.batch_syn,
+            "memory": cfg.memory,
+            "classes": classes,
+            "net": meta["net"],
+            "net_kwargs": net_kwargs,
+            "image_size": image_size,
+        },
+        "losses": [round(v, 6) for v in result.losses],
+    }
     if not all(map(lambda v: v == v and abs(v) != float("inf"), result.losses)):
         row["status"], row["error"] = "failed", f"non-finite matching loss: {result.losses}"
     if isinstance(row["peak_gpu_mib"], float) and not shrink:
@@ -453,13 +558,23 @@ def check_krr_st(p: dict, size: str) -> dict[str, Any]:
     timer.start = time.perf_counter()
     result = krr_distill(cfg, source, teacher, device=dev, progress=timer)
     losses = [h["loss"] for h in result.history]
-    row = {**timer.summary(), **_gpu_peak(), "device": str(dev),
-           "setting": {"source": list(source.shape), "num_images": cfg.num_images, "net": cfg.net,
-                       "net_kwargs": cfg.net_kwargs, "num_models": cfg.num_models, "real_batch": cfg.real_batch,
-                       "online_iterations": cfg.online_iterations, "teacher": "resnet18 (random init)",
-                       "pool_warmup_steps": sum(i * cfg.online_iterations // cfg.num_models
-                                                for i in range(cfg.num_models))},
-           "losses": [round(v, 6) for v in losses]}
+    row = {
+        **timer.summary(),
+        **_gpu_peak(),
+        "device": str(dev),
+        "setting": {
+            "source": list(source.shape),
+            "num_images": cfg.num_images,
+            "net": cfg.net,
+            "net_kwargs": cfg.net_kwargs,
+            "num_models": cfg.num_models,
+            "real_batch": cfg.real_batch,
+            "online_iterations": cfg.online_iterations,
+            "teacher": "resnet18 (random init)",
+            "pool_warmup_steps": sum(i * cfg.online_iterations // cfg.num_models for i in range(cfg.num_models)),
+        },
+        "losses": [round(v, 6) for v in losses],
+    }
     if not all(v == v and abs(v) != float("inf") for v in losses):
         row["status"], row["error"] = "failed", f"non-finite KRR-ST loss: {losses}"
     return row
@@ -496,8 +611,14 @@ def check_precision(p: dict, size: str) -> dict[str, Any]:
     torch.manual_seed(0)
     kwargs = {"width": p["width"], "depth": 3}
     net = create_net("convnet", num_classes=10, **kwargs)
-    meta = {"layout": layout_to_json(param_layout(net)), "net": "convnet", "net_kwargs": kwargs, "num_classes": 10,
-            "channels": 3, "image_size": 32}
+    meta = {
+        "layout": layout_to_json(param_layout(net)),
+        "net": "convnet",
+        "net_kwargs": kwargs,
+        "num_classes": 10,
+        "channels": 3,
+        "image_size": 32,
+    }
     student = Student(meta, dev)
     start = flatten_params(net).detach().to(dev)
     target = start + 0.01 * torch.randn_like(start)
@@ -505,8 +626,9 @@ def check_precision(p: dict, size: str) -> dict[str, Any]:
     images = torch.randn(n, 3, 32, 32, device=dev)
     labels = torch.arange(10, device=dev).repeat_interleave(p["ipc"])
     generator = torch.Generator().manual_seed(0)
-    plan = [(torch.arange(n, device=dev), sample_params(n, DSAConfig(), generator).to(dev))
-            for _ in range(p["syn_steps"])]
+    plan = [
+        (torch.arange(n, device=dev), sample_params(n, DSAConfig(), generator).to(dev)) for _ in range(p["syn_steps"])
+    ]
     seg = Segment(start, [(p["syn_steps"], target, 1.0)], plan)
     lr = torch.tensor(0.001, device=dev)
 
@@ -517,8 +639,9 @@ def check_precision(p: dict, size: str) -> dict[str, Any]:
                     _set_fp32_precision(*defaults)
             else:
                 _set_fp32_precision(*(("tf32", "tf32") if mode == "tf32" else ("ieee", "ieee")))
-        autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if mode == "bf16_autocast"
-                    else contextlib.nullcontext())
+        autocast = (
+            torch.autocast(dev.type, dtype=torch.bfloat16) if mode == "bf16_autocast" else contextlib.nullcontext()
+        )
         times = []
         for i in range(p["repeats"] + 1):  # the first call warms up (cuDNN plans, allocator)
             t0 = time.perf_counter()
@@ -542,22 +665,36 @@ def check_precision(p: dict, size: str) -> dict[str, Any]:
         if ref is None:
             ref = (loss, g_images, g_lr)
         rel = lambda a, b: float((a - b).norm() / b.norm().clamp_min(1e-30))  # noqa: E731
-        rows[mode] = {"s_per_iter": round(seconds, 4), "loss": loss,
-                      "rel_diff_grad_images": rel(g_images, ref[1]), "rel_diff_grad_lr": rel(g_lr, ref[2]),
-                      "rel_diff_loss": abs(loss - ref[0]) / max(abs(ref[0]), 1e-30),
-                      "finite": bool(torch.isfinite(g_images).all()) and loss == loss}
+        rows[mode] = {
+            "s_per_iter": round(seconds, 4),
+            "loss": loss,
+            "rel_diff_grad_images": rel(g_images, ref[1]),
+            "rel_diff_grad_lr": rel(g_lr, ref[2]),
+            "rel_diff_loss": abs(loss - ref[0]) / max(abs(ref[0]), 1e-30),
+            "finite": bool(torch.isfinite(g_images).all()) and loss == loss,
+        }
     if defaults:
         _set_fp32_precision(*defaults)
-    row = {"device": str(dev), "modes": rows, "reference": "float32 (TF32 off for matmul and cuDNN conv)",
-           "setting": {"ipc": p["ipc"], "classes": 10, "syn_steps": p["syn_steps"], "net_kwargs": kwargs,
-                       "memory": "unrolled"},
-           "note": "the core has no precision option; torch.autocast wraps distill.matching.matching_grad here"}
+    row = {
+        "device": str(dev),
+        "modes": rows,
+        "reference": "float32 (TF32 off for matmul and cuDNN conv)",
+        "setting": {
+            "ipc": p["ipc"],
+            "classes": 10,
+            "syn_steps": p["syn_steps"],
+            "net_kwargs": kwargs,
+            "memory": "unrolled",
+        },
+        "note": "the core has no precision option; torch.autocast wraps distill.matching.matching_grad here",
+    }
     bad = [m for m, r in rows.items() if isinstance(r, dict) and not r["finite"]]
     if bad:
         row["status"], row["error"] = "failed", f"non-finite gradient under {bad}"
     if cuda:
-        row["torch_defaults"] = ({"matmul": defaults[0], "cudnn_conv": defaults[1]} if defaults
-                                 else "legacy allow_tf32 flags")
+        row["torch_defaults"] = (
+            {"matmul": defaults[0], "cudnn_conv": defaults[1]} if defaults else "legacy allow_tf32 flags"
+        )
     return row
 
 
@@ -593,15 +730,26 @@ def run_one(name: str, size: str) -> None:
 def _spawn(name: str, size: str, timeout: float, log_dir: Path) -> dict[str, Any]:
     log_path = log_dir / f"{name}.log"
     start = time.perf_counter()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PYTHONUNBUFFERED": "1",
+    }
     if size == "smoke":
         # One torch thread per process (Ray workers inherit it): the smoke size's tiny ops ran up to
         # 30x slower with two spinning OpenMP threads on a 2-core box that other work keeps busy.
         env.setdefault("OMP_NUM_THREADS", "1")
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, __file__, "--one", name, "--size", size], cwd=ROOT, env=env,
-                                stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, __file__, "--one", name, "--size", size],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            start_new_session=True,
+        )
         try:
             out, _ = proc.communicate(timeout=timeout)
             timed_out = False
@@ -671,8 +819,10 @@ def _git_revision() -> dict[str, Any]:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
-    return {"git_revision": git("rev-parse", "HEAD") or None,
-            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    return {
+        "git_revision": git("rev-parse", "HEAD") or None,
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+    }
 
 
 def _device_name() -> str:
@@ -685,7 +835,10 @@ def summarize(rows: list[dict[str, Any]], size: str, wall: float) -> dict[str, A
     """The last line: every check's status, headline figures and the goal booleans."""
     by = {r["check"]: r for r in rows}
     summary: dict[str, Any] = {
-        "benchmark": "gpu_check", "preset": size, "device": _device_name(), "wall_s": round(wall, 1),
+        "benchmark": "gpu_check",
+        "preset": size,
+        "device": _device_name(),
+        "wall_s": round(wall, 1),
         "checks": {r["check"]: r["status"] for r in rows},
     }
     headline = {
@@ -723,10 +876,17 @@ def append_record(summary: dict[str, Any], rows: list[dict[str, Any]], loadavg_s
     import torch
 
     threads = int(os.environ.get("OMP_NUM_THREADS", 1)) if summary["preset"] == "smoke" else torch.get_num_threads()
-    record = {**summary, **_git_revision(), "threads": threads, "cpu_count": os.cpu_count(),
-              "torch": torch.__version__, "loadavg_start": loadavg_start, "loadavg": _loadavg(),
-              "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "results": rows}
+    record = {
+        **summary,
+        **_git_revision(),
+        "threads": threads,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "loadavg_start": loadavg_start,
+        "loadavg": _loadavg(),
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "results": rows,
+    }
     RECORDS.parent.mkdir(parents=True, exist_ok=True)
     with open(RECORDS, "a") as f:
         f.write(json.dumps(record, default=str) + "\n")
@@ -740,8 +900,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "test-output" / "gpu_check.jsonl"), help="JSON lines written here")
     parser.add_argument("--only", help=f"comma-separated checks to run; known: {', '.join(CHECKS)}")
     record = parser.add_mutually_exclusive_group()
-    record.add_argument("--record", action="store_true", default=None,
-                        help="append to benchmarks/records (default: full runs only)")
+    record.add_argument(
+        "--record", action="store_true", default=None, help="append to benchmarks/records (default: full runs only)"
+    )
     record.add_argument("--no-record", dest="record", action="store_false")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one check in this process
     parser.add_argument("--size", choices=sorted(SIZES), help=argparse.SUPPRESS)
@@ -771,8 +932,11 @@ def main(argv: list[str] | None = None) -> int:
                 os.environ["PREFECT_API_URL"] = prefect.url()  # the check's process reuses it
             left = deadline - time.perf_counter()
             if left < 10:
-                row = {"check": name, "status": "timeout",
-                       "error": f"the {TOTAL_BUDGET_S[size]} s total budget was spent before it started"}
+                row = {
+                    "check": name,
+                    "status": "timeout",
+                    "error": f"the {TOTAL_BUDGET_S[size]} s total budget was spent before it started",
+                }
             else:
                 row = _spawn(name, size, min(BUDGET_S[size][name], left), log_dir)
             if name == "expert_packing" and prefect.server is not None:

@@ -42,22 +42,45 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.speed_common import (  # noqa: E402
-    append_record, interleaved, loadavg, paired_ratio, timing_summary,
+    append_record,
+    interleaved,
+    loadavg,
+    paired_ratio,
+    timing_summary,
 )
 
 # norm: (width, ipc, syn_steps) settings; modes: width, ipc, steps; threads: (width, ipc, steps)
 PRESETS = {
-    "tiny": {"norm": [(8, 1, 2)], "norm_rounds": 1, "modes": {"width": 8, "ipc": 1, "steps": [2, 4]},
-             "mode_rounds": 1, "threads_setting": (8, 1, 2), "thread_rounds": 1, "threads": 1,
-             "allocator_setting": (8, 1, 2)},
-    "cpu": {"norm": [(32, 10, 10), (32, 10, 30), (128, 10, 2)], "norm_rounds": 2,
-            "modes": {"width": 32, "ipc": 1, "steps": [10, 30, 80]}, "mode_rounds": 2,
-            "threads_setting": (32, 10, 10), "thread_rounds": 3, "threads": 1,
-            "allocator_setting": (128, 10, 2)},
-    "gpu": {"norm": [(128, 10, 20), (128, 10, 40)], "norm_rounds": 5,
-            "modes": {"width": 128, "ipc": 10, "steps": [10, 30, 80]}, "mode_rounds": 3,
-            "threads_setting": (128, 10, 10), "thread_rounds": 3, "threads": 4,
-            "allocator_setting": (128, 10, 10)},
+    "tiny": {
+        "norm": [(8, 1, 2)],
+        "norm_rounds": 1,
+        "modes": {"width": 8, "ipc": 1, "steps": [2, 4]},
+        "mode_rounds": 1,
+        "threads_setting": (8, 1, 2),
+        "thread_rounds": 1,
+        "threads": 1,
+        "allocator_setting": (8, 1, 2),
+    },
+    "cpu": {
+        "norm": [(32, 10, 10), (32, 10, 30), (128, 10, 2)],
+        "norm_rounds": 2,
+        "modes": {"width": 32, "ipc": 1, "steps": [10, 30, 80]},
+        "mode_rounds": 2,
+        "threads_setting": (32, 10, 10),
+        "thread_rounds": 3,
+        "threads": 1,
+        "allocator_setting": (128, 10, 2),
+    },
+    "gpu": {
+        "norm": [(128, 10, 20), (128, 10, 40)],
+        "norm_rounds": 5,
+        "modes": {"width": 128, "ipc": 10, "steps": [10, 30, 80]},
+        "mode_rounds": 3,
+        "threads_setting": (128, 10, 10),
+        "thread_rounds": 3,
+        "threads": 4,
+        "allocator_setting": (128, 10, 10),
+    },
 }
 BUDGET_FRACTION = 0.5
 
@@ -81,8 +104,14 @@ def problem(width: int, ipc: int, steps: int, layers: str, device: str):
     norm, fast = LAYERS[layers]
     kwargs = {"width": width, "depth": 3, "norm": norm}
     net = create_net("convnet", num_classes=10, **kwargs)
-    meta = {"layout": layout_to_json(param_layout(net)), "net": "convnet", "net_kwargs": kwargs,
-            "num_classes": 10, "channels": 3, "image_size": 32}
+    meta = {
+        "layout": layout_to_json(param_layout(net)),
+        "net": "convnet",
+        "net_kwargs": kwargs,
+        "num_classes": 10,
+        "channels": 3,
+        "image_size": 32,
+    }
     student = Student(meta, dev, fast=fast)
     start = flatten_params(net).to(dev)
     target = start + 0.01 * torch.randn_like(start)
@@ -118,20 +147,30 @@ def part_norm(p: dict, device: str) -> dict:
             args = problem(width, ipc, steps, layers, device)
             calls[layers] = lambda args=args: matching_grad("unrolled", *args)
         times = interleaved(calls, p["norm_rounds"], sync=_sync(device))
-        row = {"width": width, "ipc": ipc, "syn_steps": steps,
-               "fused_norm_vs_native_time": paired_ratio(times, "fused_norm", "native"),
-               "fast_vs_native_time": paired_ratio(times, "fast", "native")}
+        row = {
+            "width": width,
+            "ipc": ipc,
+            "syn_steps": steps,
+            "fused_norm_vs_native_time": paired_ratio(times, "fused_norm", "native"),
+            "fast_vs_native_time": paired_ratio(times, "fast", "native"),
+        }
         for layers, fn in calls.items():
             row[layers] = {**timing_summary(times[layers]), "graph_peak_mb": graph_mb(fn)}
         row["fast_vs_native_graph_mb"] = round(row["fast"]["graph_peak_mb"] / row["native"]["graph_peak_mb"], 3)
         rows.append(row)
-        print(f"norm  w{width} ipc{ipc} steps {steps:3d}: " + ", ".join(
-            f"{k} {row[k]['s_median']:.3f} s {row[k]['graph_peak_mb']:.0f} MB" for k in LAYERS)
+        print(
+            f"norm  w{width} ipc{ipc} steps {steps:3d}: "
+            + ", ".join(f"{k} {row[k]['s_median']:.3f} s {row[k]['graph_peak_mb']:.0f} MB" for k in LAYERS)
             + f"; fused_norm/native {row['fused_norm_vs_native_time']}, fast/native {row['fast_vs_native_time']}",
-            flush=True)
+            flush=True,
+        )
     worst = max(r["fast_vs_native_time"] for r in rows)
-    return {"norm_rows": rows, "fused_norm_vs_native_time_worst": max(r["fused_norm_vs_native_time"] for r in rows),
-            "fast_vs_native_time_worst": worst, "goal_fast_at_most_0.8x": worst <= 0.8}
+    return {
+        "norm_rows": rows,
+        "fused_norm_vs_native_time_worst": max(r["fused_norm_vs_native_time"] for r in rows),
+        "fast_vs_native_time_worst": worst,
+        "goal_fast_at_most_0.8x": worst <= 0.8,
+    }
 
 
 def part_modes(p: dict, device: str) -> dict:
@@ -141,27 +180,41 @@ def part_modes(p: dict, device: str) -> dict:
     for steps in m["steps"]:
         args = problem(m["width"], m["ipc"], steps, "fast", device)
         budget = BUDGET_FRACTION * steps * step_graph_mb(*args)
-        calls = {mode: (lambda mode=mode: matching_grad(mode, *args, memory_budget_mb=budget if mode == "budget" else None))
-                 for mode in ("unrolled", "constant", "budget")}
+        calls = {
+            mode: (
+                lambda mode=mode, args=args, budget=budget: matching_grad(
+                    mode, *args, memory_budget_mb=budget if mode == "budget" else None
+                )
+            )
+            for mode in ("unrolled", "constant", "budget")
+        }
         times = interleaved(calls, p["mode_rounds"], sync=_sync(device))
-        row = {"syn_steps": steps, "budget_mb": round(budget, 2),
-               "budget_vs_unrolled_time": paired_ratio(times, "budget", "unrolled"),
-               "constant_vs_unrolled_time": paired_ratio(times, "constant", "unrolled")}
+        row = {
+            "syn_steps": steps,
+            "budget_mb": round(budget, 2),
+            "budget_vs_unrolled_time": paired_ratio(times, "budget", "unrolled"),
+            "constant_vs_unrolled_time": paired_ratio(times, "constant", "unrolled"),
+        }
         for mode, fn in calls.items():
             row[mode] = {**timing_summary(times[mode]), "graph_peak_mb": graph_mb(fn)}
         rows.append(row)
-        print(f"modes steps {steps:3d}: " + ", ".join(
-            f"{mode} {row[mode]['s_median']:.3f} s {row[mode]['graph_peak_mb']:.0f} MB" for mode in calls)
-            + f"; budget/unrolled {row['budget_vs_unrolled_time']}", flush=True)
+        print(
+            f"modes steps {steps:3d}: "
+            + ", ".join(f"{mode} {row[mode]['s_median']:.3f} s {row[mode]['graph_peak_mb']:.0f} MB" for mode in calls)
+            + f"; budget/unrolled {row['budget_vs_unrolled_time']}",
+            flush=True,
+        )
     lo, hi = rows[0], rows[-1]
     return {
         "mode_setting": {**m, "layers": "fast", "budget_fraction": BUDGET_FRACTION},
         "mode_rows": rows,
-        f"constant_graph_ratio_{hi['syn_steps']}_vs_{lo['syn_steps']}":
-            round(hi["constant"]["graph_peak_mb"] / lo["constant"]["graph_peak_mb"], 3),
+        f"constant_graph_ratio_{hi['syn_steps']}_vs_{lo['syn_steps']}": round(
+            hi["constant"]["graph_peak_mb"] / lo["constant"]["graph_peak_mb"], 3
+        ),
         "goal_budget_at_most_1.2x_unrolled": all(r["budget_vs_unrolled_time"] <= 1.2 for r in rows),
         "goal_budget_memory_between": all(
-            r["constant"]["graph_peak_mb"] < r["budget"]["graph_peak_mb"] < r["unrolled"]["graph_peak_mb"] for r in rows),
+            r["constant"]["graph_peak_mb"] < r["budget"]["graph_peak_mb"] < r["unrolled"]["graph_peak_mb"] for r in rows
+        ),
         "goal_constant_memory_at_most_1.3x": hi["constant"]["graph_peak_mb"] <= 1.3 * lo["constant"]["graph_peak_mb"],
     }
 
@@ -178,16 +231,23 @@ def part_threads(p: dict, device: str) -> dict:
         def call():
             torch.set_num_threads(threads)
             matching_grad("unrolled", *args)
+
         return call
 
     times = interleaved({"1": at(1), "2": at(2)}, p["thread_rounds"], sync=_sync(device))
     torch.set_num_threads(p["threads"])
     speedup = round(1 / paired_ratio(times, "2", "1"), 3)
-    print(f"threads w{width} ipc{ipc} steps {steps}: 1 thread {timing_summary(times['1'])['s_median']:.3f} s, "
-          f"2 threads {timing_summary(times['2'])['s_median']:.3f} s, speedup {speedup}", flush=True)
-    return {"threads_setting": {"width": width, "ipc": ipc, "syn_steps": steps, "layers": "fast"},
-            "threads_1": timing_summary(times["1"]), "threads_2": timing_summary(times["2"]),
-            "speedup_2_vs_1_thread": speedup}
+    print(
+        f"threads w{width} ipc{ipc} steps {steps}: 1 thread {timing_summary(times['1'])['s_median']:.3f} s, "
+        f"2 threads {timing_summary(times['2'])['s_median']:.3f} s, speedup {speedup}",
+        flush=True,
+    )
+    return {
+        "threads_setting": {"width": width, "ipc": ipc, "syn_steps": steps, "layers": "fast"},
+        "threads_1": timing_summary(times["1"]),
+        "threads_2": timing_summary(times["2"]),
+        "speedup_2_vs_1_thread": speedup,
+    }
 
 
 def part_allocator(p: dict, device: str) -> dict:
@@ -212,11 +272,17 @@ def part_allocator(p: dict, device: str) -> dict:
         times["kept"].append(time.perf_counter() - t0)
     keep_freed_memory()
     ratio = paired_ratio(times, "kept", "default")
-    print(f"allocator w{width} ipc{ipc} steps {steps}: default {timing_summary(times['default'])['s_median']:.3f} s, "
-          f"kept {timing_summary(times['kept'])['s_median']:.3f} s (ratio {ratio})", flush=True)
-    return {"allocator_setting": {"width": width, "ipc": ipc, "syn_steps": steps, "layers": "fast"},
-            "malloc_default": timing_summary(times["default"]), "malloc_kept": timing_summary(times["kept"]),
-            "kept_vs_default_malloc_time": ratio}
+    print(
+        f"allocator w{width} ipc{ipc} steps {steps}: default {timing_summary(times['default'])['s_median']:.3f} s, "
+        f"kept {timing_summary(times['kept'])['s_median']:.3f} s (ratio {ratio})",
+        flush=True,
+    )
+    return {
+        "allocator_setting": {"width": width, "ipc": ipc, "syn_steps": steps, "layers": "fast"},
+        "malloc_default": timing_summary(times["default"]),
+        "malloc_kept": timing_summary(times["kept"]),
+        "kept_vs_default_malloc_time": ratio,
+    }
 
 
 PARTS = {"norm": part_norm, "modes": part_modes, "threads": part_threads, "allocator": part_allocator}
@@ -228,13 +294,15 @@ def main() -> None:
     parser.add_argument("--part", default="all", choices=["all", *PARTS])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/records (smoke tests)")
-    parser.add_argument("--default-malloc", action="store_true",
-                        help="keep glibc's default malloc (runs call distill.allocator.keep_freed_memory otherwise)")
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's default malloc (runs call distill.allocator.keep_freed_memory otherwise)",
+    )
     args = parser.parse_args()
     import torch
 
     from distill.allocator import keep_freed_memory
-
     from distill.utils import peak_rss_mb
 
     p = PRESETS[args.preset]
@@ -242,8 +310,13 @@ def main() -> None:
     load_start = loadavg()
     print(f"preset {args.preset}, torch threads {torch.get_num_threads()}, loadavg {load_start}", flush=True)
     malloc = "default" if args.default_malloc or not keep_freed_memory() else "kept"
-    summary = {"benchmark": "matching_speed", "part": args.part, "device": args.device, "malloc": malloc,
-               "setting": "10 classes x ipc 3x32x32, convnet depth 3, DSA, one matching iteration"}
+    summary = {
+        "benchmark": "matching_speed",
+        "part": args.part,
+        "device": args.device,
+        "malloc": malloc,
+        "setting": "10 classes x ipc 3x32x32, convnet depth 3, DSA, one matching iteration",
+    }
     for name, fn in PARTS.items():
         if args.part in ("all", name):
             summary.update(fn(p, args.device))

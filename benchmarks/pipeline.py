@@ -78,7 +78,11 @@ def run_flow(preset: str, env: dict[str, str]) -> tuple[float, int, dict]:
     start = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "flows.pipeline", "--preset", preset],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     mem = TreeMemory(proc.pid)
     out, _ = proc.communicate()
@@ -110,7 +114,10 @@ def main() -> None:
     }
     server = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 180
@@ -128,18 +135,22 @@ def main() -> None:
         server.wait(30)
         if not args.keep:
             shutil.rmtree(state, ignore_errors=True)
-    print(json.dumps({
-        "benchmark": "pipeline",
-        "preset": args.preset,
-        "cold_s": round(cold_s, 1),
-        "warm_s": round(warm_s, 1),
-        "peak_rss_mib_cold": round(cold_peak / 2**20, 1),
-        "peak_rss_mib_warm": round(warm_peak / 2**20, 1),
-        "store_mib": round(store_bytes / 2**20, 2),
-        "goal_cold_under_15_min": cold_s < 900,
-        "goal_warm_under_1_min": warm_s < 60,
-        "results": report.get("results", report),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "pipeline",
+                "preset": args.preset,
+                "cold_s": round(cold_s, 1),
+                "warm_s": round(warm_s, 1),
+                "peak_rss_mib_cold": round(cold_peak / 2**20, 1),
+                "peak_rss_mib_warm": round(warm_peak / 2**20, 1),
+                "store_mib": round(store_bytes / 2**20, 2),
+                "goal_cold_under_15_min": cold_s < 900,
+                "goal_warm_under_1_min": warm_s < 60,
+                "results": report.get("results", report),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ def loadavg() -> str:
 
 def git_revision() -> str:
     """HEAD's short hash, with '+dirty' when tracked files differ from it."""
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False).stdout.strip()
 
@@ -39,8 +40,9 @@ def git_revision() -> str:
     return rev + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
-def append_record(name: str, result: dict[str, Any], *, preset: str, loadavg_start: str,
-                  overrides: list[str] | None = None) -> Path:
+def append_record(
+    name: str, result: dict[str, Any], *, preset: str, loadavg_start: str, overrides: list[str] | None = None
+) -> Path:
     """Append one run to benchmarks/records/<name>.jsonl and return the file."""
     import torch
 

@@ -30,6 +30,7 @@ def loadavg() -> str:
 
 def git_revision() -> str:
     """Short HEAD, with '+dirty' when distill/ or benchmarks/ differ from it."""
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
@@ -40,8 +41,9 @@ def git_revision() -> str:
         return "n/a"
 
 
-def interleaved(variants: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1,
-                sync: Callable[[], None] | None = None) -> dict[str, list[float]]:
+def interleaved(
+    variants: dict[str, Callable[[], Any]], rounds: int, warmup: int = 1, sync: Callable[[], None] | None = None
+) -> dict[str, list[float]]:
     """Seconds of each call, variants in turn (reversed order every other round), after `warmup` rounds."""
     names = list(variants)
     times: dict[str, list[float]] = {name: [] for name in names}
@@ -69,9 +71,17 @@ def append_record(name: str, summary: dict[str, Any], *, preset: str, threads: i
     """Append summary + provenance as one JSON line to benchmarks/records/<name>.jsonl."""
     import torch
 
-    record = {**summary, "git": git_revision(), "preset": preset, "threads": threads, "cpu_count": os.cpu_count(),
-              "torch": torch.__version__, "loadavg_start": loadavg_start, "loadavg_end": loadavg(),
-              "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    record = {
+        **summary,
+        "git": git_revision(),
+        "preset": preset,
+        "threads": threads,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "loadavg_start": loadavg_start,
+        "loadavg_end": loadavg(),
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
     RECORDS.mkdir(parents=True, exist_ok=True)
     path = RECORDS / f"{name}.jsonl"
     with open(path, "a") as f:

@@ -72,8 +72,13 @@ def points(values: list[float]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=presets("prune-eval"), default="cpu")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a prune-eval preset value by dotted key (YAML value)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a prune-eval preset value by dotted key (YAML value)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", help="default: the preset's selection seeds")
     parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/records")
     args = parser.parse_args()
@@ -109,9 +114,17 @@ def main() -> None:
                 source_acc = None
             pretrain_cpu = time.process_time() - cpu
             row = transfer(net, tx, ty, ttx, tty, cfg, num_classes=num_target, seed=seed, device="cpu")
-            rows.append({"arm": arm, "seed": seed, **row, "source_test_acc": source_acc,
-                         "pretrain_seconds": round(info["pretrain_seconds"], 1), "pretrain_cpu_seconds": round(pretrain_cpu, 1),
-                         "seconds": round(time.perf_counter() - start, 1)})
+            rows.append(
+                {
+                    "arm": arm,
+                    "seed": seed,
+                    **row,
+                    "source_test_acc": source_acc,
+                    "pretrain_seconds": round(info["pretrain_seconds"], 1),
+                    "pretrain_cpu_seconds": round(pretrain_cpu, 1),
+                    "seconds": round(time.perf_counter() - start, 1),
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
 
     def arm(name: str, key: str) -> list[float]:
@@ -126,9 +139,11 @@ def main() -> None:
         "benchmark": "transfer_regime",
         "preset": args.preset,
         "overrides": args.set,
-        "source": f"{source_cfg.name} {len(sy)} images ({source_cfg.train_per_class or 'all'}/class) @ {source_cfg.image_size}px",
+        "source": f"{source_cfg.name} {len(sy)} images ({source_cfg.train_per_class or 'all'}/class) "
+        f"@ {source_cfg.image_size}px",
         "target": f"{target_cfg.name} {len(ty)} train ({target_cfg.train_per_class or 'all'}/class), {len(tty)} test",
-        "net": cfg.net, "net_kwargs": cfg.net_kwargs,
+        "net": cfg.net,
+        "net_kwargs": cfg.net_kwargs,
         "pretrain_epochs": cfg.pretrain.epochs,
         "seeds": seeds,
         "source_test_acc_points": points(arm("full", "source_test_acc")),

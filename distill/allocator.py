@@ -35,7 +35,7 @@ def _glibc() -> ctypes.CDLL | None:
         return None
     try:
         libc = ctypes.CDLL(name)
-        libc.gnu_get_libc_version  # only glibc has it (and mallopt with these meanings)
+        _ = libc.gnu_get_libc_version  # only glibc has it (and mallopt with these meanings)
     except (OSError, AttributeError):
         return None
     return libc
@@ -52,7 +52,8 @@ def keep_freed_memory() -> bool:
     if libc is None:
         return False
     _applied = bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(
-        libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+        libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
+    )
     return _applied
 
 

@@ -49,27 +49,50 @@ FAMILIES = ("color", "crop", "cutout", "flip", "scale", "rotate")
 class DSAConfig(BaseModel, frozen=True, extra="forbid"):
     """Which DSA families to apply and their ranges. Defaults: MTT's ParamDiffAug."""
 
-    strategy: str = Field("color_crop_cutout_flip_scale_rotate", description=(
-        "DSA families to apply, joined by '_' as MTT's dsa_strategy; families: "
-        + ", ".join(FAMILIES) + "."))
+    strategy: str = Field(
+        "color_crop_cutout_flip_scale_rotate",
+        description=(
+            "DSA families to apply, joined by '_' as MTT's dsa_strategy; families: " + ", ".join(FAMILIES) + "."
+        ),
+    )
     # "all" is heavier and not what MTT's numbers were made with
-    mode: Literal["single", "all"] = Field("single", description=(
-        "single: one family per call, drawn uniformly (MTT's default aug_mode 'S'); "
-        "all: every family in strategy order (aug_mode 'M')."))
-    brightness: float = Field(1.0, ge=0, description=(
-        "Brightness: additive shift U(-0.5, 0.5) x this, in (normalized/ZCA) pixel units."))
-    saturation: float = Field(2.0, ge=0, description=(
-        "Saturation: factor U(0, this) around the per-pixel channel mean; 0 = grey, 1 = unchanged "
-        "(2 centres it on 1)."))
-    contrast: float = Field(0.5, ge=0, description=(
-        "Contrast: factor U(this, this + 1) around the image mean (0.5 centres it on 1)."))
-    ratio_crop_pad: float = Field(0.125, ge=0, lt=1, description=(
-        "Crop: max shift as a fraction of the image size, rounded to pixels (0.125 = 4 px at 32 px)."))
-    ratio_cutout: float = Field(0.5, gt=0, le=1, description=(
-        "Cutout: side of the zeroed square as a fraction of the image side (0.5 = 16 px at 32 px)."))
+    mode: Literal["single", "all"] = Field(
+        "single",
+        description=(
+            "single: one family per call, drawn uniformly (MTT's default aug_mode 'S'); "
+            "all: every family in strategy order (aug_mode 'M')."
+        ),
+    )
+    brightness: float = Field(
+        1.0, ge=0, description=("Brightness: additive shift U(-0.5, 0.5) x this, in (normalized/ZCA) pixel units.")
+    )
+    saturation: float = Field(
+        2.0,
+        ge=0,
+        description=(
+            "Saturation: factor U(0, this) around the per-pixel channel mean; 0 = grey, 1 = unchanged "
+            "(2 centres it on 1)."
+        ),
+    )
+    contrast: float = Field(
+        0.5, ge=0, description=("Contrast: factor U(this, this + 1) around the image mean (0.5 centres it on 1).")
+    )
+    ratio_crop_pad: float = Field(
+        0.125,
+        ge=0,
+        lt=1,
+        description=("Crop: max shift as a fraction of the image size, rounded to pixels (0.125 = 4 px at 32 px)."),
+    )
+    ratio_cutout: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description=("Cutout: side of the zeroed square as a fraction of the image side (0.5 = 16 px at 32 px)."),
+    )
     prob_flip: float = Field(0.5, ge=0, le=1, description="Flip: chance of a horizontal flip, per sample.")
-    ratio_scale: float = Field(1.2, ge=1, description=(
-        "Scale: x and y scale factors drawn independently from U(1/this, this)."))
+    ratio_scale: float = Field(
+        1.2, ge=1, description=("Scale: x and y scale factors drawn independently from U(1/this, this).")
+    )
     ratio_rotate: float = Field(15.0, ge=0, le=180, description="Rotate: max rotation in degrees, either way.")
 
     @field_validator("strategy")

@@ -30,7 +30,13 @@ from distill.allocator import keep_freed_memory
 from distill.augment import AUGMENTS
 from distill.fused_norm import InstanceNorm
 from distill.train import (
-    LOSSES, OPTIMIZERS, SCHEDULES, TrainConfig, TrainResult, _prepare_targets, check_finite_losses,
+    LOSSES,
+    OPTIMIZERS,
+    SCHEDULES,
+    TrainConfig,
+    TrainResult,
+    _prepare_targets,
+    check_finite_losses,
 )
 from distill.utils import Progress, peak_memory_mb, resolve_device
 
@@ -44,11 +50,14 @@ def check_batchable(nets: list[nn.Module]) -> None:
         if [(name, p.shape) for name, p in net.named_parameters()] != layout:
             raise ValueError("nets trained together must share one architecture (same parameter names and shapes)")
     if any(True for _ in nets[0].buffers()):
-        raise ValueError("nets with buffers (e.g. BatchNorm running statistics) cannot be trained together; "
-                         "train them one by one")
+        raise ValueError(
+            "nets with buffers (e.g. BatchNorm running statistics) cannot be trained together; train them one by one"
+        )
     if any(isinstance(m, InstanceNorm) for m in nets[0].modules()):
-        raise ValueError("the fused instance norm has no vmap rule; use norm='instance' for evaluation nets "
-                         "(the fused one only speeds up double backward)")
+        raise ValueError(
+            "the fused instance norm has no vmap rule; use norm='instance' for evaluation nets "
+            "(the fused one only speeds up double backward)"
+        )
 
 
 def train_batched(
@@ -117,8 +126,11 @@ def train_batched(
             correct += torch.stack([(out[j].detach().argmax(1) == labels[i]).sum() for j, i in enumerate(idx)])
         step_losses = torch.stack(step_losses, 1)  # [K, steps]
         for j in range(k):
-            check_finite_losses(step_losses[j], f"epoch {epoch}/{cfg.epochs} of net {j} (seed {seeds[j]})",
-                                f"lr={cfg.lr}, optimizer={cfg.optimizer}")
+            check_finite_losses(
+                step_losses[j],
+                f"epoch {epoch}/{cfg.epochs} of net {j} (seed {seeds[j]})",
+                f"lr={cfg.lr}, optimizer={cfg.optimizer}",
+            )
         sums, accs = step_losses.sum(1).tolist(), correct.tolist()
         for j in range(k):
             histories[j].append({"epoch": epoch, "loss": sums[j] / n, "train_acc": accs[j] / n})

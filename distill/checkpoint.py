@@ -2,7 +2,8 @@
 
 Expert training, trajectory matching, the Barlow Twins teacher and KRR-ST all resume through
 `Checkpoint`, so a killed run continues from its last commit and ends bit-identical to an
-uninterrupted one (their seeded streams come from distill.utils.derive_seed). A checkpoint is a directory holding one committed state:
+uninterrupted one (their seeded streams come from distill.utils.derive_seed). A checkpoint is a
+directory holding one committed state:
 
     state-SSSSSSS-XXXXXXXX.safetensors  every tensor of the state: weights, optimizer tensors, RNG states
     state.json                          the commit record: format, kind, step, identity, the state
@@ -96,8 +97,13 @@ class Checkpoint:
         with atomic_file(self.dir / name) as f:
             f.write(data)
         commit = {
-            "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "kind": self.kind, "step": step,
-            "state_file": name, "state_sha256": hashlib.sha256(data).hexdigest(), "identity": self.identity,
+            "format": CHECKPOINT_FORMAT,
+            "format_version": CHECKPOINT_VERSION,
+            "kind": self.kind,
+            "step": step,
+            "state_file": name,
+            "state_sha256": hashlib.sha256(data).hexdigest(),
+            "identity": self.identity,
             "record": record or {},
         }
         with atomic_file(self.dir / RECORD_FILE) as f:
@@ -126,7 +132,9 @@ class Checkpoint:
                 f"{path} is not a {self.kind} checkpoint of {CHECKPOINT_FORMAT} version {CHECKPOINT_VERSION} "
                 f"(format, version, kind: {found}); {fix}"
             )
-        check_identity(commit["identity"], self.identity, f"checkpoint {self.dir}", "delete it or use another directory")
+        check_identity(
+            commit["identity"], self.identity, f"checkpoint {self.dir}", "delete it or use another directory"
+        )
         name = commit.get("state_file", "")
         if not _STATE_FILE.match(name):
             raise CheckpointError(f"{path} names an invalid state file {name!r}; {fix}")

@@ -40,13 +40,16 @@ from distill.registry import Registry
 from distill.utils import derive_seed
 
 # name -> what the source is; a DataConfig field or load_images(format=) takes one of these names.
-SOURCE_FORMATS: Registry[str] = Registry("dataset format", {
-    "auto": "detect from the path (hub: prefix, .parquet/.npz suffix, Parquet files or split folders)",
-    "parquet": "Parquet files in the Hugging Face layout (a file, or a folder of <split>*.parquet)",
-    "imagefolder": "a folder of <split>/<class>/<image> files",
-    "hub": "a Hugging Face hub dataset, hub:<owner>/<name>",
-    "npz": "a NumPy .npz with x_<split> images and y_<split> labels",
-})
+SOURCE_FORMATS: Registry[str] = Registry(
+    "dataset format",
+    {
+        "auto": "detect from the path (hub: prefix, .parquet/.npz suffix, Parquet files or split folders)",
+        "parquet": "Parquet files in the Hugging Face layout (a file, or a folder of <split>*.parquet)",
+        "imagefolder": "a folder of <split>/<class>/<image> files",
+        "hub": "a Hugging Face hub dataset, hub:<owner>/<name>",
+        "npz": "a NumPy .npz with x_<split> images and y_<split> labels",
+    },
+)
 SourceFormat = SOURCE_FORMATS.name_type()
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 HUB_PREFIX = "hub:"
@@ -78,9 +81,7 @@ class ImageSet:
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] != 3:
-            raise DataError(
-                f"images must be uint8 [N, 3, H, W]; got {self.images.dtype} {list(self.images.shape)}"
-            )
+            raise DataError(f"images must be uint8 [N, 3, H, W]; got {self.images.dtype} {list(self.images.shape)}")
         if self.labels.dtype != torch.int64 or self.labels.shape != (self.images.shape[0],):
             raise DataError(
                 f"labels must be int64 [N] with N = {self.images.shape[0]} images; "
@@ -143,9 +144,7 @@ def check_ipc(
         )
 
 
-def sample_per_class(
-    labels: torch.Tensor, k: int, seed: int, classes: Sequence[int] | None = None
-) -> torch.Tensor:
+def sample_per_class(labels: torch.Tensor, k: int, seed: int, classes: Sequence[int] | None = None) -> torch.Tensor:
     """Indices of `k` random images from each class, grouped by class (ascending), random order within.
 
     Each class draws from its own generator seeded by (seed, class), so a class's sample does not
@@ -498,9 +497,7 @@ def _pick_columns(
 ) -> tuple[str, str]:
     """(image column, label column) from `datasets` feature types, else conventional names."""
     image = next((k for k, f in features.items() if isinstance(f, dict) and f.get("_type") == "Image"), None)
-    label = next(
-        (k for k, f in features.items() if isinstance(f, dict) and f.get("_type") == "ClassLabel"), None
-    )
+    label = next((k for k, f in features.items() if isinstance(f, dict) and f.get("_type") == "ClassLabel"), None)
     image = image or next((c for c in ("image", "img", "pixel_values") if c in columns and is_image(c)), None)
     image = image or next((c for c in columns if is_image(c)), None)
     label = label or next((c for c in ("label", "labels", "fine_label", "target") if c in columns), None)
@@ -544,21 +541,16 @@ class _ParquetReader:
             try:
                 column = pf.read(columns=[label_column]).column(0)
             except (pa.ArrowException, OSError) as e:
-                raise DataError(
-                    f"cannot read labels of Parquet file {path} (corrupt or truncated?): {e}"
-                ) from e
+                raise DataError(f"cannot read labels of Parquet file {path} (corrupt or truncated?): {e}") from e
             if not pa.types.is_integer(column.type):
                 raise DataError(f"label column {label_column!r} of {path} is {column.type}, not integer")
             if column.null_count:
-                raise DataError(
-                    f"label column {label_column!r} of {path} has {column.null_count} missing labels"
-                )
+                raise DataError(f"label column {label_column!r} of {path} has {column.null_count} missing labels")
             label_parts.append(column.to_numpy().astype(np.int64))
         self.labels = torch.from_numpy(np.concatenate(label_parts))
         self.class_names = _class_names(features, label_column, self.labels)
         self.row_groups = [
-            np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
-            for pf in handles
+            np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]) for pf in handles
         ]
         self.file_offsets = np.cumsum([0] + [int(b[-1]) for b in self.row_groups])
 
@@ -606,9 +598,7 @@ class _FolderReader:
         self.paths: list[str] = []
         labels: list[int] = []
         for c, name in enumerate(self.class_names):
-            files = sorted(
-                str(p) for p in (split_dir / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
-            )
+            files = sorted(str(p) for p in (split_dir / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
             self.paths += files
             labels += [c] * len(files)
         self.labels = torch.tensor(labels, dtype=torch.int64)
@@ -703,9 +693,7 @@ class _HubReader:
             k: {"_type": type(v).__name__, **({"names": v.names} if hasattr(v, "names") else {})}
             for k, v in ds.features.items()
         }
-        image_column, label_column = _pick_columns(
-            features, list(ds.column_names), lambda c: False, self.where
-        )
+        image_column, label_column = _pick_columns(features, list(ds.column_names), lambda c: False, self.where)
         # Arrow format with decode=False: rows come back as encoded bytes, decoded by our workers.
         self.ds = ds.cast_column(image_column, datasets.Image(decode=False)).with_format("arrow")
         self.image_column = image_column
@@ -749,7 +737,9 @@ def _check_hub_reachable(name: str) -> None:
         raise DataError(_hub_unreachable(name, f"{endpoint.hostname}:{port}: {e}")) from e
 
 
-def read_labels(source: str | os.PathLike[str], split: str = "train", *, format: str = "auto") -> tuple[torch.Tensor, list[str]]:
+def read_labels(
+    source: str | os.PathLike[str], split: str = "train", *, format: str = "auto"
+) -> tuple[torch.Tensor, list[str]]:
     """The label column and class names of a split, without decoding any image."""
     src = str(source)
     reader = _READERS[_resolve_format(src, format)](src, split)
@@ -825,15 +815,25 @@ class DataConfig(BaseModel):
                 train_names = [names[c] for c in kept]
         if min_train_per_class is not None:
             present = [(n, name) for n, name in zip(counts[self.train_split], train_names) if n > 0]
-            check_ipc([n for n, _ in present], min_train_per_class, [name for _, name in present],
-                      where=f"{self.source} [{self.train_split}]", hint=" or raise train_per_class")
+            check_ipc(
+                [n for n, _ in present],
+                min_train_per_class,
+                [name for _, name in present],
+                where=f"{self.source} [{self.train_split}]",
+                hint=" or raise train_per_class",
+            )
         return counts
 
     def load(self, split: str) -> ImageSet:
         """One split with this config's size, classes and per-class cap."""
         cap = self.train_per_class if split == self.train_split else self.test_per_class
         return load_images(
-            self.source, split, format=self.format, image_size=self.image_size,
-            classes=self.classes, per_class=cap, seed=self.seed, remap_labels=self.remap_labels,
+            self.source,
+            split,
+            format=self.format,
+            image_size=self.image_size,
+            classes=self.classes,
+            per_class=cap,
+            seed=self.seed,
+            remap_labels=self.remap_labels,
         )
-

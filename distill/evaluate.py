@@ -44,6 +44,7 @@ class EvalConfig(NetFields, PrecisionField):
     use_learned_lr: bool = Field(
         True, description="A distilled set's learned learning rate replaces train.lr (MTT's protocol)."
     )
+
     def recipe(self, learned_lr: float | None = None) -> dict[str, Any]:
         """The recipe as stored with a dataset, with the learning rate actually used."""
         train_cfg = self.train_config(learned_lr)
@@ -116,19 +117,50 @@ def evaluate_seeds(
 
     seeds = list(seeds)
     if not (batched if batched is not None else BATCHED_DEFAULT) or len(seeds) < 2:
-        return [evaluate_set(train_x, train_y, test_x, test_y, cfg, num_classes=num_classes, seed=s,
-                             learned_lr=learned_lr, device=device, progress=progress) for s in seeds]
+        return [
+            evaluate_set(
+                train_x,
+                train_y,
+                test_x,
+                test_y,
+                cfg,
+                num_classes=num_classes,
+                seed=s,
+                learned_lr=learned_lr,
+                device=device,
+                progress=progress,
+            )
+            for s in seeds
+        ]
     dev = resolve_device(device)
     nets = []
     for seed in seeds:
         seed_everything(seed)
-        nets.append(create_net(cfg.net, num_classes=num_classes, channels=train_x.shape[1],
-                               image_size=train_x.shape[-1], **cfg.net_kwargs))
+        nets.append(
+            create_net(
+                cfg.net,
+                num_classes=num_classes,
+                channels=train_x.shape[1],
+                image_size=train_x.shape[-1],
+                **cfg.net_kwargs,
+            )
+        )
     try:
         check_batchable(nets)
     except ValueError:
-        return evaluate_seeds(train_x, train_y, test_x, test_y, cfg, num_classes=num_classes, seeds=seeds,
-                              learned_lr=learned_lr, device=device, progress=progress, batched=False)
+        return evaluate_seeds(
+            train_x,
+            train_y,
+            test_x,
+            test_y,
+            cfg,
+            num_classes=num_classes,
+            seeds=seeds,
+            learned_lr=learned_lr,
+            device=device,
+            progress=progress,
+            batched=False,
+        )
     train_cfg = cfg.train_config(learned_lr)
     rows = []
     with precision_context(cfg.precision, dev):
@@ -139,8 +171,9 @@ def evaluate_seeds(
     return rows
 
 
-def _row(seed: int, test: dict, result: Any, train_x: torch.Tensor, train_cfg: Any, seconds: float,
-         dev: torch.device) -> dict[str, Any]:
+def _row(
+    seed: int, test: dict, result: Any, train_x: torch.Tensor, train_cfg: Any, seconds: float, dev: torch.device
+) -> dict[str, Any]:
     return {
         "seed": seed,
         "test_acc": float(test["acc"]),

@@ -20,7 +20,8 @@ puts a kink into the smooth trajectory AST is after).
 
 Training is resumable. After every snapshot the expert writes, beside its output file
 (expert-00007.parquet -> expert-00007.ckpt/): the snapshot as a one-row trajectory file, then
-a distill.checkpoint commit of the model, optimizer and RNG tensors. A restarted run with the same config continues from the last snapshot and produces a
+a distill.checkpoint commit of the model, optimizer and RNG tensors. A restarted run with the same
+config continues from the last snapshot and produces a
 trajectory bit-identical to an uninterrupted one; the finished trajectory is written atomically
 with complete=True and the checkpoint removed. Re-running a finished expert returns at once.
 Pure: imports neither prefect nor ray.
@@ -40,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 
+from distill.allocator import keep_freed_memory
 from distill.augment import AUGMENTS, AugmentName
 from distill.checkpoint import (
     Checkpoint,
@@ -50,7 +52,6 @@ from distill.checkpoint import (
     optimizer_tensors,
 )
 from distill.nets import NetFields, NetName, create_net, flatten_params, param_layout
-from distill.allocator import keep_freed_memory
 from distill.precision import PrecisionField, precision_context
 from distill.registry import Registry
 from distill.train import check_finite_losses, evaluate
@@ -65,59 +66,85 @@ AST_LOSS_RAMP = [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95]
 DIVERGED_LOSS_FACTOR = 10.0
 
 # recipe name -> the field values it presets; fields given explicitly override them.
-RECIPES: Registry[dict[str, Any]] = Registry("expert recipe", {
-    "mtt": {},  # the ExpertConfig defaults are MTT's
-    "ast": {
-        "lr": 0.003,
-        "momentum": 0.9,
-        "weight_decay": 1e-3,
-        "lr_drop_epoch": "mid",
-        "lr_drop_factor": 0.6,
-        "loss_ramp": AST_LOSS_RAMP,
-        "grad_penalty": 2.0,
+RECIPES: Registry[dict[str, Any]] = Registry(
+    "expert recipe",
+    {
+        "mtt": {},  # the ExpertConfig defaults are MTT's
+        "ast": {
+            "lr": 0.003,
+            "momentum": 0.9,
+            "weight_decay": 1e-3,
+            "lr_drop_epoch": "mid",
+            "lr_drop_factor": 0.6,
+            "loss_ramp": AST_LOSS_RAMP,
+            "grad_penalty": 2.0,
+        },
+        "sam": {"sam_rho": 0.01},  # FTD: buffer_FTD.py --rho_max 0.01 --rho_min 0.01 on MTT's recipe
     },
-    "sam": {"sam_rho": 0.01},  # FTD: buffer_FTD.py --rho_max 0.01 --rho_min 0.01 on MTT's recipe
-})
+)
 RecipeName = RECIPES.name_type()
 
 
 class ExpertConfig(NetFields, PrecisionField, frozen=True, extra="forbid"):
     """How to train a pool of experts. `recipe` presets the other fields (see RECIPES)."""
 
-    recipe: RecipeName = Field("mtt", description=(
-        "Expert recipe presetting the other fields unless they are given: mtt = MTT's buffer.py, "
-        "ast = AST's smooth experts, sam = FTD's flat experts (SAM steps)."))
+    recipe: RecipeName = Field(
+        "mtt",
+        description=(
+            "Expert recipe presetting the other fields unless they are given: mtt = MTT's buffer.py, "
+            "ast = AST's smooth experts, sam = FTD's flat experts (SAM steps)."
+        ),
+    )
     net: NetName = Field("convnet", description="Expert net (a distill.nets name); distillation must use the same net.")
-    net_kwargs: dict[str, Any] = Field({}, description=(
-        "Options of the net, e.g. {width: 128, depth: 3}: MTT's ConvNet-3 at 32 px."))
-    epochs: int = Field(50, ge=1, description=(
-        "Training epochs per expert, one snapshot each (MTT/AST: 50); matching needs "
-        "max_start_epoch + expert_epochs of them."))
+    net_kwargs: dict[str, Any] = Field(
+        {}, description=("Options of the net, e.g. {width: 128, depth: 3}: MTT's ConvNet-3 at 32 px.")
+    )
+    epochs: int = Field(
+        50,
+        ge=1,
+        description=(
+            "Training epochs per expert, one snapshot each (MTT/AST: 50); matching needs "
+            "max_start_epoch + expert_epochs of them."
+        ),
+    )
     batch_size: int = Field(256, ge=1, description="Images per SGD step (MTT batch_train: 256).")
-    lr: float = Field(0.01, gt=0, description=(
-        "SGD learning rate (MTT lr_teacher 0.01; AST 0.003: slower, smoother experts)."))
-    momentum: float = Field(0.0, ge=0, lt=1, description=(
-        "SGD momentum (MTT: 0; AST: 0.9, as its students use)."))
-    weight_decay: float = Field(0.0, ge=0, description=(
-        "SGD weight decay on every parameter (MTT: 0; AST: 1e-3)."))
+    lr: float = Field(
+        0.01, gt=0, description=("SGD learning rate (MTT lr_teacher 0.01; AST 0.003: slower, smoother experts).")
+    )
+    momentum: float = Field(0.0, ge=0, lt=1, description=("SGD momentum (MTT: 0; AST: 0.9, as its students use)."))
+    weight_decay: float = Field(0.0, ge=0, description=("SGD weight decay on every parameter (MTT: 0; AST: 1e-3)."))
     # "mid" is where MTT --decay and AST drop: both after their 0-based epoch epochs // 2 + 1
-    lr_drop_epoch: int | Literal["mid"] | None = Field(None, description=(
-        "1-based epoch from which the lr is multiplied by lr_drop_factor; mid = epochs // 2 + 3; "
-        "empty = constant lr."))
+    lr_drop_epoch: int | Literal["mid"] | None = Field(
+        None,
+        description=(
+            "1-based epoch from which the lr is multiplied by lr_drop_factor; mid = epochs // 2 + 3; "
+            "empty = constant lr."
+        ),
+    )
     lr_drop_factor: float = Field(0.1, gt=0, description="lr multiplier at lr_drop_epoch (MTT --decay: 0.1; AST: 0.6).")
     augment: AugmentName = Field("dsa", description="Training augmentation (MTT and AST train experts with DSA).")
-    loss_ramp: list[float] | None = Field(None, description=(
-        "CE multipliers for epochs 1..len(loss_ramp), 1 afterwards (AST's clipping loss: 0.5, 0.55, "
-        "..., 0.95, a warm-up); empty = none."))
-    grad_penalty: float = Field(0.0, ge=0, description=(
-        "AST gradient-penalty weight lambda (2) on the input gradient of the logits; 0 = off "
-        "(saves an extra forward and a double backward)."))
-    sam_rho: float = Field(0.0, ge=0, description=(
-        "SAM ascent radius (FTD: 0.01); 0 = plain SGD steps; > 0 doubles the cost per step."))
-    num_experts: int = Field(100, ge=1, description=(
-        "Experts to train (MTT/AST/FTD: 100); not part of an expert's own recipe."))
-    seed: int = Field(0, description=(
-        "Expert i is seeded from (seed, i), so any expert can be (re)trained alone."))
+    loss_ramp: list[float] | None = Field(
+        None,
+        description=(
+            "CE multipliers for epochs 1..len(loss_ramp), 1 afterwards (AST's clipping loss: 0.5, 0.55, "
+            "..., 0.95, a warm-up); empty = none."
+        ),
+    )
+    grad_penalty: float = Field(
+        0.0,
+        ge=0,
+        description=(
+            "AST gradient-penalty weight lambda (2) on the input gradient of the logits; 0 = off "
+            "(saves an extra forward and a double backward)."
+        ),
+    )
+    sam_rho: float = Field(
+        0.0, ge=0, description=("SAM ascent radius (FTD: 0.01); 0 = plain SGD steps; > 0 doubles the cost per step.")
+    )
+    num_experts: int = Field(
+        100, ge=1, description=("Experts to train (MTT/AST/FTD: 100); not part of an expert's own recipe.")
+    )
+    seed: int = Field(0, description=("Expert i is seeded from (seed, i), so any expert can be (re)trained alone."))
 
     @model_validator(mode="before")
     @classmethod
@@ -174,9 +201,7 @@ def _objective(
     return scale * ce + gp, out, ce, gp
 
 
-def _sam_step(
-    net: nn.Module, optimizer: torch.optim.Optimizer, objective: Callable[[], tuple], rho: float
-) -> tuple:
+def _sam_step(net: nn.Module, optimizer: torch.optim.Optimizer, objective: Callable[[], tuple], rho: float) -> tuple:
     """SAM: step with the gradient taken at w + rho * g / ||g||, the worst nearby point to first order."""
     first = objective()
     params = [p for p in net.parameters() if p.requires_grad]
@@ -230,7 +255,8 @@ def _train_epoch(
         idx = order[start : start + batch_size]
         xb, yb = x[idx], y[idx]
         x_aug = augment(xb, generator)  # drawn once per step, so SAM's second pass sees the same batch
-        objective = lambda: _objective(net, x_aug, xb, yb, scale, cfg.grad_penalty)  # noqa: E731
+        # bound now: SAM calls it twice within this step
+        objective = lambda x_aug=x_aug, xb=xb, yb=yb: _objective(net, x_aug, xb, yb, scale, cfg.grad_penalty)  # noqa: E731
         if cfg.sam_rho > 0:
             loss, out, ce, gp = _sam_step(net, optimizer, objective, cfg.sam_rho)
         else:
@@ -347,12 +373,19 @@ def _identity(
 ) -> dict:
     """Everything an expert's trajectory depends on, as JSON values (so stored and fresh compare equal)."""
     identity = {
-        "expert_id": expert_id, "net": cfg.net, "net_kwargs": cfg.net_kwargs, "num_classes": num_classes,
-        "channels": train_x.shape[1], "image_size": train_x.shape[2], "recipe": cfg.expert_recipe(),
-        "seed": cfg.seed, "dataset_fingerprint": dataset_fingerprint,
+        "expert_id": expert_id,
+        "net": cfg.net,
+        "net_kwargs": cfg.net_kwargs,
+        "num_classes": num_classes,
+        "channels": train_x.shape[1],
+        "image_size": train_x.shape[2],
+        "recipe": cfg.expert_recipe(),
+        "seed": cfg.seed,
+        "dataset_fingerprint": dataset_fingerprint,
         "preprocessor_fingerprint": preprocessor_fingerprint,
         # Cheap guards for callers that pass no fingerprints.
-        "train_size": train_x.shape[0], "test_size": test_x.shape[0],
+        "train_size": train_x.shape[0],
+        "test_size": test_x.shape[0],
     }
     return json.loads(json.dumps(identity))
 
@@ -421,8 +454,13 @@ def train_expert(
     keep_freed_memory()  # CPU: reuse freed activations instead of page-faulting new ones (distill.allocator)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.seed, expert_id, "init"))
-        net = create_net(cfg.net, num_classes=num_classes, channels=identity["channels"],
-                         image_size=identity["image_size"], **cfg.net_kwargs)
+        net = create_net(
+            cfg.net,
+            num_classes=num_classes,
+            channels=identity["channels"],
+            image_size=identity["image_size"],
+            **cfg.net_kwargs,
+        )
     net.to(dev)
     optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(derive_seed(cfg.seed, expert_id, "data"))
@@ -448,11 +486,19 @@ def train_expert(
             test_metrics = _test_metrics(net, test_x, test_y, dev)
             checkpoint.save(Snapshot(epoch, current, **train_metrics, **test_metrics), net, optimizer, generator)
             if progress is not None:
-                progress(epoch, cfg.epochs, loss=train_metrics["loss"], acc=train_metrics["train_acc"],
-                         param_change=param_change(previous, current), expert=expert_id, **test_metrics)
+                progress(
+                    epoch,
+                    cfg.epochs,
+                    loss=train_metrics["loss"],
+                    acc=train_metrics["train_acc"],
+                    param_change=param_change(previous, current),
+                    expert=expert_id,
+                    **test_metrics,
+                )
             previous = current
-        check_not_diverged(checkpoint.metrics(0)["test_loss"], checkpoint.metrics(cfg.epochs)["train_loss"], cfg,
-                           expert_id)
+        check_not_diverged(
+            checkpoint.metrics(0)["test_loss"], checkpoint.metrics(cfg.epochs)["train_loss"], cfg, expert_id
+        )
     except FloatingPointError:
         checkpoint.remove()  # resuming would replay the same divergence: the next run starts over
         raise

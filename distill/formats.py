@@ -40,7 +40,6 @@ from PIL import Image
 from distill.fsio import FORMAT_VERSION, fs_path, read_bytes, write_bytes
 from distill.transforms import Preprocessor, safetensors_bytes
 
-
 # Like datasets' Parquet builder: row groups of at most 10,000 rows, and fewer when rows
 # are big, so a reader can stream one group at a time in bounded memory.
 ROW_GROUP_MAX_ROWS = 10_000
@@ -114,18 +113,14 @@ def read_table(
             )
     missing = [c for c in columns if c not in table.column_names]
     if missing:
-        raise FormatError(
-            f"{path}: missing column(s) {missing} for the {kind} format; it has {table.column_names}"
-        )
+        raise FormatError(f"{path}: missing column(s) {missing} for the {kind} format; it has {table.column_names}")
     return table, features, ours
 
 
 def _labels(path: str, table: pa.Table) -> np.ndarray:
     column = table.column("label")
     if column.null_count or not pa.types.is_integer(column.type):
-        raise FormatError(
-            f"{path}: `label` must be non-null integers, got {column.type} ({column.null_count} nulls)"
-        )
+        raise FormatError(f"{path}: `label` must be non-null integers, got {column.type} ({column.null_count} nulls)")
     return column.to_numpy()
 
 
@@ -184,8 +179,7 @@ _PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 def _encode_images(images: torch.Tensor, image_format: str) -> list[bytes]:
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in _PIL_MODES:
         raise ValueError(
-            f"images must be uint8 [N, C, H, W] with C in {sorted(_PIL_MODES)}, "
-            f"got {images.dtype} {list(images.shape)}"
+            f"images must be uint8 [N, C, H, W] with C in {sorted(_PIL_MODES)}, got {images.dtype} {list(images.shape)}"
         )
     hwc = images.detach().cpu().permute(0, 2, 3, 1).contiguous().numpy()
     mode = _PIL_MODES[images.shape[1]]
@@ -335,9 +329,9 @@ def _dataset_card(features: dict, meta: dict, rows: int, nbytes: int) -> str:
     lr = meta["learned_lr"]
     lr_text = "not learned; use the recipe's" if lr is None else f"{lr!r} (learned during distillation; use it)"
     body = f"""
-# Distilled dataset ({meta['method']})
+# Distilled dataset ({meta["method"]})
 
-{rows} synthetic images of {len(meta['class_names'])} classes, written by distillery.
+{rows} synthetic images of {len(meta["class_names"])} classes, written by distillery.
 
 ## Training on it correctly
 
@@ -349,12 +343,12 @@ def _dataset_card(features: dict, meta: dict, rows: int, nbytes: int) -> str:
 
 Preprocessor:
 ```yaml
-{yaml.safe_dump(meta['preprocessor'], sort_keys=False).strip()}
+{yaml.safe_dump(meta["preprocessor"], sort_keys=False).strip()}
 ```
 
 Evaluation recipe:
 ```yaml
-{yaml.safe_dump(meta['recipe'], sort_keys=False).strip()}
+{yaml.safe_dump(meta["recipe"], sort_keys=False).strip()}
 ```
 
 ## Loading
@@ -406,14 +400,23 @@ def check_publishable(
     for name, x in (("pixels", pixels), ("soft labels", soft_labels), ("targets", targets)):
         if x is not None and not bool(torch.isfinite(x).all()):
             bad = int((~torch.isfinite(x)).sum())
-            raise PublishError(f"{name}: {bad} of {x.numel()} values are NaN or infinite; the run diverged "
-                               "(lower the image learning rate, or enable rollback on divergence)")
+            raise PublishError(
+                f"{name}: {bad} of {x.numel()} values are NaN or infinite; the run diverged "
+                "(lower the image learning rate, or enable rollback on divergence)"
+            )
     if learned_lr is not None and not (math.isfinite(learned_lr) and learned_lr > 0):
-        raise PublishError(f"learned lr {learned_lr!r} is not a positive finite number; "
-                           "lower lr_lr (the learning rate of the learned lr) or fix it with learn_lr off")
+        raise PublishError(
+            f"learned lr {learned_lr!r} is not a positive finite number; "
+            "lower lr_lr (the learning rate of the learned lr) or fix it with learn_lr off"
+        )
     c, h, w = pixels.shape[1:]
-    probe = torch.stack([torch.zeros(c, h, w), torch.full((c, h, w), 255.0),
-                         torch.randint(0, 256, (c, h, w), generator=torch.Generator().manual_seed(0)).float()])
+    probe = torch.stack(
+        [
+            torch.zeros(c, h, w),
+            torch.full((c, h, w), 255.0),
+            torch.randint(0, 256, (c, h, w), generator=torch.Generator().manual_seed(0)).float(),
+        ]
+    )
     pre = Preprocessor.from_state(preprocessor_config, preprocessor_tensors)
     scale = float(pre(probe.to(torch.uint8)).abs().max())
     peak = float(pixels.abs().max()) if pixels.numel() else 0.0
@@ -426,8 +429,10 @@ def check_publishable(
     spread = flat.max(1).values - flat.min(1).values
     if len(pixels) and bool((spread <= 1e-6 * max(scale, 1e-12)).any()):
         idx = torch.nonzero(spread <= 1e-6 * max(scale, 1e-12)).flatten().tolist()
-        raise PublishError(f"image(s) {idx[:10]} are constant: a flat image carries no signal "
-                           "(check the initialization and the image learning rate)")
+        raise PublishError(
+            f"image(s) {idx[:10]} are constant: a flat image carries no signal "
+            "(check the initialization and the image learning rate)"
+        )
 
 
 def write_distilled(
@@ -454,13 +459,17 @@ def write_distilled(
     labels = _check_labels(labels, n, class_names)
     previews = minmax_preview(pixels) if previews is None else previews
     if list(previews.shape) != list(pixels.shape):
-        raise ValueError(
-            f"previews must have the pixels' shape {list(pixels.shape)}, got {list(previews.shape)}"
-        )
+        raise ValueError(f"previews must have the pixels' shape {list(pixels.shape)}, got {list(previews.shape)}")
     _check_rows("soft_labels", soft_labels, n)
     _check_rows("targets", targets, n)
-    check_publishable(pixels, preprocessor_config, preprocessor_tensors,
-                      soft_labels=soft_labels, targets=targets, learned_lr=learned_lr)
+    check_publishable(
+        pixels,
+        preprocessor_config,
+        preprocessor_tensors,
+        soft_labels=soft_labels,
+        targets=targets,
+        learned_lr=learned_lr,
+    )
 
     flat = pa.array(pixels.detach().cpu().contiguous().reshape(-1).numpy())
     for size in reversed(shape):

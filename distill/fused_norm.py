@@ -43,11 +43,18 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], t.shape[1], -1)
 
 
-def _native_backward(gy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-                     weight: torch.Tensor | None, mask: tuple[bool, bool, bool]):
+def _native_backward(
+    gy: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    mask: tuple[bool, bool, bool],
+):
     n, c = x.shape[0], x.shape[1]
     return torch.ops.aten.native_group_norm_backward(
-        gy.contiguous(), x, mean, rstd, weight, n, c, x[0, 0].numel(), c, list(mask))
+        gy.contiguous(), x, mean, rstd, weight, n, c, x[0, 0].numel(), c, list(mask)
+    )
 
 
 class _InstanceNormFn(torch.autograd.Function):
@@ -75,8 +82,17 @@ def _slice_sums(v: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torc
     """
     n, c = x.shape[0], x.shape[1]
     _, s_vx, s_v = torch.ops.aten.native_group_norm_backward(
-        v.contiguous().view(1, n * c, -1), x.view(1, n * c, -1), mean.reshape(1, n * c), rstd.reshape(1, n * c),
-        None, 1, n * c, x[0, 0].numel(), n * c, [False, True, True])
+        v.contiguous().view(1, n * c, -1),
+        x.view(1, n * c, -1),
+        mean.reshape(1, n * c),
+        rstd.reshape(1, n * c),
+        None,
+        1,
+        n * c,
+        x[0, 0].numel(),
+        n * c,
+        [False, True, True],
+    )
     return s_vx.view(n, c, 1), s_v.view(n, c, 1)
 
 
@@ -85,8 +101,17 @@ def _slice_dot(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     n, c = w.shape[0], w.shape[1]
     flat = torch.zeros(1, n * c, dtype=w.dtype, device=w.device)
     _, s, _ = torch.ops.aten.native_group_norm_backward(
-        v.contiguous().view(1, n * c, -1), w.contiguous().view(1, n * c, -1), flat, flat + 1, None,
-        1, n * c, w[0, 0].numel(), n * c, [False, True, False])
+        v.contiguous().view(1, n * c, -1),
+        w.contiguous().view(1, n * c, -1),
+        flat,
+        flat + 1,
+        None,
+        1,
+        n * c,
+        w[0, 0].numel(),
+        n * c,
+        [False, True, False],
+    )
     return s.view(n, c, 1)
 
 
@@ -105,8 +130,10 @@ class _InstanceNormBackwardFn(torch.autograd.Function):
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (a, b, e, gy, x, weight)):
             # once_differentiable would only fail when the error node lies on the path to the
             # requested inputs; a silently partial third derivative is worse than this error.
-            raise RuntimeError("third derivatives of the fused instance norm are not implemented; "
-                               "use norm='instance' (nn.GroupNorm) for them")
+            raise RuntimeError(
+                "third derivatives of the fused instance norm are not implemented; "
+                "use norm='instance' (nn.GroupNorm) for them"
+            )
         with torch.no_grad():
             return _InstanceNormBackwardFn._second_backward(ctx, gy, x, weight, mean, rstd, a, b, e)
 

@@ -66,7 +66,6 @@ from distill.train import TrainConfig
 from distill.transfer import TransferConfig, pretrain, transfer  # noqa: F401  (transfer: re-exported)
 from distill.utils import Progress, derive_seed, resolve_device
 
-
 # ---------------------------------------------------------------- config
 
 # name -> pool class (registered below): how KRR-ST's feature maps are drawn every outer step
@@ -77,38 +76,62 @@ PoolMode = POOL_MODES.name_type()
 class KRRConfig(NetFields, frozen=True, extra="forbid"):
     """KRR-ST distillation. Defaults: a CPU-feasible setting (the paper's values in the comments)."""
 
-    num_images: int = Field(100, ge=1, description=(
-        "Synthetic images to distill; the paper uses 2% of the source (1000 for CIFAR-100)."))
-    net: NetName = Field("convnet_bn", description=(
-        "Net of the model pool whose features the KRR solve uses (KRR-ST's ConvNet with batch norm; "
-        "the transfer students default to the same net)."))
-    net_kwargs: dict[str, Any] = Field({}, description=(
-        "Options of the pool net; convnet_bn defaults to widths 32-64-128 (paper: 128-256-512 at 32 px)."))
-    pool_mode: PoolMode = Field("online", description=(
-        "How the feature maps are drawn each outer step: online = a pool of models trained on the "
-        "synthetic set (KRR-ST, FRePo's scheme); random-features = a fresh random net every step (an ablation)."))
+    num_images: int = Field(
+        100, ge=1, description=("Synthetic images to distill; the paper uses 2% of the source (1000 for CIFAR-100).")
+    )
+    net: NetName = Field(
+        "convnet_bn",
+        description=(
+            "Net of the model pool whose features the KRR solve uses (KRR-ST's ConvNet with batch norm; "
+            "the transfer students default to the same net)."
+        ),
+    )
+    net_kwargs: dict[str, Any] = Field(
+        {},
+        description=("Options of the pool net; convnet_bn defaults to widths 32-64-128 (paper: 128-256-512 at 32 px)."),
+    )
+    pool_mode: PoolMode = Field(
+        "online",
+        description=(
+            "How the feature maps are drawn each outer step: online = a pool of models trained on the "
+            "synthetic set (KRR-ST, FRePo's scheme); random-features = a fresh random net every step (an ablation)."
+        ),
+    )
     num_models: int = Field(4, ge=1, description="Pool size M (paper: 10).")
-    online_iterations: int = Field(100, ge=1, description=(
-        "T: steps a pool model trains before it is reset to a fresh net (paper: 1000)."))
+    online_iterations: int = Field(
+        100, ge=1, description=("T: steps a pool model trains before it is reset to a fresh net (paper: 1000).")
+    )
     online_lr: float = Field(0.1, gt=0, description="Pool models' full-batch SGD learning rate (paper: 0.1).")
     online_momentum: float = Field(0.9, ge=0, lt=1, description="Pool models' SGD momentum (paper: 0.9).")
     online_weight_decay: float = Field(1e-3, ge=0, description="Pool models' SGD weight decay (paper: 1e-3).")
     # 160,000 paper-size steps are infeasible on a CPU: 14.6 s per step
     outer_steps: int = Field(1000, ge=1, description="Distillation (outer) steps (paper: 160,000).")
-    outer_lr: float = Field(1e-3, gt=0, description=(
-        "AdamW learning rate of the synthetic images and targets (paper: 1e-4 CIFAR-100, "
-        "1e-5 Tiny-ImageNet, over 160k steps)."))
-    lr_end_factor: float = Field(0.1, gt=0, le=1, description=(
-        "The outer lr decays linearly to outer_lr x this at the last step (paper: 1e-3 over 160k)."))
-    learn_targets: bool = Field(True, description=(
-        "Learn the target representations Y_s too (paper: yes); false keeps the teacher's representations."))
+    outer_lr: float = Field(
+        1e-3,
+        gt=0,
+        description=(
+            "AdamW learning rate of the synthetic images and targets (paper: 1e-4 CIFAR-100, "
+            "1e-5 Tiny-ImageNet, over 160k steps)."
+        ),
+    )
+    lr_end_factor: float = Field(
+        0.1,
+        gt=0,
+        le=1,
+        description=("The outer lr decays linearly to outer_lr x this at the last step (paper: 1e-3 over 160k)."),
+    )
+    learn_targets: bool = Field(
+        True,
+        description=(
+            "Learn the target representations Y_s too (paper: yes); false keeps the teacher's representations."
+        ),
+    )
     real_batch: int = Field(256, ge=1, description="Augmented real images per outer step (paper: 1024).")
-    ridge: float = Field(1e-6, gt=0, description=(
-        "KRR regularization: lambda = ridge x trace(K_ss), the paper's rule."))
-    augment: AugmentName = Field("flip_crop", description=(
-        "Augmentation of the real batches (paper: crop + flip)."))
-    grad_clip: float = Field(0.0, ge=0, description=(
-        "Max gradient norm of (X_s, Y_s); 0 = off (the paper's default)."))
+    ridge: float = Field(
+        1e-6, gt=0, description=("KRR regularization: lambda = ridge x trace(K_ss), the paper's rule.")
+    )
+    augment: AugmentName = Field("flip_crop", description=("Augmentation of the real batches (paper: crop + flip)."))
+    grad_clip: float = Field(0.0, ge=0, description=("Max gradient norm of (X_s, Y_s); 0 = off (the paper's default)."))
     checkpoint_every: int = Field(50, ge=1, description="Outer steps between checkpoints (resume points).")
     seed: int = Field(0, description="Seed of the initial images, pool inits, batches and augmentation.")
 
@@ -171,8 +194,12 @@ class OnlinePool:
 
     def _fresh(self, i: int) -> None:
         net = self.make_net(derive_seed(self.cfg.seed, "pool", i, self.generations[i]))
-        opt = torch.optim.SGD(net.parameters(), lr=self.cfg.online_lr, momentum=self.cfg.online_momentum,
-                              weight_decay=self.cfg.online_weight_decay)
+        opt = torch.optim.SGD(
+            net.parameters(),
+            lr=self.cfg.online_lr,
+            momentum=self.cfg.online_momentum,
+            weight_decay=self.cfg.online_weight_decay,
+        )
         if i < len(self.models):
             self.models[i], self.optimizers[i] = net, opt
         else:
@@ -337,7 +364,7 @@ def krr_distill(
             raise ValueError(f"init_targets has {init_targets.shape[0]} rows; num_images is {cfg.num_images}")
 
     x_syn = source[indices].to(dev, torch.float32).clone()
-    y_syn = (init_targets.to(dev).float().clone() if init_targets is not None else representations(teacher, x_syn))
+    y_syn = init_targets.to(dev).float().clone() if init_targets is not None else representations(teacher, x_syn)
     x_syn.requires_grad_(True)
     y_syn.requires_grad_(cfg.learn_targets)
     params = [x_syn, y_syn] if cfg.learn_targets else [x_syn]
@@ -349,8 +376,13 @@ def krr_distill(
 
     checkpoint, saved = None, None
     if work_dir is not None:
-        ident = {"config": cfg.model_dump(mode="json"), "source_shape": list(source.shape), "target_dim": dim,
-                 "init_targets": init_targets is not None, **(identity or {})}
+        ident = {
+            "config": cfg.model_dump(mode="json"),
+            "source_shape": list(source.shape),
+            "target_dim": dim,
+            "init_targets": init_targets is not None,
+            **(identity or {}),
+        }
         checkpoint = Checkpoint(Path(work_dir) / "ckpt", ident, kind="krr-st")
         saved = checkpoint.load()
     if saved is not None:
@@ -450,8 +482,9 @@ def _pool_summary(cfg: KRRConfig, pool) -> dict:
 # batch 256, no augmentation (the targets are the representations of these exact images), 1000
 # epochs: a set of ~100 images gives one step per epoch. The loss is set per method (mse for
 # representation targets, ce for labels). Everything after pretraining is the shared recipe.
-KRR_PRETRAIN = TrainConfig(epochs=1000, batch_size=256, lr=0.1, momentum=0.9, weight_decay=1e-3,
-                           schedule="cosine", loss="mse", augment="none")
+KRR_PRETRAIN = TrainConfig(
+    epochs=1000, batch_size=256, lr=0.1, momentum=0.9, weight_decay=1e-3, schedule="cosine", loss="mse", augment="none"
+)
 
 
 def krr_transfer() -> TransferConfig:
@@ -468,14 +501,18 @@ class Method:
     description: str
 
 
-METHODS: Registry[Method] = Registry("method", {
-    "krr-st": Method("distilled", "mse", "student pretrained by MSE on the distilled images and learned targets"),
-    "random-real-targets": Method(
-        "initial", "mse", "same random real images with the teacher's representations (KRR-ST at step 0)"),
-    "random-real-ce": Method("initial", "ce", "same random real images, cross-entropy on their true labels"),
-    "no-pretrain": Method("none", None, "a randomly initialized student"),
-    "teacher": Method("teacher", None, "the self-supervised teacher itself (upper bound)"),
-})
+METHODS: Registry[Method] = Registry(
+    "method",
+    {
+        "krr-st": Method("distilled", "mse", "student pretrained by MSE on the distilled images and learned targets"),
+        "random-real-targets": Method(
+            "initial", "mse", "same random real images with the teacher's representations (KRR-ST at step 0)"
+        ),
+        "random-real-ce": Method("initial", "ce", "same random real images, cross-entropy on their true labels"),
+        "no-pretrain": Method("none", None, "a randomly initialized student"),
+        "teacher": Method("teacher", None, "the self-supervised teacher itself (upper bound)"),
+    },
+)
 
 
 def check_methods(names: list[str]) -> list[str]:

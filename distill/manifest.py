@@ -90,8 +90,12 @@ def check_manifest(manifest: Any, where: str) -> dict[str, Any]:
         raise IntegrityError(f"{where}: {MANIFEST} was edited or damaged after publishing (its digest does not match)")
     for name, entry in manifest["files"].items():
         safe_member_name(name, where)
-        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
-                and isinstance(entry.get("bytes"), int) and entry["bytes"] >= 0):
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("sha256"), str)
+            and isinstance(entry.get("bytes"), int)
+            and entry["bytes"] >= 0
+        ):
             raise IntegrityError(f"{where}: manifest entry for {name!r} lacks a sha256 and a byte count")
     return manifest
 
@@ -130,7 +134,8 @@ def verify_files(
             raise IntegrityError(f"{at}: listed in the manifest but missing")
         if info.size != expected["bytes"]:
             raise IntegrityError(
-                f"{at}: size {info.size} bytes, manifest says {expected['bytes']} (truncated or replaced)")
+                f"{at}: size {info.size} bytes, manifest says {expected['bytes']} (truncated or replaced)"
+            )
         if level == "hash" and sha256_of(fs, path) != expected["sha256"]:
             raise IntegrityError(f"{at}: sha256 does not match the manifest (file corrupted or modified)")
 
@@ -154,9 +159,13 @@ def verify_folder(path: str, level: VerifyLevel = "hash") -> dict[str, Any]:
     artifact (a hub snapshot adds `.gitattributes`, for example) and no reader uses them.
     """
     root = os.path.abspath(path)
-    manifest = read_manifest(pafs.LocalFileSystem(), root, root,
-                             missing="nothing says what this folder should hold; point at a folder "
-                                     "published by distillery, or turn verification off")
+    manifest = read_manifest(
+        pafs.LocalFileSystem(),
+        root,
+        root,
+        missing="nothing says what this folder should hold; point at a folder "
+        "published by distillery, or turn verification off",
+    )
     verify_files(pafs.LocalFileSystem(), root, manifest, root, level)
     return manifest
 

@@ -115,80 +115,168 @@ class MatchConfig(BaseModel, frozen=True, extra="forbid"):
     """Trajectory matching. Defaults: MTT's distill.py CLI defaults, AST switches off."""
 
     ipc: int = Field(1, ge=1, description="Synthetic images per class.")
-    iterations: int = Field(5000, ge=1, description=(
-        "Outer updates of the images and the learned lr (MTT: 5000); a finished run resumes to more."))
-    syn_steps: int = Field(20, ge=1, description=(
-        "N: student SGD steps on the synthetic images per iteration (MTT: 20 by default, 10-80 in its tables)."))
-    expert_epochs: int = Field(3, ge=1, description=(
-        "M: the target is the expert snapshot M epochs after the start epoch."))
+    iterations: int = Field(
+        5000,
+        ge=1,
+        description=("Outer updates of the images and the learned lr (MTT: 5000); a finished run resumes to more."),
+    )
+    syn_steps: int = Field(
+        20,
+        ge=1,
+        description=(
+            "N: student SGD steps on the synthetic images per iteration (MTT: 20 by default, 10-80 in its tables)."
+        ),
+    )
+    expert_epochs: int = Field(
+        3, ge=1, description=("M: the target is the expert snapshot M epochs after the start epoch.")
+    )
     # MTT's randint excludes T+, so MTT's T+ = 20 is 19 here
-    max_start_epoch: int = Field(19, ge=0, description=(
-        "Start epochs are drawn uniformly from min_start_epoch..max_start_epoch inclusive; "
-        "max_start_epoch + expert_epochs must not exceed the experts' stored epochs."))
-    lr_img: float = Field(1000.0, gt=0, description=(
-        "SGD learning rate of the image pixels; MTT tunes it on a 10^n grid (100 .. 1e5)."))
+    max_start_epoch: int = Field(
+        19,
+        ge=0,
+        description=(
+            "Start epochs are drawn uniformly from min_start_epoch..max_start_epoch inclusive; "
+            "max_start_epoch + expert_epochs must not exceed the experts' stored epochs."
+        ),
+    )
+    lr_img: float = Field(
+        1000.0, gt=0, description=("SGD learning rate of the image pixels; MTT tunes it on a 10^n grid (100 .. 1e5).")
+    )
     lr_lr: float = Field(1e-5, ge=0, description="SGD learning rate of the learned student lr; 0 freezes it.")
-    lr_init: float = Field(0.01, gt=0, description=(
-        "alpha_0: the student learning rate to start from (MTT: lr_teacher, 0.01)."))
+    lr_init: float = Field(
+        0.01, gt=0, description=("alpha_0: the student learning rate to start from (MTT: lr_teacher, 0.01).")
+    )
     momentum_img: float = Field(0.5, ge=0, lt=1, description="SGD momentum of the images (MTT: 0.5).")
     momentum_lr: float = Field(0.5, ge=0, lt=1, description="SGD momentum of the learned lr (MTT: 0.5).")
-    batch_syn: int | None = Field(None, ge=1, description=(
-        "Synthetic images per student step; empty = all of them (MTT's default)."))
-    dsa: DSAConfig | None = Field(DSAConfig(), description=(
-        "Augmentation of the student's batches (MTT: DSA); empty = none."))
+    batch_syn: int | None = Field(
+        None, ge=1, description=("Synthetic images per student step; empty = all of them (MTT's default).")
+    )
+    dsa: DSAConfig | None = Field(
+        DSAConfig(), description=("Augmentation of the student's batches (MTT: DSA); empty = none.")
+    )
     # INITS and MEMORY_MODES are defined below with their implementations: their choices enter
     # the JSON schema (a drop-down in the run form) when it is generated; the validators check names
-    init: str = Field("real", json_schema_extra=lambda s: s.update(enum=INITS.choices()), description=(
-        "Initial images: real = ipc random real images per class (MTT), noise = standard normal "
-        "pixels, representative = per class the real images nearest K-means centres of an expert's logits "
-        "(AST)."))
-    balance_loss: bool = Field(False, description=(
-        "AST's balanced loss (--balance_loss): the inner CE is weighted up for late start epochs, "
-        "down for early ones."))
-    intermediate_loss: Literal["none", "constant", "adaptive"] = Field("none", description=(
-        "AST: also match the student at inner step (N // M) x i to expert epoch t + i, with weight 1 "
-        "(constant, --agg_middle_loss) or i / M (adaptive); needs syn_steps >= expert_epochs."))
-    weight_perturb: float = Field(0.0, ge=0, description=(
-        "AST: scale s of a random perturbation of the student's starting conv weights (AST uses 1.0); 0 = off."))
-    student_momentum: float = Field(0.0, ge=0, lt=1, description=(
-        "SGD momentum of the student's inner steps (AST: 0.9, like its experts; MTT: 0)."))
+    init: str = Field(
+        "real",
+        json_schema_extra=lambda s: s.update(enum=INITS.choices()),
+        description=(
+            "Initial images: real = ipc random real images per class (MTT), noise = standard normal "
+            "pixels, representative = per class the real images nearest K-means centres of an expert's logits "
+            "(AST)."
+        ),
+    )
+    balance_loss: bool = Field(
+        False,
+        description=(
+            "AST's balanced loss (--balance_loss): the inner CE is weighted up for late start epochs, "
+            "down for early ones."
+        ),
+    )
+    intermediate_loss: Literal["none", "constant", "adaptive"] = Field(
+        "none",
+        description=(
+            "AST: also match the student at inner step (N // M) x i to expert epoch t + i, with weight 1 "
+            "(constant, --agg_middle_loss) or i / M (adaptive); needs syn_steps >= expert_epochs."
+        ),
+    )
+    weight_perturb: float = Field(
+        0.0,
+        ge=0,
+        description=(
+            "AST: scale s of a random perturbation of the student's starting conv weights (AST uses 1.0); 0 = off."
+        ),
+    )
+    student_momentum: float = Field(
+        0.0, ge=0, lt=1, description=("SGD momentum of the student's inner steps (AST: 0.9, like its experts; MTT: 0).")
+    )
     # Follow-up switches (FOLLOW_UPS), all off by default; see the module docstring.
-    ema_decay: float = Field(0.0, ge=0, lt=1, description=(
-        "FTD/ATT: publish an exponential moving average of the images with this decay; 0 = the last iterate."))
-    soft_labels: bool = Field(False, description=(
-        "DATM: learn soft labels (logits) initialised from the experts' mean logits on the initial images."))
-    lr_labels: float = Field(5.0, ge=0, description=(
-        "DATM lr_y: SGD learning rate of the soft labels (5 at CIFAR-10 ipc 1, 2 at ipc 10); 0 = fixed soft labels."))
+    ema_decay: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description=(
+            "FTD/ATT: publish an exponential moving average of the images with this decay; 0 = the last iterate."
+        ),
+    )
+    soft_labels: bool = Field(
+        False,
+        description=(
+            "DATM: learn soft labels (logits) initialised from the experts' mean logits on the initial images."
+        ),
+    )
+    lr_labels: float = Field(
+        5.0,
+        ge=0,
+        description=(
+            "DATM lr_y: SGD learning rate of the soft labels (5 at CIFAR-10 ipc 1, 2 at ipc 10); 0 = fixed soft labels."
+        ),
+    )
     momentum_labels: float = Field(0.9, ge=0, lt=1, description="DATM Momentum_y: SGD momentum of the soft labels.")
-    label_epoch: int | None = Field(None, ge=0, description=(
-        "Expert snapshot (epoch) whose logits start the soft labels; empty = the last one."))
+    label_epoch: int | None = Field(
+        None, ge=0, description=("Expert snapshot (epoch) whose logits start the soft labels; empty = the last one.")
+    )
     min_start_epoch: int = Field(0, ge=0, description="DATM: lower end of the start-epoch window.")
-    initial_max_start_epoch: int | None = Field(None, ge=0, description=(
-        "DATM sequential generation: the window's upper end grows linearly from this to max_start_epoch "
-        "over window_growth iterations; empty = fixed at max_start_epoch."))
-    window_growth: int = Field(1000, ge=1, description=(
-        "DATM expansion_end_epoch: iterations over which the start-epoch window grows."))
-    memory: str = Field("unrolled", json_schema_extra=lambda s: s.update(enum=MEMORY_MODES.choices()), description=(
-        "How the inner loop is backpropagated, all exact: unrolled = keep every step's graph (MTT), "
-        "constant = one step's graph at a time (adjoint), budget = as many step graphs as fit in "
-        "memory_budget_mb, recomputing the rest, auto = unrolled if all fit, else budget, else constant."))
-    memory_budget_mb: float | None = Field(None, gt=0, description=(
-        "MB of inner-step graphs to keep, for memory budget/auto (required there); empty for unrolled/constant."))
-    fast_layers: bool = Field(True, description=(
-        "Run the student's instance norm and avg pooling as their faster equivalents (same parameters, "
-        "same values to rounding; distill.nets.FAST_EQUIVALENTS); false = the experts' own layers."))
-    precision: Precision = Field("fp32", description=(
-        "Precision of the inner loop and both backward passes: fp32, tf32 (CUDA TF32 convolutions/matmuls) "
-        "or bf16 autocast; images, lr and the student's parameters stay float32 (distill.precision)."))
-    checkpoint_every: int = Field(50, ge=1, description=(
-        "Iterations between checkpoints (written when a work_dir is given; a restarted run resumes from the last)."))
-    on_divergence: Literal["stop", "rollback"] = Field("stop", description=(
-        "When the loss stops being finite or the lr positive: stop with an error, or roll back to the "
-        "last checkpoint with the image lr multiplied by rollback_factor."))
+    initial_max_start_epoch: int | None = Field(
+        None,
+        ge=0,
+        description=(
+            "DATM sequential generation: the window's upper end grows linearly from this to max_start_epoch "
+            "over window_growth iterations; empty = fixed at max_start_epoch."
+        ),
+    )
+    window_growth: int = Field(
+        1000, ge=1, description=("DATM expansion_end_epoch: iterations over which the start-epoch window grows.")
+    )
+    memory: str = Field(
+        "unrolled",
+        json_schema_extra=lambda s: s.update(enum=MEMORY_MODES.choices()),
+        description=(
+            "How the inner loop is backpropagated, all exact: unrolled = keep every step's graph (MTT), "
+            "constant = one step's graph at a time (adjoint), budget = as many step graphs as fit in "
+            "memory_budget_mb, recomputing the rest, auto = unrolled if all fit, else budget, else constant."
+        ),
+    )
+    memory_budget_mb: float | None = Field(
+        None,
+        gt=0,
+        description=(
+            "MB of inner-step graphs to keep, for memory budget/auto (required there); empty for unrolled/constant."
+        ),
+    )
+    fast_layers: bool = Field(
+        True,
+        description=(
+            "Run the student's instance norm and avg pooling as their faster equivalents (same parameters, "
+            "same values to rounding; distill.nets.FAST_EQUIVALENTS); false = the experts' own layers."
+        ),
+    )
+    precision: Precision = Field(
+        "fp32",
+        description=(
+            "Precision of the inner loop and both backward passes: fp32, tf32 (CUDA TF32 convolutions/matmuls) "
+            "or bf16 autocast; images, lr and the student's parameters stay float32 (distill.precision)."
+        ),
+    )
+    checkpoint_every: int = Field(
+        50,
+        ge=1,
+        description=(
+            "Iterations between checkpoints (written when a work_dir is given; a restarted run resumes from the last)."
+        ),
+    )
+    on_divergence: Literal["stop", "rollback"] = Field(
+        "stop",
+        description=(
+            "When the loss stops being finite or the lr positive: stop with an error, or roll back to the "
+            "last checkpoint with the image lr multiplied by rollback_factor."
+        ),
+    )
     rollback_factor: float = Field(0.5, gt=0, lt=1, description="Image lr multiplier per rollback.")
     max_rollbacks: int = Field(3, ge=0, description="Rollbacks allowed before the run stops with an error after all.")
-    seed: int = Field(0, description=(
-        "Seed of the image init, the expert/epoch draws, the batches, DSA and the weight perturbations."))
+    seed: int = Field(
+        0,
+        description=("Seed of the image init, the expert/epoch draws, the batches, DSA and the weight perturbations."),
+    )
 
     @field_validator("init")
     @classmethod
@@ -208,10 +296,13 @@ class MatchConfig(BaseModel, frozen=True, extra="forbid"):
     def _budget_fits_mode(self) -> MatchConfig:
         budgeted = self.memory in BUDGETED_MODES
         if budgeted and self.memory_budget_mb is None:
-            raise ValueError(f"memory={self.memory!r} needs memory_budget_mb (MB of inner-step graphs to keep, e.g. 2000)")
+            raise ValueError(
+                f"memory={self.memory!r} needs memory_budget_mb (MB of inner-step graphs to keep, e.g. 2000)"
+            )
         if not budgeted and self.memory_budget_mb is not None:
-            raise ValueError(f"memory_budget_mb applies to memory in {', '.join(map(repr, BUDGETED_MODES))}, "
-                             f"not {self.memory!r}")
+            raise ValueError(
+                f"memory_budget_mb applies to memory in {', '.join(map(repr, BUDGETED_MODES))}, not {self.memory!r}"
+            )
         return self
 
     @model_validator(mode="after")
@@ -250,8 +341,16 @@ class MatchConfig(BaseModel, frozen=True, extra="forbid"):
 SPEED_OPTIONS = ("memory_budget_mb", "fast_layers", "precision")
 BUDGETED_MODES = ("budget", "auto")  # memory modes sized by memory_budget_mb
 
-FOLLOW_UPS = ("ema_decay", "soft_labels", "lr_labels", "momentum_labels", "label_epoch", "min_start_epoch",
-              "initial_max_start_epoch", "window_growth")
+FOLLOW_UPS = (
+    "ema_decay",
+    "soft_labels",
+    "lr_labels",
+    "momentum_labels",
+    "label_epoch",
+    "min_start_epoch",
+    "initial_max_start_epoch",
+    "window_growth",
+)
 
 
 # ---------------------------------------------------------------- checks (before any long computation)
@@ -286,7 +385,9 @@ def check_experts(
             f"it was trained with another preprocessing, e.g. the other ZCA setting (fingerprint "
             f"{meta.get('preprocessor_fingerprint')!r}, this one is {preprocessor_fingerprint!r})"
         )
-    if net is not None and (meta.get("net") != net or (net_kwargs is not None and meta.get("net_kwargs") != net_kwargs)):
+    if net is not None and (
+        meta.get("net") != net or (net_kwargs is not None and meta.get("net_kwargs") != net_kwargs)
+    ):
         problems.append(f"it is for model {meta.get('net')!r} {meta.get('net_kwargs')}, not {net!r} {net_kwargs}")
     channels, size = int(image_shape[0]), int(image_shape[-1])
     if (meta.get("num_classes"), meta.get("channels"), meta.get("image_size")) != (num_classes, channels, size):
@@ -303,7 +404,9 @@ def check_experts(
             f"{last_epoch}); lower them or train longer experts"
         )
     if cfg.soft_labels and cfg.label_epoch is not None and cfg.label_epoch > last_epoch:
-        raise MatchingError(f"label_epoch {cfg.label_epoch} is beyond the stored trajectories (last epoch {last_epoch})")
+        raise MatchingError(
+            f"label_epoch {cfg.label_epoch} is beyond the stored trajectories (last epoch {last_epoch})"
+        )
 
 
 # ---------------------------------------------------------------- the student
@@ -317,8 +420,13 @@ class Student:
         # instance norm, strided-add avg pooling), same parameters and values to rounding
         self.layout = layout_from_json(meta["layout"])
         kwargs = fast_net_kwargs(meta["net"], meta["net_kwargs"]) if fast else meta["net_kwargs"]
-        net = create_net(meta["net"], num_classes=meta["num_classes"], channels=meta["channels"],
-                         image_size=meta["image_size"], **kwargs)
+        net = create_net(
+            meta["net"],
+            num_classes=meta["num_classes"],
+            channels=meta["channels"],
+            image_size=meta["image_size"],
+            **kwargs,
+        )
         self.net = net.to(device=device, dtype=dtype)
         names = [name for name, _ in self.layout]
         if names != [name for name, _ in self.net.named_parameters()]:
@@ -348,8 +456,15 @@ class Segment:
     start_epoch: int = 0
 
 
-def _inner_grad(student: Student, theta: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
-                step: tuple[torch.Tensor, DSAParams | None], scale: float, create_graph: bool) -> torch.Tensor:
+def _inner_grad(
+    student: Student,
+    theta: torch.Tensor,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    step: tuple[torch.Tensor, DSAParams | None],
+    scale: float,
+    create_graph: bool,
+) -> torch.Tensor:
     idx, aug = step
     x = images[idx]
     if aug is not None:
@@ -365,8 +480,9 @@ def _match_term(theta: torch.Tensor, start: torch.Tensor, target: torch.Tensor) 
     return (theta - target).pow(2).sum() / (start - target).pow(2).sum()
 
 
-def _unrolled(student: Student, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor,
-              seg: Segment) -> tuple[float, torch.Tensor, torch.Tensor]:
+def _unrolled(
+    student: Student, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor, seg: Segment
+) -> tuple[float, torch.Tensor, torch.Tensor]:
     """MTT: keep every inner step's graph, backprop once through all of them."""
     weights = {step: (target, w) for step, target, w in seg.targets}
     theta = seg.start.detach().clone().requires_grad_(True)
@@ -382,8 +498,9 @@ def _unrolled(student: Student, images: torch.Tensor, labels: torch.Tensor, lr: 
     return (float(loss.detach()), *torch.autograd.grad(loss, wrt))
 
 
-def _constant(student: Student, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor,
-              seg: Segment) -> tuple[float, torch.Tensor, torch.Tensor]:
+def _constant(
+    student: Student, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor, seg: Segment
+) -> tuple[float, torch.Tensor, torch.Tensor]:
     """Exact adjoint of the inner loop, one step's graph at a time (see the module docstring)."""
     alpha, mu = lr.detach(), seg.momentum
     fixed, fixed_labels, learn_labels = images.detach(), labels.detach(), labels.requires_grad
@@ -412,7 +529,8 @@ def _constant(student: Student, images: torch.Tensor, labels: torch.Tensor, lr: 
         theta = thetas[k].clone().requires_grad_(True)
         g = _inner_grad(student, theta, images, labels, seg.plan[k], seg.scale, create_graph=True)
         hv_theta, hv_images, *hv_labels = torch.autograd.grad(
-            g, [theta, images] + ([labels] if learn_labels else []), grad_outputs=-alpha * u)
+            g, [theta, images] + ([labels] if learn_labels else []), grad_outputs=-alpha * u
+        )
         grad_lr = grad_lr - (g.detach() * u).sum()
         grad_images = grad_images + hv_images
         if learn_labels:
@@ -424,8 +542,9 @@ def _constant(student: Student, images: torch.Tensor, labels: torch.Tensor, lr: 
     return (float(loss), grad_images, grad_lr.reshape(lr.shape)) + ((grad_labels,) if learn_labels else ())
 
 
-def _segmented(student: Student, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor, seg: Segment,
-               keep: int) -> tuple:
+def _segmented(
+    student: Student, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor, seg: Segment, keep: int
+) -> tuple:
     """Checkpointed unrolling: graphs of at most `keep` inner steps at a time, each step computed at most twice.
 
     A forward pass without graphs stores (theta, velocity) at the start of every segment of `keep`
@@ -485,7 +604,7 @@ def _segmented(student: Student, images: torch.Tensor, labels: torch.Tensor, lr:
         grads = torch.autograd.grad(outputs, leaves + wrt, grad_outputs, allow_unused=True, materialize_grads=True)
         theta_bar = grads[0]
         velocity_bar = grads[1] if len(leaves) > 1 else None
-        totals = [t + d for t, d in zip(totals, grads[len(leaves):])]
+        totals = [t + d for t, d in zip(totals, grads[len(leaves) :])]
         del outputs, grad_outputs, grads, g, theta, velocity, leaves
     return (float(loss_value), totals[0], totals[1]) + ((totals[2],) if learn_labels else ())
 
@@ -494,13 +613,21 @@ def _segmented(student: Student, images: torch.Tensor, labels: torch.Tensor, lr:
 _STEP_MB: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def step_graph_mb(student: Student, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor,
-                  seg: Segment) -> float:
+def step_graph_mb(
+    student: Student, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor, seg: Segment
+) -> float:
     """MB autograd keeps for one inner step (forward, create_graph backward, update), measured on
     the segment's first step once per student and batch layout (distill.graph_memory)."""
     idx, aug = seg.plan[0]
-    key = (tuple(images.shape), len(idx), aug is not None, images.dtype, str(images.device), labels.requires_grad,
-           tuple(labels.shape))
+    key = (
+        tuple(images.shape),
+        len(idx),
+        aug is not None,
+        images.dtype,
+        str(images.device),
+        labels.requires_grad,
+        tuple(labels.shape),
+    )
     cache = _STEP_MB.setdefault(student, {})
     if key not in cache:
         with GraphMemoryMeter() as meter:
@@ -512,15 +639,17 @@ def step_graph_mb(student: Student, images: torch.Tensor, labels: torch.Tensor, 
     return cache[key]
 
 
-def _budget(student: Student, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor, seg: Segment,
-            budget_mb: float) -> tuple:
+def _budget(
+    student: Student, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor, seg: Segment, budget_mb: float
+) -> tuple:
     """Keep as many inner-step graphs as fit in budget_mb (at least one), recompute the rest (_segmented)."""
     keep = int(budget_mb // step_graph_mb(student, images, labels, lr, seg))
     return _segmented(student, images, labels, lr, seg, keep=max(1, keep))
 
 
-def _auto(student: Student, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor, seg: Segment,
-          budget_mb: float) -> tuple:
+def _auto(
+    student: Student, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor, seg: Segment, budget_mb: float
+) -> tuple:
     """unrolled if every step's graph fits in budget_mb, budget if one does, else constant."""
     per_step = step_graph_mb(student, images, labels, lr, seg)
     if per_step * len(seg.plan) <= budget_mb:
@@ -532,16 +661,27 @@ def _auto(student: Student, images: torch.Tensor, labels: torch.Tensor, lr: torc
 
 # name -> fn(student, images (leaf, requires grad), labels, lr (leaf), segment[, budget_mb]) -> (loss, d images, d lr)
 # (budget_mb only for BUDGETED_MODES)
-MEMORY_MODES: Registry[Callable[..., tuple[float, torch.Tensor, torch.Tensor]]] = Registry("memory mode", {
-    "unrolled": _unrolled,
-    "constant": _constant,
-    "budget": _budget,
-    "auto": _auto,
-})
+MEMORY_MODES: Registry[Callable[..., tuple[float, torch.Tensor, torch.Tensor]]] = Registry(
+    "memory mode",
+    {
+        "unrolled": _unrolled,
+        "constant": _constant,
+        "budget": _budget,
+        "auto": _auto,
+    },
+)
 
 
-def matching_grad(mode: str, student: Student, images: torch.Tensor, labels: torch.Tensor, lr: torch.Tensor,
-                  seg: Segment, learn_labels: bool = False, memory_budget_mb: float | None = None) -> tuple:
+def matching_grad(
+    mode: str,
+    student: Student,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    lr: torch.Tensor,
+    seg: Segment,
+    learn_labels: bool = False,
+    memory_budget_mb: float | None = None,
+) -> tuple:
     """The matching loss and its gradients w.r.t. the images and the lr, in a MEMORY_MODES mode.
 
     labels: int class labels [N], or soft-label logits [N, K] (float); with learn_labels (float
@@ -593,8 +733,15 @@ def _perturb(theta: torch.Tensor, layout: list, scale: float, generator: torch.G
     return torch.cat(pieces)
 
 
-def sample_segment(cfg: MatchConfig, experts: TrajectorySet, n_images: int, generator: torch.Generator,
-                   device: torch.device, dtype: torch.dtype = torch.float32, iteration: int = 1) -> Segment:
+def sample_segment(
+    cfg: MatchConfig,
+    experts: TrajectorySet,
+    n_images: int,
+    generator: torch.Generator,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    iteration: int = 1,
+) -> Segment:
     """Draw one iteration: expert, start epoch, targets, perturbation, batches and DSA parameters."""
     low, high = start_window(cfg, iteration)
     # Same draws as TrajectorySet.random_segment (expert, then epoch), shifted by the window's low end.
@@ -621,7 +768,9 @@ def sample_segment(cfg: MatchConfig, experts: TrajectorySet, n_images: int, gene
         aug = sample_params(len(idx), cfg.dsa, generator).to(device) if cfg.dsa is not None else None
         plan.append((idx.to(device), aug))
     scale = balance_scale(start_epoch, cfg.max_start_epoch) if cfg.balance_loss else 1.0
-    return Segment(start, sorted(targets, key=lambda t: t[0]), plan, scale, cfg.student_momentum, expert_id, start_epoch)
+    return Segment(
+        start, sorted(targets, key=lambda t: t[0]), plan, scale, cfg.student_momentum, expert_id, start_epoch
+    )
 
 
 # ---------------------------------------------------------------- initialization
@@ -654,7 +803,7 @@ def _init_representative(cfg, experts, x, y, num_classes, generator, device) -> 
     student = Student(experts.meta, device)
     theta = reader.snapshot(reader.last_epoch).to(device)
     picks = []
-    for c, idx in enumerate(_class_indices(y, num_classes)):
+    for idx in _class_indices(y, num_classes):
         logits = torch.cat([student(theta, x[b].to(device)).cpu() for b in idx.split(1024)]).double()
         km = KMeans(n_clusters=cfg.ipc, n_init=10, random_state=cfg.seed).fit(logits.numpy())
         centres = torch.from_numpy(km.cluster_centers_)
@@ -668,11 +817,14 @@ def _init_representative(cfg, experts, x, y, num_classes, generator, device) -> 
 
 
 # name -> fn(cfg, experts, train_x, train_y, num_classes, generator, device) -> images [C*ipc, ...] class-major
-INITS: Registry[Callable[..., torch.Tensor]] = Registry("init", {
-    "real": _init_real,
-    "noise": _init_noise,
-    "representative": _init_representative,
-})
+INITS: Registry[Callable[..., torch.Tensor]] = Registry(
+    "init",
+    {
+        "real": _init_real,
+        "noise": _init_noise,
+        "representative": _init_representative,
+    },
+)
 
 
 # ---------------------------------------------------------------- state and checkpoints
@@ -695,10 +847,18 @@ class _State:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def copy(self) -> _State:
-        return replace(self, images=self.images.clone(), lr=self.lr.clone(), buf_images=self.buf_images.clone(),
-                       buf_lr=self.buf_lr.clone(), rng=self.rng.clone(), losses=list(self.losses),
-                       lrs=list(self.lrs), start_epochs=list(self.start_epochs),
-                       extra={k: v.clone() for k, v in self.extra.items()})
+        return replace(
+            self,
+            images=self.images.clone(),
+            lr=self.lr.clone(),
+            buf_images=self.buf_images.clone(),
+            buf_lr=self.buf_lr.clone(),
+            rng=self.rng.clone(),
+            losses=list(self.losses),
+            lrs=list(self.lrs),
+            start_epochs=list(self.start_epochs),
+            extra={k: v.clone() for k, v in self.extra.items()},
+        )
 
 
 class _Checkpoint:
@@ -709,12 +869,25 @@ class _Checkpoint:
         self.state = Checkpoint(Path(directory) / "ckpt", identity, kind="matching")
 
     def save(self, state: _State) -> None:
-        tensors = {"images": state.images, "lr": state.lr.reshape(1), "buf_images": state.buf_images,
-                   "buf_lr": state.buf_lr.reshape(1), "rng": state.rng,
-                   **{f"extra.{k}": v for k, v in state.extra.items()}}
-        self.state.save(state.iteration, tensors, {"lr_img": state.lr_img, "rollbacks": state.rollbacks,
-                                                   "losses": state.losses, "lrs": state.lrs,
-                                                   "start_epochs": state.start_epochs})
+        tensors = {
+            "images": state.images,
+            "lr": state.lr.reshape(1),
+            "buf_images": state.buf_images,
+            "buf_lr": state.buf_lr.reshape(1),
+            "rng": state.rng,
+            **{f"extra.{k}": v for k, v in state.extra.items()},
+        }
+        self.state.save(
+            state.iteration,
+            tensors,
+            {
+                "lr_img": state.lr_img,
+                "rollbacks": state.rollbacks,
+                "losses": state.losses,
+                "lrs": state.lrs,
+                "start_epochs": state.start_epochs,
+            },
+        )
 
     def restore(self, device: torch.device, dtype: torch.dtype) -> _State | None:
         try:
@@ -725,10 +898,20 @@ class _Checkpoint:
             return None
         t, r = saved.tensors, saved.record
         dev = lambda v: v.to(device=device, dtype=dtype)  # noqa: E731
-        return _State(saved.step, dev(t["images"]), dev(t["lr"]).reshape(()), dev(t["buf_images"]),
-                      dev(t["buf_lr"]).reshape(()), t["rng"], r["lr_img"], r["rollbacks"],
-                      r["losses"], r["lrs"], r["start_epochs"],
-                      {k.removeprefix("extra."): dev(v) for k, v in t.items() if k.startswith("extra.")})
+        return _State(
+            saved.step,
+            dev(t["images"]),
+            dev(t["lr"]).reshape(()),
+            dev(t["buf_images"]),
+            dev(t["buf_lr"]).reshape(()),
+            t["rng"],
+            r["lr_img"],
+            r["rollbacks"],
+            r["losses"],
+            r["lrs"],
+            r["start_epochs"],
+            {k.removeprefix("extra."): dev(v) for k, v in t.items() if k.startswith("extra.")},
+        )
 
 
 def _tensor_digest(*tensors: torch.Tensor) -> str:
@@ -783,21 +966,34 @@ def match_trajectories(
     """
     t0 = time.perf_counter()
     if train_x.dim() != 4 or train_x.shape[0] != train_y.shape[0]:
-        raise MatchingError(f"need images [N, C, H, W] and N labels; got {tuple(train_x.shape)}, {tuple(train_y.shape)}")
+        raise MatchingError(
+            f"need images [N, C, H, W] and N labels; got {tuple(train_x.shape)}, {tuple(train_y.shape)}"
+        )
     counts = torch.bincount(train_y.long(), minlength=num_classes).tolist()
     if len(counts) > num_classes:
         raise MatchingError(f"labels go up to {len(counts) - 1} but num_classes is {num_classes}")
     check_ipc(counts, cfg.ipc)
-    check_experts(experts.meta, experts.last_epoch, cfg, num_classes=num_classes, image_shape=tuple(train_x.shape[1:]),
-                  dataset_fingerprint=dataset_fingerprint, preprocessor_fingerprint=preprocessor_fingerprint)
+    check_experts(
+        experts.meta,
+        experts.last_epoch,
+        cfg,
+        num_classes=num_classes,
+        image_shape=tuple(train_x.shape[1:]),
+        dataset_fingerprint=dataset_fingerprint,
+        preprocessor_fingerprint=preprocessor_fingerprint,
+    )
     dev = resolve_device(device)
     keep_freed_memory()  # CPU: reuse freed graphs instead of page-faulting new ones (distill.allocator)
     student = Student(experts.meta, dev, dtype, fast=cfg.fast_layers)
     labels = torch.arange(num_classes).repeat_interleave(cfg.ipc).to(dev)
     identity = {
         "config": cfg.identity(),
-        "experts": {"ids": experts.expert_ids, "layout": experts.meta["layout"],
-                    "recipe": experts.meta.get("recipe"), "dataset": experts.meta.get("dataset_fingerprint")},
+        "experts": {
+            "ids": experts.expert_ids,
+            "layout": experts.meta["layout"],
+            "recipe": experts.meta.get("recipe"),
+            "dataset": experts.meta.get("dataset_fingerprint"),
+        },
         "data": dataset_fingerprint or _tensor_digest(train_x, train_y),
         "dtype": str(dtype),
     }
@@ -828,9 +1024,16 @@ def match_trajectories(
         seg = sample_segment(cfg, experts, len(state.images), generator, dev, dtype, iteration=it)
         learn_labels = cfg.soft_labels and cfg.lr_labels > 0
         with precision_context(cfg.precision, dev):
-            loss, g_images, g_lr, *g_labels = matching_grad(cfg.memory, student, state.images,
-                                                            state.extra.get("labels", labels), state.lr, seg,
-                                                            learn_labels, cfg.memory_budget_mb)
+            loss, g_images, g_lr, *g_labels = matching_grad(
+                cfg.memory,
+                student,
+                state.images,
+                state.extra.get("labels", labels),
+                state.lr,
+                seg,
+                learn_labels,
+                cfg.memory_budget_mb,
+            )
         with torch.no_grad():
             buf_images = cfg.momentum_img * state.buf_images + g_images
             buf_lr = cfg.momentum_lr * state.buf_lr + g_lr
@@ -843,8 +1046,10 @@ def match_trajectories(
             if cfg.ema_decay > 0:
                 extra["ema"] = cfg.ema_decay * state.extra["ema"] + (1 - cfg.ema_decay) * images
         problem = _divergence(loss, g_images, float(lr)) or (
-            "the soft labels have non-finite values" if learn_labels and not bool(torch.isfinite(extra["labels"]).all())
-            else None)
+            "the soft labels have non-finite values"
+            if learn_labels and not bool(torch.isfinite(extra["labels"]).all())
+            else None
+        )
         if problem:
             if cfg.on_divergence == "stop" or state.rollbacks >= cfg.max_rollbacks:
                 tried = f" after {state.rollbacks} rollback(s)" if cfg.on_divergence == "rollback" else ""
@@ -868,26 +1073,46 @@ def match_trajectories(
                 checkpoint.save(state)
             last_good = state.copy()
         if progress is not None:
-            progress(it, cfg.iterations, loss=loss, lr=float(lr), start_epoch=seg.start_epoch,
-                     expert=seg.expert_id, lr_img=state.lr_img)
+            progress(
+                it,
+                cfg.iterations,
+                loss=loss,
+                lr=float(lr),
+                start_epoch=seg.start_epoch,
+                expert=seg.expert_id,
+                lr_img=state.lr_img,
+            )
 
     published, last_images = state.images, None
     if cfg.ema_decay > 0 and state.iteration > 0:
         # bias-corrected: the accumulator starts at 0, so the initial images carry no weight
-        published = state.extra["ema"] / (1 - cfg.ema_decay ** state.iteration)
+        published = state.extra["ema"] / (1 - cfg.ema_decay**state.iteration)
         last_images = state.images.detach().cpu().float()
     soft_labels = state.extra["labels"].detach().cpu().float() if "labels" in state.extra else None
     return MatchResult(
-        images=published.detach().cpu().float(), labels=labels.cpu(), lr=float(state.lr),
-        losses=state.losses, lrs=state.lrs, start_epochs=state.start_epochs,
-        seconds=time.perf_counter() - t0, resumed_from=resumed_from, rollbacks=state.rollbacks,
-        init_images=init_images, soft_labels=soft_labels, last_images=last_images,
+        images=published.detach().cpu().float(),
+        labels=labels.cpu(),
+        lr=float(state.lr),
+        losses=state.losses,
+        lrs=state.lrs,
+        start_epochs=state.start_epochs,
+        seconds=time.perf_counter() - t0,
+        resumed_from=resumed_from,
+        rollbacks=state.rollbacks,
+        init_images=init_images,
+        soft_labels=soft_labels,
+        last_images=last_images,
     )
 
 
 @torch.no_grad()
-def initial_soft_labels(cfg: MatchConfig, experts: TrajectorySet, images: torch.Tensor, device: torch.device,
-                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def initial_soft_labels(
+    cfg: MatchConfig,
+    experts: TrajectorySet,
+    images: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """DATM: the soft labels start as the experts' logits on the initial images, averaged over the
     experts, each at snapshot label_epoch (None: its last)."""
     student = Student(experts.meta, device, dtype)

@@ -72,13 +72,15 @@ def _validated_options(name: str, kwargs: dict[str, Any]) -> tuple[dict[str, Any
     model = _options_model(NETS[name])
     unknown = sorted(set(kwargs) - set(model.model_fields))
     if unknown:
-        return None, f"net {name!r} got unknown argument(s) {', '.join(unknown)}; valid: {', '.join(model.model_fields)}"
+        return (
+            None,
+            f"net {name!r} got unknown argument(s) {', '.join(unknown)}; valid: {', '.join(model.model_fields)}",
+        )
     try:
         options = model(**kwargs)
     except ValidationError as e:
         problems = "; ".join(
-            f"{_where(err['loc'])}={err['input']!r}: {err['msg'].removeprefix('Value error, ')}"
-            for err in e.errors()
+            f"{_where(err['loc'])}={err['input']!r}: {err['msg'].removeprefix('Value error, ')}" for err in e.errors()
         )
         return None, f"net {name!r} got invalid argument(s): {problems}"
     return {k: getattr(options, k) for k in kwargs}, None
@@ -151,14 +153,17 @@ class NetFields(BaseModel):
 # "instance_fused" is the same instance norm (same parameter names, shapes and eps, so
 # trajectories are interchangeable) with a closed-form double backward (distill.fused_norm):
 # under create_graph=True PyTorch replaces GroupNorm's fused backward by a composite graph.
-NORMS: Registry[Callable[[int], nn.Module]] = Registry("norm", {
-    "instance": lambda c: nn.GroupNorm(c, c),
-    "batch": nn.BatchNorm2d,
-    "layer": lambda c: nn.GroupNorm(1, c),
-    "group": lambda c: nn.GroupNorm(math.gcd(32, c), c),
-    "none": lambda c: nn.Identity(),
-    "instance_fused": InstanceNorm,
-})
+NORMS: Registry[Callable[[int], nn.Module]] = Registry(
+    "norm",
+    {
+        "instance": lambda c: nn.GroupNorm(c, c),
+        "batch": nn.BatchNorm2d,
+        "layer": lambda c: nn.GroupNorm(1, c),
+        "group": lambda c: nn.GroupNorm(math.gcd(32, c), c),
+        "none": lambda c: nn.Identity(),
+        "instance_fused": InstanceNorm,
+    },
+)
 
 # Layers with a faster equivalent: same parameters (names, shapes), same values to rounding.
 # Trajectory matching builds its student with them (fast_net_kwargs); plain training gains
@@ -185,21 +190,27 @@ def fast_net_kwargs(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 # Never in-place: an in-place activation can overwrite a tensor the double backward needs.
-ACTS: Registry[Callable[[], nn.Module]] = Registry("act", {
-    "relu": nn.ReLU,
-    "leakyrelu": lambda: nn.LeakyReLU(0.01),
-    "sigmoid": nn.Sigmoid,
-    "gelu": nn.GELU,
-})
+ACTS: Registry[Callable[[], nn.Module]] = Registry(
+    "act",
+    {
+        "relu": nn.ReLU,
+        "leakyrelu": lambda: nn.LeakyReLU(0.01),
+        "sigmoid": nn.Sigmoid,
+        "gelu": nn.GELU,
+    },
+)
 
 # "avg_fast" is "avg" from strided adds (distill.fast_pool): same values to rounding, 3-4x faster
 # than the CPU avg_pool2d kernel on NCHW maps, in every derivative order.
-POOLS: Registry[Callable[[], nn.Module]] = Registry("pooling", {
-    "avg": lambda: nn.AvgPool2d(2, 2),
-    "max": lambda: nn.MaxPool2d(2, 2),
-    "none": nn.Identity,
-    "avg_fast": AvgPool2,
-})
+POOLS: Registry[Callable[[], nn.Module]] = Registry(
+    "pooling",
+    {
+        "avg": lambda: nn.AvgPool2d(2, 2),
+        "max": lambda: nn.MaxPool2d(2, 2),
+        "none": nn.Identity,
+        "avg_fast": AvgPool2,
+    },
+)
 
 # Option types of the builders, with the ranges NetSpec enforces.
 Width = Annotated[int, Field(ge=1)]  # channels of a conv block

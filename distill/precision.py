@@ -60,9 +60,13 @@ class PrecisionField(BaseModel):
     """Config mixin: a `precision` field (PRECISIONS), left out of the config's JSON at "fp32", so
     cache keys and checkpoint identities of configs from before the field existed do not change."""
 
-    precision: Precision = Field("fp32", description=(
-        "Numeric precision of the training loop: fp32, tf32 (CUDA TF32 convolutions/matmuls; on CPU "
-        "the same as fp32) or bf16 autocast (parameters and optimizer state stay float32)."))
+    precision: Precision = Field(
+        "fp32",
+        description=(
+            "Numeric precision of the training loop: fp32, tf32 (CUDA TF32 convolutions/matmuls; on CPU "
+            "the same as fp32) or bf16 autocast (parameters and optimizer state stay float32)."
+        ),
+    )
 
     @model_serializer(mode="wrap")
     def _omit_default_precision(self, handler: SerializerFunctionWrapHandler) -> Any:

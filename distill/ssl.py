@@ -47,9 +47,9 @@ from distill.checkpoint import (
     module_tensors,
     optimizer_tensors,
 )
+from distill.fsio import atomic_file
 from distill.nets import NetFields, NetName, create_net
 from distill.train import check_finite_losses
-from distill.fsio import atomic_file
 from distill.utils import Progress, derive_seed, resolve_device
 
 TEACHER_FILE = "teacher.safetensors"
@@ -59,33 +59,54 @@ TEACHER_FORMAT = "distillery.ssl-teacher/1"
 class SSLConfig(NetFields, frozen=True, extra="forbid"):
     """How the Barlow Twins teacher is trained. Defaults: a CPU-sized teacher."""
 
-    net: NetName = Field("convnet_bn", description=(
-        "Teacher backbone (a distill.nets name); the paper's teacher is resnet18 (512-d)."))
-    net_kwargs: dict[str, Any] = Field({"widths": [32, 64, 128, 256]}, description=(
-        "Options of the backbone; convnet_bn at 32 px with 4 blocks gives a 2x2x256 map, "
-        "i.e. 1024-d representations."))
-    projector: list[int] = Field(default_factory=lambda: [1024, 1024], min_length=1, description=(
-        "Projector layer sizes, the last one being the output dim (Barlow Twins uses 8192 x 3)."))
-    off_diagonal_weight: float = Field(5e-3, ge=0, description=(
-        "Weight (lambda) of the off-diagonal term of the Barlow Twins loss; the paper uses 5e-3 "
-        "with an 8192-d projector."))
+    net: NetName = Field(
+        "convnet_bn", description=("Teacher backbone (a distill.nets name); the paper's teacher is resnet18 (512-d).")
+    )
+    net_kwargs: dict[str, Any] = Field(
+        {"widths": [32, 64, 128, 256]},
+        description=(
+            "Options of the backbone; convnet_bn at 32 px with 4 blocks gives a 2x2x256 map, "
+            "i.e. 1024-d representations."
+        ),
+    )
+    projector: list[int] = Field(
+        default_factory=lambda: [1024, 1024],
+        min_length=1,
+        description=("Projector layer sizes, the last one being the output dim (Barlow Twins uses 8192 x 3)."),
+    )
+    off_diagonal_weight: float = Field(
+        5e-3,
+        ge=0,
+        description=(
+            "Weight (lambda) of the off-diagonal term of the Barlow Twins loss; the paper uses 5e-3 "
+            "with an 8192-d projector."
+        ),
+    )
     epochs: int = Field(20, ge=1, description="Full passes over the source images.")
-    batch_size: int = Field(256, ge=2, description=(
-        "Images per step, two views each; at least 2, as the loss needs batch correlations."))
+    batch_size: int = Field(
+        256, ge=2, description=("Images per step, two views each; at least 2, as the loss needs batch correlations.")
+    )
     # AdamW rather than Barlow Twins' LARS, which is for batch 2048 on GPUs
     lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate, cosine-decayed to 0.")
-    weight_decay: float = Field(1e-5, ge=0, description=(
-        "AdamW weight decay (Barlow Twins uses 1.5e-6 with LARS; a little more for small data)."))
+    weight_decay: float = Field(
+        1e-5,
+        ge=0,
+        description=("AdamW weight decay (Barlow Twins uses 1.5e-6 with LARS; a little more for small data)."),
+    )
     # cutout and rotate are left out as Barlow Twins' views are crops, flips and colour changes
-    augment: DSAConfig = Field(DSAConfig(strategy="color_crop_flip_scale", mode="all"), description=(
-        "Augmentation making the two views: every family in turn (mode all), per-sample parameters."))
+    augment: DSAConfig = Field(
+        DSAConfig(strategy="color_crop_flip_scale", mode="all"),
+        description=("Augmentation making the two views: every family in turn (mode all), per-sample parameters."),
+    )
     seed: int = Field(0, description="Seed of the init, the batch order and the views.")
 
 
 # ---------------------------------------------------------------- the loss
 
 
-def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, off_diagonal_weight: float, eps: float = 1e-5) -> torch.Tensor:
+def barlow_twins_loss(
+    z1: torch.Tensor, z2: torch.Tensor, off_diagonal_weight: float, eps: float = 1e-5
+) -> torch.Tensor:
     """Barlow Twins loss of two views' projections [N, D] (standardized over the batch, as BN1d without affine)."""
     if z1.shape != z2.shape or z1.dim() != 2 or z1.shape[0] < 2:
         raise ValueError(f"need two [N>=2, D] projections of one shape; got {tuple(z1.shape)} and {tuple(z2.shape)}")
@@ -127,10 +148,18 @@ def _build(cfg: SSLConfig, channels: int, image_size: int) -> tuple[nn.Module, P
     return backbone, projector
 
 
-def _teacher_metadata(cfg: SSLConfig, backbone: nn.Module, channels: int, image_size: int, extra: dict) -> dict[str, str]:
+def _teacher_metadata(
+    cfg: SSLConfig, backbone: nn.Module, channels: int, image_size: int, extra: dict
+) -> dict[str, str]:
     meta = {
-        "format": TEACHER_FORMAT, "net": cfg.net, "net_kwargs": cfg.net_kwargs, "channels": channels,
-        "image_size": image_size, "feature_dim": backbone.feature_dim, "config": cfg.model_dump(mode="json"), **extra,
+        "format": TEACHER_FORMAT,
+        "net": cfg.net,
+        "net_kwargs": cfg.net_kwargs,
+        "channels": channels,
+        "image_size": image_size,
+        "feature_dim": backbone.feature_dim,
+        "config": cfg.model_dump(mode="json"),
+        **extra,
     }
     return {"distillery": json.dumps(meta, sort_keys=True)}
 
@@ -157,16 +186,28 @@ def train_teacher(
         raise ValueError(f"Barlow Twins needs at least 2 images (batch correlations); got {images.shape[0]}")
     out_dir = Path(out_dir)
     channels, image_size = images.shape[1], images.shape[-1]
-    identity = {"config": cfg.model_dump(mode="json"), "dataset": dataset_fingerprint, "n": images.shape[0],
-                "shape": list(images.shape[1:])}
+    identity = {
+        "config": cfg.model_dump(mode="json"),
+        "dataset": dataset_fingerprint,
+        "n": images.shape[0],
+        "shape": list(images.shape[1:]),
+    }
     final = out_dir / TEACHER_FILE
     if final.exists():
         meta = teacher_metadata(final)
         if meta.get("identity") != json.loads(json.dumps(identity)):
             raise ValueError(f"{final} holds a teacher of another configuration or dataset; delete it")
-        return {"path": str(final), "feature_dim": meta["feature_dim"], "epochs": cfg.epochs, "loss": meta["loss"],
-                "history": meta["history"], "seconds": time.perf_counter() - start, "resumed_from": None,
-                "reused": True, "fingerprint": teacher_fingerprint(final)}
+        return {
+            "path": str(final),
+            "feature_dim": meta["feature_dim"],
+            "epochs": cfg.epochs,
+            "loss": meta["loss"],
+            "history": meta["history"],
+            "seconds": time.perf_counter() - start,
+            "resumed_from": None,
+            "reused": True,
+            "fingerprint": teacher_fingerprint(final),
+        }
 
     dev = resolve_device(device)
     backbone, projector = _build(cfg, channels, image_size)
@@ -211,22 +252,35 @@ def train_teacher(
         history.append({"epoch": epoch, "loss": losses_t.mean().item()})
         tensors = module_tensors("model", model)
         optim_tensors, optim_rest = optimizer_tensors("optim", optimizer)
-        checkpoint.save(epoch, {**tensors, **optim_tensors, "rng": generator.get_state()},
-                        {"optimizer": optim_rest, "history": history})
+        checkpoint.save(
+            epoch,
+            {**tensors, **optim_tensors, "rng": generator.get_state()},
+            {"optimizer": optim_rest, "history": history},
+        )
         if progress is not None:
             progress(epoch, cfg.epochs, loss=history[-1]["loss"])
 
     backbone.cpu().eval()
     extra = {"identity": identity, "loss": history[-1]["loss"], "history": history}
     with atomic_file(final) as f:
-        f.write(safetensors.torch.save(
-            {k: v.contiguous() for k, v in backbone.state_dict().items()},
-            metadata=_teacher_metadata(cfg, backbone, channels, image_size, extra),
-        ))
+        f.write(
+            safetensors.torch.save(
+                {k: v.contiguous() for k, v in backbone.state_dict().items()},
+                metadata=_teacher_metadata(cfg, backbone, channels, image_size, extra),
+            )
+        )
     checkpoint.remove()
-    return {"path": str(final), "feature_dim": backbone.feature_dim, "epochs": cfg.epochs,
-            "loss": history[-1]["loss"], "history": history, "seconds": time.perf_counter() - start,
-            "resumed_from": resumed_from, "reused": False, "fingerprint": teacher_fingerprint(final)}
+    return {
+        "path": str(final),
+        "feature_dim": backbone.feature_dim,
+        "epochs": cfg.epochs,
+        "loss": history[-1]["loss"],
+        "history": history,
+        "seconds": time.perf_counter() - start,
+        "resumed_from": resumed_from,
+        "reused": False,
+        "fingerprint": teacher_fingerprint(final),
+    }
 
 
 def teacher_metadata(path: str | Path) -> dict:
@@ -241,8 +295,9 @@ def teacher_metadata(path: str | Path) -> dict:
 def load_teacher(path: str | Path) -> nn.Module:
     """Rebuild a teacher backbone from teacher.safetensors, in eval mode; its representation is `.embed(x)`."""
     meta = teacher_metadata(path)
-    net = create_net(meta["net"], num_classes=1, channels=meta["channels"], image_size=meta["image_size"],
-                     **meta["net_kwargs"])
+    net = create_net(
+        meta["net"], num_classes=1, channels=meta["channels"], image_size=meta["image_size"], **meta["net_kwargs"]
+    )
     net.load_state_dict(safetensors.torch.load_file(str(path)))
     return net.eval()
 

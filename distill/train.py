@@ -45,17 +45,23 @@ OPTIMIZERS: Registry[Callable[..., torch.optim.Optimizer]] = Registry(
 )
 
 # lr multiplier as a function of the fraction of training done, t in [0, 1).
-SCHEDULES: Registry[Callable[[float], float]] = Registry("schedule", {
-    "step": lambda t: 0.1 if t >= 0.5 else 1.0,
-    "cosine": lambda t: 0.5 * (1.0 + math.cos(math.pi * t)),
-    "constant": lambda t: 1.0,
-})
+SCHEDULES: Registry[Callable[[float], float]] = Registry(
+    "schedule",
+    {
+        "step": lambda t: 0.1 if t >= 0.5 else 1.0,
+        "cosine": lambda t: 0.5 * (1.0 + math.cos(math.pi * t)),
+        "constant": lambda t: 1.0,
+    },
+)
 
-LOSSES: Registry[Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = Registry("loss", {
-    "ce": lambda out, y, smoothing: F.cross_entropy(out, y, label_smoothing=smoothing),
-    "soft_ce": lambda out, y, smoothing: F.cross_entropy(out, y, label_smoothing=smoothing),
-    "mse": lambda out, y, smoothing: F.mse_loss(out, y),
-})
+LOSSES: Registry[Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = Registry(
+    "loss",
+    {
+        "ce": lambda out, y, smoothing: F.cross_entropy(out, y, label_smoothing=smoothing),
+        "soft_ce": lambda out, y, smoothing: F.cross_entropy(out, y, label_smoothing=smoothing),
+        "mse": lambda out, y, smoothing: F.mse_loss(out, y),
+    },
+)
 
 OptimizerName, ScheduleName, LossName = OPTIMIZERS.name_type(), SCHEDULES.name_type(), LOSSES.name_type()
 
@@ -63,32 +69,65 @@ OptimizerName, ScheduleName, LossName = OPTIMIZERS.name_type(), SCHEDULES.name_t
 class TrainConfig(BaseModel, frozen=True, extra="forbid"):
     """How to train one net on in-memory tensors. Defaults: the MTT/DC evaluation recipe."""
 
-    epochs: int = Field(300, ge=1, description=(
-        "Full passes over the training images. DC/DM evaluate distilled sets with 300, "
-        "MTT (Dataset Distillation by Matching Training Trajectories) with 1000."))
-    batch_size: int = Field(256, ge=1, description=(
-        "Images per optimizer step; clipped to the number of images, so a 10-image set trains full-batch."))
-    lr: float = Field(0.01, gt=0, description=(
-        "Peak learning rate (before the schedule). MTT evaluation replaces it by the learned syn_lr."))
-    momentum: float = Field(0.9, ge=0, lt=1, description=(
-        "SGD momentum (ignored by adam/adamw). MTT experts use 0, evaluation 0.9."))
-    weight_decay: float = Field(5e-4, ge=0, description=(
-        "L2 penalty on all parameters, norms and biases included (as MTT/DC)."))
-    schedule: ScheduleName = Field("step", description=(
-        "Learning-rate multiplier, updated every step: step = x0.1 from half of training "
-        "(MTT/DC evaluation), cosine = down to 0 (KRR-ST fine-tuning), constant = none (MTT experts)."))
-    loss: LossName = Field("ce", description=(
-        "ce: integer class labels [N]; soft_ce: [N, K] probabilities or logits; "
-        "mse: regression targets (KRR-ST representations)."))
-    augment: AugmentName = Field("flip_crop", description=(
-        "Training augmentation: flip_crop = the CIFAR recipe; dsa = differentiable Siamese "
-        "augmentation, as MTT evaluates distilled sets; none = KRR-ST pretraining (the paper uses none)."))
+    epochs: int = Field(
+        300,
+        ge=1,
+        description=(
+            "Full passes over the training images. DC/DM evaluate distilled sets with 300, "
+            "MTT (Dataset Distillation by Matching Training Trajectories) with 1000."
+        ),
+    )
+    batch_size: int = Field(
+        256,
+        ge=1,
+        description=(
+            "Images per optimizer step; clipped to the number of images, so a 10-image set trains full-batch."
+        ),
+    )
+    lr: float = Field(
+        0.01,
+        gt=0,
+        description=("Peak learning rate (before the schedule). MTT evaluation replaces it by the learned syn_lr."),
+    )
+    momentum: float = Field(
+        0.9, ge=0, lt=1, description=("SGD momentum (ignored by adam/adamw). MTT experts use 0, evaluation 0.9.")
+    )
+    weight_decay: float = Field(
+        5e-4, ge=0, description=("L2 penalty on all parameters, norms and biases included (as MTT/DC).")
+    )
+    schedule: ScheduleName = Field(
+        "step",
+        description=(
+            "Learning-rate multiplier, updated every step: step = x0.1 from half of training "
+            "(MTT/DC evaluation), cosine = down to 0 (KRR-ST fine-tuning), constant = none (MTT experts)."
+        ),
+    )
+    loss: LossName = Field(
+        "ce",
+        description=(
+            "ce: integer class labels [N]; soft_ce: [N, K] probabilities or logits; "
+            "mse: regression targets (KRR-ST representations)."
+        ),
+    )
+    augment: AugmentName = Field(
+        "flip_crop",
+        description=(
+            "Training augmentation: flip_crop = the CIFAR recipe; dsa = differentiable Siamese "
+            "augmentation, as MTT evaluates distilled sets; none = KRR-ST pretraining (the paper uses none)."
+        ),
+    )
     optimizer: OptimizerName = Field("sgd", description="Optimizer; adamw is the KIP/FRePo pretraining recipe.")
-    label_smoothing: float = Field(0.0, ge=0, lt=1, description=(
-        "Label smoothing of the cross-entropy (ce/soft_ce only; 0 = off)."))
-    eval_every: int = Field(0, ge=0, description=(
-        "Epochs between held-out evaluations; 0 = only after the last epoch. Logged only, "
-        "never used to pick the reported number."))
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=1, description=("Label smoothing of the cross-entropy (ce/soft_ce only; 0 = off).")
+    )
+    eval_every: int = Field(
+        0,
+        ge=0,
+        description=(
+            "Epochs between held-out evaluations; 0 = only after the last epoch. Logged only, "
+            "never used to pick the reported number."
+        ),
+    )
 
     @model_validator(mode="after")
     def _smoothing_needs_classes(self) -> TrainConfig:
@@ -225,7 +264,12 @@ def _batched_eval(
 
 
 def evaluate(
-    net: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device: str | torch.device | None = None, batch_size: int = 1024
+    net: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    device: str | torch.device | None = None,
+    batch_size: int = 1024,
 ) -> dict:
     """Top-1 accuracy and mean cross-entropy of `net` on (x, int labels): {"acc", "loss", "n"}."""
     logits = _batched_eval(net, net, x, resolve_device(device), batch_size)
@@ -293,8 +337,14 @@ def linear_probe(
     test_f = extract_features(net, test_x, device=dev)
     head = _fresh_linear(train_f.shape[1], _num_classes(train_y, test_y), seed)
     result = train(
-        head, train_f, train_y, cfg.model_copy(update={"augment": "none"}),
-        device=dev, seed=seed, eval_data=(test_f, test_y), progress=progress,
+        head,
+        train_f,
+        train_y,
+        cfg.model_copy(update={"augment": "none"}),
+        device=dev,
+        seed=seed,
+        eval_data=(test_f, test_y),
+        progress=progress,
     )
     return _transfer_summary(result, time.perf_counter() - start)
 
@@ -324,4 +374,3 @@ def fine_tune(
         tuned, train_x, train_y, cfg, device=device, seed=seed, eval_data=(test_x, test_y), progress=progress
     )
     return _transfer_summary(result, time.perf_counter() - start)
-

@@ -54,13 +54,29 @@ Layout = list[tuple[str, tuple[int, ...]]]
 # enough to rebuild the net (net, net_kwargs, num_classes, channels, image_size) and to
 # refuse mixing experts trained differently or on different data (recipe, fingerprints).
 REQUIRED_META = (
-    "net", "net_kwargs", "num_classes", "channels", "image_size", "recipe",
-    "dataset_fingerprint", "preprocessor_fingerprint", "seed", "complete", "epochs_planned",
+    "net",
+    "net_kwargs",
+    "num_classes",
+    "channels",
+    "image_size",
+    "recipe",
+    "dataset_fingerprint",
+    "preprocessor_fingerprint",
+    "seed",
+    "complete",
+    "epochs_planned",
 )
 # Keys all experts of one TrajectorySet must agree on.
 SHARED_META = (
-    "layout", "net", "net_kwargs", "num_classes", "channels", "image_size", "recipe",
-    "dataset_fingerprint", "preprocessor_fingerprint",
+    "layout",
+    "net",
+    "net_kwargs",
+    "num_classes",
+    "channels",
+    "image_size",
+    "recipe",
+    "dataset_fingerprint",
+    "preprocessor_fingerprint",
 )
 _EXPERT_FILE = re.compile(r"^expert-(\d{5,})\.parquet$")
 
@@ -130,8 +146,13 @@ def _full_meta(layout: Layout, meta: dict) -> dict:
     if reserved:
         raise ValueError(f"trajectory metadata may not set the reserved keys {sorted(reserved)}")
     num_params = sum(math.prod(shape) for _, shape in layout)
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "layout": layout_to_json(layout),
-            "num_params": num_params, **meta}
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "layout": layout_to_json(layout),
+        "num_params": num_params,
+        **meta,
+    }
 
 
 def _row(snapshot: Snapshot, change: float | None, schema: pa.Schema) -> pa.Table:
@@ -241,8 +262,11 @@ class TrajectoryReader:
         if missing:
             raise self._fail(f"missing column(s) {missing}; it has {schema.names}")
         params = schema.field("params").type
-        if not (pa.types.is_fixed_size_list(params) and params.value_type == pa.float32()
-                and params.list_size == self.num_params):
+        if not (
+            pa.types.is_fixed_size_list(params)
+            and params.value_type == pa.float32()
+            and params.list_size == self.num_params
+        ):
             raise self._fail(f"`params` has type {params}, expected fixed_size_list<float>[{self.num_params}]")
         covered = sum(math.prod(shape) for _, shape in self.layout)
         if covered != self.num_params:
@@ -401,4 +425,3 @@ class TrajectorySet:
     def close(self) -> None:
         for reader in self._readers:
             reader.close()
-

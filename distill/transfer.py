@@ -49,8 +49,16 @@ def _pretrain_default() -> TrainConfig:
     # wd 5e-4 rather than DP4TL's 5e-5: a short, small-data run, where the CIFAR recipe's wd is
     # the usual choice. Epochs are a source-size decision for each preset (the prune-eval cpu
     # preset: 4 epochs of 30k images); distilled sets of ~100 images need ~1000 (distill.krr).
-    return TrainConfig(epochs=4, batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4,
-                       schedule="cosine", loss="ce", augment="flip_crop")
+    return TrainConfig(
+        epochs=4,
+        batch_size=64,
+        lr=0.05,
+        momentum=0.9,
+        weight_decay=5e-4,
+        schedule="cosine",
+        loss="ce",
+        augment="flip_crop",
+    )
 
 
 def _probe_default() -> TrainConfig:
@@ -62,8 +70,9 @@ def _probe_default() -> TrainConfig:
     # Standardizing the features makes one lr fit every backbone (instance- or batch-norm
     # ConvNets, a random init, a self-supervised teacher), whose feature scales differ by
     # orders of magnitude; it changed the instance-norm ConvNet's probe by < 1 point.
-    return TrainConfig(epochs=100, batch_size=128, lr=1e-3, optimizer="adam", weight_decay=0.0,
-                       schedule="cosine", augment="none")
+    return TrainConfig(
+        epochs=100, batch_size=128, lr=1e-3, optimizer="adam", weight_decay=0.0, schedule="cosine", augment="none"
+    )
 
 
 def _finetune_default() -> TrainConfig:
@@ -72,25 +81,40 @@ def _finetune_default() -> TrainConfig:
     # of 256 is 1-2 steps per epoch. Measured on CIFAR-10 at 20 per class: better than DP4TL's
     # Adam (1e-3 here; 1e-4 in the paper) by 1-2 points, and 60 epochs helped the random init
     # more than the pretrained net (the target, not the source, then decides).
-    return TrainConfig(epochs=30, batch_size=64, lr=0.01, momentum=0.9, weight_decay=5e-4,
-                       schedule="cosine", augment="flip_crop")
+    return TrainConfig(
+        epochs=30, batch_size=64, lr=0.01, momentum=0.9, weight_decay=5e-4, schedule="cosine", augment="flip_crop"
+    )
 
 
 class TransferConfig(NetFields, frozen=True, extra="forbid"):
     """How a backbone is pretrained and judged: the one transfer recipe of the project."""
 
-    net: NetName = Field("convnet", description=(
-        "The backbone that is pretrained and transferred (a distill.nets name)."))
-    net_kwargs: dict[str, Any] = Field({"width": 32, "depth": 3}, description=(
-        "Options of the backbone; the default is the CPU-scale ConvNet (DP4TL uses ResNet-18/50)."))
-    pretrain: TrainConfig = Field(default_factory=_pretrain_default, description=(
-        "Pretraining recipe on the source (its loss, ce or mse, is set per call by the method)."))
-    linear_probe: TrainConfig = Field(default_factory=_probe_default, description=(
-        "Linear probe: a fresh linear head trained on the frozen backbone's standardized target features."))
-    fine_tune: TrainConfig = Field(default_factory=_finetune_default, description=(
-        "Fine-tuning: the backbone plus a fresh linear head, all weights trained on the target."))
-    modes: list[Mode] = Field(default_factory=lambda: list(MODES), min_length=1, description=(
-        "Which judgements run: linear_probe, fine_tune or both."))
+    net: NetName = Field(
+        "convnet", description=("The backbone that is pretrained and transferred (a distill.nets name).")
+    )
+    net_kwargs: dict[str, Any] = Field(
+        {"width": 32, "depth": 3},
+        description=("Options of the backbone; the default is the CPU-scale ConvNet (DP4TL uses ResNet-18/50)."),
+    )
+    pretrain: TrainConfig = Field(
+        default_factory=_pretrain_default,
+        description=("Pretraining recipe on the source (its loss, ce or mse, is set per call by the method)."),
+    )
+    linear_probe: TrainConfig = Field(
+        default_factory=_probe_default,
+        description=(
+            "Linear probe: a fresh linear head trained on the frozen backbone's standardized target features."
+        ),
+    )
+    fine_tune: TrainConfig = Field(
+        default_factory=_finetune_default,
+        description=("Fine-tuning: the backbone plus a fresh linear head, all weights trained on the target."),
+    )
+    modes: list[Mode] = Field(
+        default_factory=lambda: list(MODES),
+        min_length=1,
+        description=("Which judgements run: linear_probe, fine_tune or both."),
+    )
 
     def pretraining(self) -> dict[str, Any]:
         """What a pretrained net depends on (net and pretraining recipe, not how it is judged): a cache
@@ -106,8 +130,13 @@ def backbone(cfg: TransferConfig, image_shape: tuple[int, ...] | list[int], out_
     """A fresh cfg.net for [C, H, W] inputs with `out_dim` outputs; its init depends on `seed` only."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return create_net(cfg.net, num_classes=out_dim, channels=int(image_shape[0]), image_size=int(image_shape[-1]),
-                          **cfg.net_kwargs)
+        return create_net(
+            cfg.net,
+            num_classes=out_dim,
+            channels=int(image_shape[0]),
+            image_size=int(image_shape[-1]),
+            **cfg.net_kwargs,
+        )
 
 
 def _out_dim(loss: PretrainLoss, y: torch.Tensor | None, out_dim: int | None) -> int:
@@ -158,8 +187,9 @@ def pretrain(
         return net, {"pretrain_seconds": 0.0, "train_images": 0, "images_seen": 0}
     if images is None or len(images) == 0:
         raise ValueError(f"pretraining with loss {loss!r} needs images")
-    result: TrainResult = train(net, images, y, cfg.pretrain.model_copy(update={"loss": loss}), device=device,
-                                seed=seed, progress=progress)
+    result: TrainResult = train(
+        net, images, y, cfg.pretrain.model_copy(update={"loss": loss}), device=device, seed=seed, progress=progress
+    )
     return net, {
         "pretrain_seconds": result.seconds,
         "pretrain_loss": result.final["loss"],
@@ -176,13 +206,25 @@ def _fresh_head(in_features: int, num_classes: int, seed: int) -> nn.Linear:
 
 
 def _summary(result: TrainResult, start: float) -> dict[str, Any]:
-    return {"test_acc": result.final["test_acc"], "train_acc": result.final["train_acc"],
-            "train_loss": result.final["loss"], "seconds": time.perf_counter() - start}
+    return {
+        "test_acc": result.final["test_acc"],
+        "train_acc": result.final["train_acc"],
+        "train_loss": result.final["loss"],
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def linear_probe(
-    net: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-    cfg: TrainConfig, *, num_classes: int, seed: int = 0, device: str | torch.device | None = None,
+    net: nn.Module,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    cfg: TrainConfig,
+    *,
+    num_classes: int,
+    seed: int = 0,
+    device: str | torch.device | None = None,
     progress: Progress | None = None,
 ) -> tuple[nn.Linear, dict[str, Any]]:
     """A fresh linear head on the frozen, standardized features of `net`; returns (head, summary).
@@ -196,14 +238,30 @@ def linear_probe(
     mean, std = train_f.mean(0), train_f.std(0, unbiased=False).clamp_min(1e-6)
     train_f, test_f = (train_f - mean) / std, (test_f - mean) / std
     head = _fresh_head(train_f.shape[1], num_classes, seed)
-    result = train(head, train_f, train_y, cfg.model_copy(update={"augment": "none"}), device=dev, seed=seed,
-                   eval_data=(test_f, test_y), progress=progress)
+    result = train(
+        head,
+        train_f,
+        train_y,
+        cfg.model_copy(update={"augment": "none"}),
+        device=dev,
+        seed=seed,
+        eval_data=(test_f, test_y),
+        progress=progress,
+    )
     return head, _summary(result, start)
 
 
 def fine_tune(
-    net: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-    cfg: TrainConfig, *, num_classes: int, seed: int = 0, device: str | torch.device | None = None,
+    net: nn.Module,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    cfg: TrainConfig,
+    *,
+    num_classes: int,
+    seed: int = 0,
+    device: str | torch.device | None = None,
     progress: Progress | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """A copy of `net` with a fresh Linear(feature_dim, num_classes) head, all weights trained.
@@ -214,19 +272,29 @@ def fine_tune(
     start = time.perf_counter()
     tuned = copy.deepcopy(net)
     tuned.classifier = _fresh_head(tuned.feature_dim, num_classes, seed)
-    result = train(tuned, train_x, train_y, cfg, device=device, seed=seed, eval_data=(test_x, test_y),
-                   progress=progress)
+    result = train(
+        tuned, train_x, train_y, cfg, device=device, seed=seed, eval_data=(test_x, test_y), progress=progress
+    )
     return tuned, _summary(result, start)
 
 
 JUDGES: dict[Mode, Callable[..., tuple[nn.Module, dict[str, Any]]]] = {
-    "linear_probe": linear_probe, "fine_tune": fine_tune,
+    "linear_probe": linear_probe,
+    "fine_tune": fine_tune,
 }
 
 
 def transfer(
-    net: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-    cfg: TransferConfig, *, num_classes: int, seed: int = 0, device: str | torch.device | None = None,
+    net: nn.Module,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    cfg: TransferConfig,
+    *,
+    num_classes: int,
+    seed: int = 0,
+    device: str | torch.device | None = None,
     progress: Callable[[Mode], Progress | None] | None = None,
 ) -> dict[str, Any]:
     """Judge `net` on a labelled target by every mode in cfg.modes; one flat row of final-epoch numbers.
@@ -238,8 +306,23 @@ def transfer(
         raise ValueError(f"the target needs train and test images; got {len(train_y)} train, {len(test_y)} test")
     row: dict[str, Any] = {}
     for mode in cfg.modes:
-        _, r = JUDGES[mode](net, train_x, train_y, test_x, test_y, getattr(cfg, mode), num_classes=num_classes,
-                            seed=seed, device=device, progress=progress(mode) if progress else None)
-        row.update({f"{mode}_acc": r["test_acc"], f"{mode}_train_acc": r["train_acc"],
-                    f"{mode}_seconds": round(r["seconds"], 3)})
+        _, r = JUDGES[mode](
+            net,
+            train_x,
+            train_y,
+            test_x,
+            test_y,
+            getattr(cfg, mode),
+            num_classes=num_classes,
+            seed=seed,
+            device=device,
+            progress=progress(mode) if progress else None,
+        )
+        row.update(
+            {
+                f"{mode}_acc": r["test_acc"],
+                f"{mode}_train_acc": r["train_acc"],
+                f"{mode}_seconds": round(r["seconds"], 3),
+            }
+        )
     return row

@@ -17,9 +17,9 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import safetensors
 import safetensors.torch
+import torch
 
 from distill.data import DataError
 
@@ -151,8 +151,7 @@ class Preprocessor:
             raise DataError(f"images have {shape[1]} channels; this preprocessor expects {self.mean.numel()}")
         if self.zca is not None and tuple(shape[1:]) != self.image_shape:
             raise DataError(
-                f"images are {list(shape[1:])}; "
-                f"this ZCA preprocessor was fitted on {list(self.image_shape or ())}"
+                f"images are {list(shape[1:])}; this ZCA preprocessor was fitted on {list(self.image_shape or ())}"
             )
 
     def __call__(self, images_uint8: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
@@ -274,4 +273,3 @@ def _safetensors_metadata(raw: bytes) -> dict[str, str]:
     # The header is an 8-byte little-endian length followed by JSON (safetensors spec).
     (n,) = struct.unpack("<Q", raw[:8])
     return json.loads(raw[8 : 8 + n]).get("__metadata__") or {}
-

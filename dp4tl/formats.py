@@ -46,8 +46,13 @@ class KeptSamples:
 
     @classmethod
     def from_selection(
-        cls, selection: ClassSelection, ratio: float, seed: int, labels: torch.Tensor | None = None,
-        *, reverse: bool = False,
+        cls,
+        selection: ClassSelection,
+        ratio: float,
+        seed: int,
+        labels: torch.Tensor | None = None,
+        *,
+        reverse: bool = False,
     ) -> KeptSamples:
         """Prune `ratio` of the classes of `selection` (the best ones if reverse: the bottom-K ablation)."""
         return cls(
@@ -112,7 +117,12 @@ def write_selection(
         "method": pa.array([selection.method] * c, pa.string()),
     }
     dtypes = {
-        "class": "int64", "name": "string", "score": "float64", "votes": "int64", "rank": "int64", "method": "string",
+        "class": "int64",
+        "name": "string",
+        "score": "float64",
+        "votes": "int64",
+        "rank": "int64",
+        "method": "string",
     }
     scalars = {}
     for key, value in selection.details.items():
@@ -137,9 +147,7 @@ def write_selection(
     return write_table(table, path, filesystem)
 
 
-def read_selection(
-    path: str, *, filesystem: pafs.FileSystem | None = None
-) -> tuple[ClassSelection, list[str], dict]:
+def read_selection(path: str, *, filesystem: pafs.FileSystem | None = None) -> tuple[ClassSelection, list[str], dict]:
     """Read a selection file: (selection, class names, `distillery` metadata)."""
     table, meta = _read(path, filesystem, SELECTION_KIND, _SELECTION_COLUMNS)
     table = table.sort_by("class")
@@ -181,14 +189,16 @@ def write_kept(
         if r.kept and not 0 <= min(r.kept) <= max(r.kept) < num_source_samples:
             raise ValueError(f"{r.method} ratio {r.ratio}: kept indices must lie in [0, {num_source_samples})")
     ints = pa.list_(pa.int64())
-    table = pa.table({
-        "method": pa.array([r.method for r in rows], pa.string()),
-        "ratio": pa.array([float(r.ratio) for r in rows], pa.float64()),
-        "seed": pa.array([int(r.seed) for r in rows], pa.int64()),
-        "kept_classes": pa.array([r.kept_classes for r in rows], ints),
-        "num_kept_samples": pa.array([len(r.kept) for r in rows], pa.int64()),
-        "kept": pa.array([sorted(r.kept) for r in rows], ints),
-    })
+    table = pa.table(
+        {
+            "method": pa.array([r.method for r in rows], pa.string()),
+            "ratio": pa.array([float(r.ratio) for r in rows], pa.float64()),
+            "seed": pa.array([int(r.seed) for r in rows], pa.int64()),
+            "kept_classes": pa.array([r.kept_classes for r in rows], ints),
+            "num_kept_samples": pa.array([len(r.kept) for r in rows], pa.int64()),
+            "kept": pa.array([sorted(r.kept) for r in rows], ints),
+        }
+    )
     int_list = {"feature": {"dtype": "int64", "_type": "Value"}, "_type": "List"}
     features = {
         "method": {"dtype": "string", "_type": "Value"},

@@ -43,13 +43,18 @@ class PruneMethod:
         return self.data_wise or "source_x" in SELECTORS[self.selector].needs
 
 
-PRUNE_METHODS: Registry[PruneMethod] = Registry("pruning method", {
-    **{name: PruneMethod(name, description=f"top classes by selector {name!r}") for name in SELECTORS},
-    "lm_bottom": PruneMethod("lm", reverse=True, description="bottom-K label mapping (DP4TL --reverse ablation)"),
-    "moderate": PruneMethod(
-        "lm", data_wise=True, description="MODERATE data-wise selection (surrogate features) at the same image budget"
-    ),
-})
+PRUNE_METHODS: Registry[PruneMethod] = Registry(
+    "pruning method",
+    {
+        **{name: PruneMethod(name, description=f"top classes by selector {name!r}") for name in SELECTORS},
+        "lm_bottom": PruneMethod("lm", reverse=True, description="bottom-K label mapping (DP4TL --reverse ablation)"),
+        "moderate": PruneMethod(
+            "lm",
+            data_wise=True,
+            description="MODERATE data-wise selection (surrogate features) at the same image budget",
+        ),
+    },
+)
 
 
 PruneMethodName = PRUNE_METHODS.name_type()
@@ -118,23 +123,43 @@ class SelectionConfig(BaseModel, frozen=True, extra="forbid"):
 
     # The default comparison: both mappings, random class pruning and the bottom-K ablation.
     methods: list[PruneMethodName] = Field(
-        default_factory=lambda: ["lm", "fm", "random", "lm_bottom"], min_length=1, description=(
+        default_factory=lambda: ["lm", "fm", "random", "lm_bottom"],
+        min_length=1,
+        description=(
             "Pruning methods to compare, distinct: lm/lm_soft = label mapping, fm = feature mapping over "
             "source labels, fm_kmeans = over K-means clusters, random = random classes, lm_bottom = the "
-            "bottom-K ablation, moderate = MODERATE data-wise selection at the same image budget."))
-    ratios: list[float] = Field(default_factory=lambda: [0.5, 0.8], min_length=1, description=(
-        "Fractions of source classes pruned, each strictly between 0 and 1 (the full source is "
-        "its own comparison arm); for moderate, the fraction of images."))
+            "bottom-K ablation, moderate = MODERATE data-wise selection at the same image budget."
+        ),
+    )
+    ratios: list[float] = Field(
+        default_factory=lambda: [0.5, 0.8],
+        min_length=1,
+        description=(
+            "Fractions of source classes pruned, each strictly between 0 and 1 (the full source is "
+            "its own comparison arm); for moderate, the fraction of images."
+        ),
+    )
     # the effect of a pruning method is small next to seed noise
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1, description=(
-        "Seeds; each method runs once per seed (selection, pretraining and transfer). Use at least 3."))
-    k_clusters: int | None = Field(None, ge=1, description=(
-        "fm_kmeans: number of K-means clusters; empty = the number of source classes (the paper)."))
-    batch_size: int = Field(1024, ge=1, description=(
-        "Images per surrogate inference batch: affects memory only, not results."))
-    resize_target: bool = Field(True, description=(
-        "Resize target images whose size differs from the source's to it (bilinear, antialiased); "
-        "false refuses them instead, naming both sizes."))
+    seeds: list[int] = Field(
+        default_factory=lambda: [0, 1, 2],
+        min_length=1,
+        description=("Seeds; each method runs once per seed (selection, pretraining and transfer). Use at least 3."),
+    )
+    k_clusters: int | None = Field(
+        None,
+        ge=1,
+        description=("fm_kmeans: number of K-means clusters; empty = the number of source classes (the paper)."),
+    )
+    batch_size: int = Field(
+        1024, ge=1, description=("Images per surrogate inference batch: affects memory only, not results.")
+    )
+    resize_target: bool = Field(
+        True,
+        description=(
+            "Resize target images whose size differs from the source's to it (bilinear, antialiased); "
+            "false refuses them instead, naming both sizes."
+        ),
+    )
 
     @field_validator("methods")
     @classmethod

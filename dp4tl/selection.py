@@ -365,19 +365,29 @@ def _lm_soft(inputs: SelectionInputs) -> ClassSelection:
 @register_selector("fm", needs=("surrogate", "source_x", "source_y", "target_x"))
 def _fm(inputs: SelectionInputs) -> ClassSelection:
     return feature_mapping(
-        inputs.surrogate, inputs.source_x, inputs.source_y, inputs.target_x,
-        num_classes=inputs.num_classes, seed=inputs.seed, batch_size=inputs.batch_size, device=inputs.device,
+        inputs.surrogate,
+        inputs.source_x,
+        inputs.source_y,
+        inputs.target_x,
+        num_classes=inputs.num_classes,
+        seed=inputs.seed,
+        batch_size=inputs.batch_size,
+        device=inputs.device,
     )
 
 
 @register_selector("fm_kmeans", needs=("surrogate", "source_x", "target_x"))
 def _fm_kmeans(inputs: SelectionInputs) -> ClassSelection:
     return feature_mapping(
-        inputs.surrogate, inputs.source_x, None, inputs.target_x,
-        k_clusters=inputs.k_clusters or inputs.num_classes, seed=inputs.seed,
-        batch_size=inputs.batch_size, device=inputs.device,
+        inputs.surrogate,
+        inputs.source_x,
+        None,
+        inputs.target_x,
+        k_clusters=inputs.k_clusters or inputs.num_classes,
+        seed=inputs.seed,
+        batch_size=inputs.batch_size,
+        device=inputs.device,
     )
-
 
 
 def random_classes(num_classes: int, seed: int) -> ClassSelection:

@@ -35,17 +35,26 @@ SURROGATE_FORMAT = "distillery.surrogate/1"
 class SurrogateConfig(NetFields, frozen=True, extra="forbid"):
     """How to train the surrogate. Defaults: a CPU-scale recipe (about a minute per 10k images)."""
 
-    net: NetName = Field("convnet", description=(
-        "Surrogate net (a distill.nets name); DP4TL uses torchvision's ResNet-18 (resnet18 here is "
-        "the CIFAR variant)."))
-    net_kwargs: dict[str, Any] = Field({"width": 32, "depth": 3}, description=(
-        "Options of the surrogate net; the default is a CPU-scale ConvNet (width 32, depth 3)."))
+    net: NetName = Field(
+        "convnet",
+        description=(
+            "Surrogate net (a distill.nets name); DP4TL uses torchvision's ResNet-18 (resnet18 here is "
+            "the CIFAR variant)."
+        ),
+    )
+    net_kwargs: dict[str, Any] = Field(
+        {"width": 32, "depth": 3},
+        description=("Options of the surrogate net; the default is a CPU-scale ConvNet (width 32, depth 3)."),
+    )
     # DP4TL: 16 epochs, SGD momentum 0.9, wd 5e-5, lr 0.5 per 1024 images with a cyclic schedule
     # (OPTML-Group/DP4TL). Here: 5 epochs (a few give a usable surrogate at this scale), lr 0.1 per
     # 256 images (the paper's lr scaled linearly, rounded down), cosine instead of the triangle.
-    train: TrainConfig = Field(TrainConfig(
-        epochs=5, batch_size=256, lr=0.1, momentum=0.9, weight_decay=5e-5, schedule="cosine", augment="flip_crop"
-    ), description="How the surrogate is trained on the full labelled source.")
+    train: TrainConfig = Field(
+        TrainConfig(
+            epochs=5, batch_size=256, lr=0.1, momentum=0.9, weight_decay=5e-5, schedule="cosine", augment="flip_crop"
+        ),
+        description="How the surrogate is trained on the full labelled source.",
+    )
     seed: int = Field(0, description="Seed of the weight init and the training batches and augmentation.")
 
 

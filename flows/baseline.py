@@ -57,8 +57,12 @@ def baseline(config: BaselineConfig) -> dict[str, Any]:
     rows = [r.result() for r in runs]
     table = collect_metrics.submit(rows, f"baseline-{config.data.name}-{setting}", store).result()
     print(json.dumps({"summary": table.summary, "metrics": table.ref.uri, "subset": subset.uri}, indent=1))
-    return {"summary": table.summary, "metrics_uri": table.ref.uri, "subset_uri": subset.uri,
-            "dataset_uri": dataset.uri}
+    return {
+        "summary": table.summary,
+        "metrics_uri": table.ref.uri,
+        "subset_uri": subset.uri,
+        "dataset_uri": dataset.uri,
+    }
 
 
 def main() -> None:

@@ -1,8 +1,8 @@
 """Command line helpers around the artifact store.
 
-    python -m flows.cli results            # newest pipeline report or metrics summary in the store
-    python -m flows.cli results --all      # every one of them, newest last
-    python -m flows.cli datasets           # published datasets: folder and a ready train_on command
+python -m flows.cli results            # newest pipeline report or metrics summary in the store
+python -m flows.cli results --all      # every one of them, newest last
+python -m flows.cli datasets           # published datasets: folder and a ready train_on command
 """
 
 from __future__ import annotations
@@ -19,8 +19,11 @@ from tasks.tables import markdown_table, path_report
 # split kept both metrics schemas. Not imported (nor torch, via distill.formats), so this CLI answers
 # in well under a second.
 TABLES = {
-    "eval-metrics": "summary.parquet", "transfer-metrics": "summary.parquet", "krr-metrics": "summary.parquet",
-    "pipeline-report": "report.parquet", "metrics": "summary.parquet",
+    "eval-metrics": "summary.parquet",
+    "transfer-metrics": "summary.parquet",
+    "krr-metrics": "summary.parquet",
+    "pipeline-report": "report.parquet",
+    "metrics": "summary.parquet",
 }
 
 
@@ -76,8 +79,9 @@ def datasets(store_uri: str | None = None, since: float | None = None, newest: i
     store = ArtifactStore(store_uri)
     lines = []
     for stage, what in DATASETS.items():
-        manifests = sorted((store.manifest(stage, k) for k in store.list(stage)),
-                           key=lambda m: m["created_at"], reverse=True)
+        manifests = sorted(
+            (store.manifest(stage, k) for k in store.list(stage)), key=lambda m: m["created_at"], reverse=True
+        )
         if since is not None:
             manifests = [m for m in manifests if datetime.fromisoformat(m["created_at"]).timestamp() >= since - 1]
         for m in manifests[:newest]:

@@ -53,10 +53,15 @@ class KRRStage(BaseModel):
 
     teacher: SSLConfig = Field(default_factory=SSLConfig, description="Barlow Twins teacher training.")
     krr: KRRConfig = Field(default_factory=KRRConfig, description="KRR-ST distillation.")
-    transfer: TransferConfig = Field(default_factory=krr_transfer, description="Pretraining + transfer recipe "
-                                     "(distill.transfer), shared by all methods.")
-    methods: list[MethodName] = Field(default_factory=lambda: list(METHODS), min_length=1,
-                                      description=f"Compared methods: any of {', '.join(METHODS)}.")
+    transfer: TransferConfig = Field(
+        default_factory=krr_transfer,
+        description="Pretraining + transfer recipe (distill.transfer), shared by all methods.",
+    )
+    methods: list[MethodName] = Field(
+        default_factory=lambda: list(METHODS),
+        min_length=1,
+        description=f"Compared methods: any of {', '.join(METHODS)}.",
+    )
     seeds: int = Field(3, ge=1, description="Evaluation seeds per method (mean and std over these).")
 
     @field_validator("methods")
@@ -71,15 +76,18 @@ class KRRStage(BaseModel):
 class DistillKRRConfig(KRRStage):
     """Parameters of the `distill-krr` flow (a validated form in the Prefect UI)."""
 
-    source: DataConfig = Field(description="The source to distill (its labels are used only by the random-real-ce "
-                               "baseline): Tiny-ImageNet-200 at 32x32, a subset.")
+    source: DataConfig = Field(
+        description="The source to distill (its labels are used only by the random-real-ce "
+        "baseline): Tiny-ImageNet-200 at 32x32, a subset."
+    )
     target: DataConfig = Field(description="The labelled transfer target (CIFAR-10), same image size as the source.")
     resources: Resources = Field(default_factory=Resources, description="Ray resources per heavy task.")
     store: str | None = Field(None, description="Artifact store URI; default $DISTILLERY_STORE or ./artifacts.")
 
 
-def run_krr(source: ArtifactRef, target: ArtifactRef, stage: KRRStage, resources: Resources, store: str,
-            name: str) -> KRRResult:
+def run_krr(
+    source: ArtifactRef, target: ArtifactRef, stage: KRRStage, resources: Resources, store: str, name: str
+) -> KRRResult:
     """Teacher, distilled set and comparison table for a materialized source and target (inside a flow)."""
     check_inputs(source, target, stage.krr, stage.methods)  # from manifests: before any training
     with heavy(resources):
@@ -108,12 +116,26 @@ def distill_krr_flow(config: DistillKRRConfig) -> dict[str, Any]:
     validate_data(config.target)
     source = materialize_dataset.submit(config.source, store).result()
     target = materialize_dataset.submit(config.target, store).result()
-    result = run_krr(source, target, config, config.resources, store,
-                     f"krr-st-{config.source.name}-to-{config.target.name}")
-    out = {"summary": result.metrics.summary, "metrics_uri": result.metrics.ref.uri,
-           "distilled_uri": result.distilled.uri, "teacher_uri": result.teacher.uri}
-    print(json.dumps({"summary": out["summary"], "metrics": out["metrics_uri"], "distilled": out["distilled_uri"],
-                      "teacher": out["teacher_uri"]}, indent=1))
+    result = run_krr(
+        source, target, config, config.resources, store, f"krr-st-{config.source.name}-to-{config.target.name}"
+    )
+    out = {
+        "summary": result.metrics.summary,
+        "metrics_uri": result.metrics.ref.uri,
+        "distilled_uri": result.distilled.uri,
+        "teacher_uri": result.teacher.uri,
+    }
+    print(
+        json.dumps(
+            {
+                "summary": out["summary"],
+                "metrics": out["metrics_uri"],
+                "distilled": out["distilled_uri"],
+                "teacher": out["teacher_uri"],
+            },
+            indent=1,
+        )
+    )
     return out
 
 

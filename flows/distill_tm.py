@@ -45,15 +45,17 @@ class TMStage(BaseModel):
 
     experts: ExpertConfig = Field(description="Expert trajectories to match (trained unless experts_key is given).")
     experts_key: str | None = Field(
-        None, description="Key of a published expert set to reuse instead of training one; it must have been "
-        "made for this dataset, preprocessing and model (refused otherwise)."
+        None,
+        description="Key of a published expert set to reuse instead of training one; it must have been "
+        "made for this dataset, preprocessing and model (refused otherwise).",
     )
     distill: list[MatchConfig] = Field(
         min_length=1, description="One distilled set per entry (its own ipc and hyperparameters, as in MTT's table)."
     )
     eval: list[EvalConfig] = Field(
-        min_length=1, description="Evaluation recipes, one per architecture (ConvNet, ResNet-18); the first is "
-        "stored with the distilled sets. Distilled and random real sets are evaluated identically."
+        min_length=1,
+        description="Evaluation recipes, one per architecture (ConvNet, ResNet-18); the first is "
+        "stored with the distilled sets. Distilled and random real sets are evaluated identically.",
     )
     subset_seed: int = Field(0, description="Seed of the random real subsets (the baseline).")
 
@@ -89,8 +91,9 @@ class DistillTMConfig(TMStage):
     """Parameters of the `distill-tm` flow (a validated form in the Prefect UI)."""
 
     data: DataConfig = Field(description="The labelled dataset to distill, and its preprocessing (zca: MTT's ZCA).")
-    resources: Resources = Field(default_factory=Resources,
-                                 description="Ray resources per expert/distillation/eval task.")
+    resources: Resources = Field(
+        default_factory=Resources, description="Ray resources per expert/distillation/eval task."
+    )
     store: str | None = Field(None, description="Artifact store URI; default $DISTILLERY_STORE or ./artifacts.")
 
 
@@ -114,23 +117,37 @@ def run_tm(dataset: ArtifactRef, stage: TMStage, resources: Resources, store: st
         futures = {tm_label(m): distill_tm.submit(dataset, experts, m, stage.eval[0], store) for m in stage.distill}
     distilled = {label: f.result() for label, f in futures.items()}
     sets = [
-        EvaluatedSet(method=tm_method(m), setting=setting(m.ipc, ev.net), baseline=False,
-                     made_from=[dataset, experts, distilled[tm_label(m)]])
-        for m in stage.distill for ev in stage.eval
+        EvaluatedSet(
+            method=tm_method(m),
+            setting=setting(m.ipc, ev.net),
+            baseline=False,
+            made_from=[dataset, experts, distilled[tm_label(m)]],
+        )
+        for m in stage.distill
+        for ev in stage.eval
     ]
     runs = []
     with heavy(resources):
         for m in stage.distill:
             for ev in stage.eval:
-                runs += [evaluate_distilled.submit(distilled[tm_label(m)], dataset, ev, s, store, tm_method(m),
-                                                   setting(m.ipc, ev.net)) for s in range(ev.num_models)]
+                runs += [
+                    evaluate_distilled.submit(
+                        distilled[tm_label(m)], dataset, ev, s, store, tm_method(m), setting(m.ipc, ev.net)
+                    )
+                    for s in range(ev.num_models)
+                ]
         for ipc in sorted({m.ipc for m in stage.distill}):
             for ev in stage.eval:
                 subset = random_subset.submit(dataset, ipc, stage.subset_seed, ev, store).result()
-                sets.append(EvaluatedSet(method=RANDOM_REAL, setting=setting(ipc, ev.net), baseline=True,
-                                         made_from=[dataset, subset]))
-                runs += [evaluate_distilled.submit(subset, dataset, ev, s, store, RANDOM_REAL, setting(ipc, ev.net))
-                         for s in range(ev.num_models)]
+                sets.append(
+                    EvaluatedSet(
+                        method=RANDOM_REAL, setting=setting(ipc, ev.net), baseline=True, made_from=[dataset, subset]
+                    )
+                )
+                runs += [
+                    evaluate_distilled.submit(subset, dataset, ev, s, store, RANDOM_REAL, setting(ipc, ev.net))
+                    for s in range(ev.num_models)
+                ]
     table = collect_metrics.submit([r.result() for r in runs], name, store).result()
     return TMResult(dataset=dataset, experts=experts, distilled=distilled, sets=sets, metrics=table)
 
@@ -142,11 +159,24 @@ def distill_tm_flow(config: DistillTMConfig) -> dict[str, Any]:
     validate_data(config.data, max(m.ipc for m in config.distill))  # fails fast: ipc larger than a class
     dataset = materialize_dataset.submit(config.data, store).result()
     result = run_tm(dataset, config, config.resources, store, f"distill-tm-{config.data.name}")
-    out = {"summary": result.metrics.summary, "metrics_uri": result.metrics.ref.uri,
-           "distilled": {label: ref.uri for label, ref in result.distilled.items()},
-           "experts_uri": result.experts.uri, "dataset_uri": dataset.uri}
-    print(json.dumps({"summary": out["summary"], "metrics": out["metrics_uri"], "distilled": out["distilled"],
-                      "experts": out["experts_uri"]}, indent=1))
+    out = {
+        "summary": result.metrics.summary,
+        "metrics_uri": result.metrics.ref.uri,
+        "distilled": {label: ref.uri for label, ref in result.distilled.items()},
+        "experts_uri": result.experts.uri,
+        "dataset_uri": dataset.uri,
+    }
+    print(
+        json.dumps(
+            {
+                "summary": out["summary"],
+                "metrics": out["metrics_uri"],
+                "distilled": out["distilled"],
+                "experts": out["experts_uri"],
+            },
+            indent=1,
+        )
+    )
     return out
 
 

@@ -49,14 +49,17 @@ class PruneStage(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    method: PruneMethodName = Field("lm", description=(
-        "Pruning method (dp4tl.methods): lm, lm_soft, fm, fm_kmeans, random, lm_bottom, moderate."))
+    method: PruneMethodName = Field(
+        "lm", description=("Pruning method (dp4tl.methods): lm, lm_soft, fm, fm_kmeans, random, lm_bottom, moderate.")
+    )
     ratio: float = Field(0.5, description="Fraction of source classes pruned, in (0, 1).")
     seed: int = Field(0, description="Seed of the selection (random methods, K-means).")
-    surrogate: SurrogateConfig = Field(default_factory=SurrogateConfig,
-                                       description="Surrogate trained on the full source.")
-    surrogate_weights: str | None = Field(None,
-                                          description="Your surrogate weights (safetensors) instead of training one.")
+    surrogate: SurrogateConfig = Field(
+        default_factory=SurrogateConfig, description="Surrogate trained on the full source."
+    )
+    surrogate_weights: str | None = Field(
+        None, description="Your surrogate weights (safetensors) instead of training one."
+    )
     k_clusters: int | None = Field(None, ge=1, description="fm_kmeans groups; default the number of source classes.")
 
     @model_validator(mode="after")
@@ -66,8 +69,9 @@ class PruneStage(BaseModel):
         return self
 
     def selection(self) -> SelectionConfig:
-        return SelectionConfig(methods=[self.method], ratios=[self.ratio], seeds=[self.seed],
-                               k_clusters=self.k_clusters)
+        return SelectionConfig(
+            methods=[self.method], ratios=[self.ratio], seeds=[self.seed], k_clusters=self.k_clusters
+        )
 
 
 class TargetTMStage(TMStage):
@@ -86,8 +90,10 @@ class PipelineConfig(BaseModel):
     source: DataConfig = Field(description="The large source to prune and distill for pretraining (Tiny-ImageNet).")
     target: DataConfig = Field(description="The downstream task (CIFAR-10): drives the pruning, judges every path.")
     prune: PruneStage = Field(default_factory=PruneStage, description="DP4TL source pruning.")
-    krr: KRRStage | None = Field(default_factory=KRRStage, description="Transfer path (teacher, KRR-ST, transfer "
-                                 "comparison on the pruned source); null skips it.")
+    krr: KRRStage | None = Field(
+        default_factory=KRRStage,
+        description="Transfer path (teacher, KRR-ST, transfer comparison on the pruned source); null skips it.",
+    )
     tm: TargetTMStage | None = Field(None, description="Target path (experts + trajectory matching); null skips it.")
     resources: Resources = Field(default_factory=Resources, description="Ray resources per heavy task.")
     store: str | None = Field(None, description="Artifact store URI; default $DISTILLERY_STORE or ./artifacts.")
@@ -98,8 +104,10 @@ class PipelineConfig(BaseModel):
             raise ValueError("both paths are switched off (krr and tm are null); enable at least one")
         if self.krr is not None:
             if self.source.zca or self.target.zca:
-                raise ValueError("the transfer path (KRR-ST) works on normalized images; set zca: false on source "
-                                 "and target (ZCA is a trajectory-matching option: set it on tm.data)")
+                raise ValueError(
+                    "the transfer path (KRR-ST) works on normalized images; set zca: false on source "
+                    "and target (ZCA is a trajectory-matching option: set it on tm.data)"
+                )
             if not self.krr.methods or "krr-st" not in self.krr.methods:
                 raise ValueError(f"krr.methods must include 'krr-st' (the distilled set); got {self.krr.methods}")
         return self
@@ -109,8 +117,10 @@ class PipelineConfig(BaseModel):
         s, t = self.source.image_size, self.target.image_size
         if s == t:
             return self.target, None
-        note = (f"target images resized from {t if t is not None else 'native'} px to the source's {s} px for the "
-                "transfer path (pruning and pretraining share one input size); the target path keeps its own size")
+        note = (
+            f"target images resized from {t if t is not None else 'native'} px to the source's {s} px for the "
+            "transfer path (pruning and pretraining share one input size); the target path keeps its own size"
+        )
         return self.target.model_copy(update={"image_size": s}), note
 
 
@@ -135,14 +145,16 @@ def check_plan(config: PipelineConfig) -> None:
         validate_data(config.tm.data or config.target, max(m.ipc for m in config.tm.distill))
 
 
-def _transfer_path(config: PipelineConfig, source: ArtifactRef, target: ArtifactRef, store: str,
-                   name: str) -> TransferPath:
+def _transfer_path(
+    config: PipelineConfig, source: ArtifactRef, target: ArtifactRef, store: str, name: str
+) -> TransferPath:
     """Prune the source for the target -> teacher -> KRR-ST -> pretrain -> transfer, with KRR-ST's baselines."""
     assert config.krr is not None
     with heavy(config.resources):
         sur = surrogate.submit(source, config.prune.surrogate, store, config.prune.surrogate_weights).result()
-        selection = select.submit(source, target, sur, config.prune.method, config.prune.seed, config.prune.selection(),
-                                  store).result()
+        selection = select.submit(
+            source, target, sur, config.prune.method, config.prune.seed, config.prune.selection(), store
+        ).result()
     report_selection([selection], f"{name}-selection", 10)
     pruned = materialize_pruned(source, selection, config.prune.ratio, store)
     krr = run_krr(pruned, target, config.krr, config.resources, store, f"{name}-krr-st")
@@ -181,8 +193,9 @@ def main() -> None:
     _, params = flow_params("pipeline", doc=__doc__)
     report = pipeline(build_config(PipelineConfig, params))
     # the last line of output: the report as JSON (benchmarks/pipeline.py reads it)
-    print(json.dumps({"results": report["rows"], "notes": report["notes"], "report": report["report_uri"]},
-                     default=str))
+    print(
+        json.dumps({"results": report["rows"], "notes": report["notes"], "report": report["report_uri"]}, default=str)
+    )
 
 
 if __name__ == "__main__":

@@ -63,8 +63,10 @@ def _set_path(params: dict[str, Any], dotted: str, value: Any) -> None:
         last = i == len(parts) - 1
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise ValueError(f"--set {dotted}: {'.'.join(parts[:i]) or 'the preset'} is a list of {len(node)}; "
-                                 f"use an index 0..{len(node) - 1}")
+                raise ValueError(
+                    f"--set {dotted}: {'.'.join(parts[:i]) or 'the preset'} is a list of {len(node)}; "
+                    f"use an index 0..{len(node) - 1}"
+                )
             if last:
                 node[int(part)] = value
             else:
@@ -78,8 +80,9 @@ def _set_path(params: dict[str, Any], dotted: str, value: Any) -> None:
             raise ValueError(f"--set {dotted}: {'.'.join(parts[:i])} is a value, not a block")
 
 
-def flow_params(flow: str, argv: Sequence[str] | None = None, *, doc: str | None = None,
-                extra: Any = None) -> tuple[argparse.Namespace, dict[str, Any]]:
+def flow_params(
+    flow: str, argv: Sequence[str] | None = None, *, doc: str | None = None, extra: Any = None
+) -> tuple[argparse.Namespace, dict[str, Any]]:
     """Command-line parameters of a flow's module entry point: a preset, your data, and overrides.
 
         python -m flows.baseline --preset cpu --data /my/images --set ipc=5 --set eval.num_models=3
@@ -94,12 +97,21 @@ def flow_params(flow: str, argv: Sequence[str] | None = None, *, doc: str | None
     if extra is not None:
         extra(parser)
     parser.add_argument("--preset", default="tiny", help=f"preset in deployments/presets/{flow}.yaml")
-    parser.add_argument("--data", help="your labelled dataset (the `data` block's source): a folder of "
-                        "Parquet files (Hugging Face layout), an ImageFolder tree, an .npz, or hub:<name>")
+    parser.add_argument(
+        "--data",
+        help="your labelled dataset (the `data` block's source): a folder of "
+        "Parquet files (Hugging Face layout), an ImageFolder tree, an .npz, or hub:<name>",
+    )
     parser.add_argument("--source", help="the source dataset to prune or distill (DP4TL, KRR-ST, pipeline)")
     parser.add_argument("--target", help="the target task's dataset (DP4TL, KRR-ST, pipeline)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one field of the preset, e.g. --set data.image_size=28 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one field of the preset, e.g. --set data.image_size=28 (repeatable)",
+    )
     args = parser.parse_args(argv)
     name = getattr(args, "flow", None) or flow
     params = load_preset(name, args.preset)

@@ -46,7 +46,8 @@ class PruneConfig(BaseModel):
     target: DataConfig = Field(description="The downstream task; its train split drives the selection.")
     surrogate: SurrogateConfig = Field(default_factory=SurrogateConfig, description="Surrogate net and recipe.")
     surrogate_weights: str | None = Field(
-        None, description="Your surrogate weights (safetensors from dp4tl.surrogate.save_surrogate) instead of "
+        None,
+        description="Your surrogate weights (safetensors from dp4tl.surrogate.save_surrogate) instead of "
         "training one; the head must have one output per source class.",
     )
     selection: SelectionConfig = Field(default_factory=SelectionConfig, description="Methods, ratios and seeds.")
@@ -59,8 +60,10 @@ class PruneConfig(BaseModel):
     def _weights_exist(cls, v: str | None) -> str | None:
         # Checked with the form, not when the surrogate stage finally opens the file.
         if v is not None and "://" not in v and not os.path.isfile(os.path.expanduser(v)):
-            raise ValueError(f"surrogate_weights {v!r}: no such file (give a safetensors file written by "
-                             "dp4tl.surrogate.save_surrogate, or leave it empty to train a surrogate)")
+            raise ValueError(
+                f"surrogate_weights {v!r}: no such file (give a safetensors file written by "
+                "dp4tl.surrogate.save_surrogate, or leave it empty to train a surrogate)"
+            )
         return v
 
     @model_validator(mode="after")
@@ -145,30 +148,43 @@ def prune_eval(config: PruneEvalConfig) -> dict[str, Any]:
     # Cheap (row copies, no decoding), so in the flow process: no Ray round trip per view.
     pruned = {
         (m, r, s): materialize_pruned(source, selections[(m, s)], r, store)
-        for m in sel.methods for r in sel.ratios for s in sel.seeds
+        for m in sel.methods
+        for r in sel.ratios
+        for s in sel.seeds
     }
     with heavy(config.resources):
         runs = [
-            pretrain_transfer.submit(ref, target, config.transfer, s, store, m, r)
-            for (m, r, s), ref in pruned.items()
+            pretrain_transfer.submit(ref, target, config.transfer, s, store, m, r) for (m, r, s), ref in pruned.items()
         ]
         # the comparison arms: the whole source, and no pretraining at all
         arms = [(source, FULL)] * config.full_source + [(None, SCRATCH)] * config.no_pretraining
-        runs += [pretrain_transfer.submit(arm, target, config.transfer, s, store, method, 0.0)
-                 for s in sel.seeds for arm, method in arms]
+        runs += [
+            pretrain_transfer.submit(arm, target, config.transfer, s, store, method, 0.0)
+            for s in sel.seeds
+            for arm, method in arms
+        ]
     rows = [r.result() for r in runs]
     table = report_transfer(rows, f"prune-eval-{config.source.name}-to-{config.target.name}", store)
     print(json.dumps({"summary": table.summary, "metrics": table.ref.uri}, indent=1))
-    return {"summary": table.summary, "metrics_uri": table.ref.uri, "rows": rows,
-            "selections": {f"{m}/seed{s}": ref.uri for (m, s), ref in selections.items()}}
+    return {
+        "summary": table.summary,
+        "metrics_uri": table.ref.uri,
+        "rows": rows,
+        "selections": {f"{m}/seed{s}": ref.uri for (m, s), ref in selections.items()},
+    }
 
 
 FLOWS = {"prune": (prune, PruneConfig), "prune-eval": (prune_eval, PruneEvalConfig)}
 
 
 def main() -> None:
-    args, params = flow_params("prune", doc=__doc__, extra=lambda parser: parser.add_argument(
-        "--flow", choices=sorted(FLOWS), default="prune", help="prune (selection only) or prune-eval"))
+    args, params = flow_params(
+        "prune",
+        doc=__doc__,
+        extra=lambda parser: parser.add_argument(
+            "--flow", choices=sorted(FLOWS), default="prune", help="prune (selection only) or prune-eval"
+        ),
+    )
     fn, cfg = FLOWS[args.flow]
     fn(build_config(cfg, params))
 

@@ -109,10 +109,13 @@ class Watcher:
 
         now = time.time()
         run = self.client.read_flow_run(self.flow_run_id)
-        self.run_span = (run.start_time.timestamp() if run.start_time else None,
-                         run.end_time.timestamp() if run.end_time else None)
+        self.run_span = (
+            run.start_time.timestamp() if run.start_time else None,
+            run.end_time.timestamp() if run.end_time else None,
+        )
         task_runs = self.client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[self.flow_run_id])))
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[self.flow_run_id]))
+        )
         for tr in task_runs:
             line = self.stages.setdefault(tr.id, StageLine(_stage_name(tr.name)))
             state = tr.state.type.value if tr.state else "PENDING"
@@ -125,8 +128,11 @@ class Watcher:
                 if line.started is None:
                     line.started = tr.start_time.timestamp() if tr.start_time else line.finished
             line.state = state
-        artifacts = self.client.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[self.flow_run_id]), type=ArtifactFilterType(any_=["progress"])))
+        artifacts = self.client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[self.flow_run_id]), type=ArtifactFilterType(any_=["progress"])
+            )
+        )
         for art in artifacts:
             line = self.stages.get(art.task_run_id) if art.task_run_id else None
             if line is None or not isinstance(art.data, (int, float)):
@@ -208,8 +214,9 @@ def _param(text: str) -> tuple[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.watch", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.watch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="start a deployment run (FLOW/DEPLOYMENT) and follow it")
     run.add_argument("deployment")

@@ -71,8 +71,9 @@ def materialize_dataset(data: DataConfig, store: str, run: StageRun) -> Publish:
     """Decode, subset and store a dataset's train and test splits with their preprocessing."""
     train = data.load(data.train_split)
     test = data.load(data.test_split)
-    run_logger().info("decoded %s: %d train / %d test images, %d classes", data.source, len(train), len(test),
-                      train.num_classes)
+    run_logger().info(
+        "decoded %s: %d train / %d test images, %d classes", data.source, len(train), len(test), train.num_classes
+    )
     pre = Preprocessor.fit(train.images, zca=data.zca)
 
     def write(staging: Staging) -> DatasetInfo:
@@ -126,4 +127,3 @@ def preprocessed(
     pre = pre or load_preprocessor(ref)
     images = load_split(ref, split)
     return pre(images.images), images.labels, images.class_names
-

@@ -78,8 +78,9 @@ def random_subset(dataset: ArtifactRef, ipc: int, seed: int, eval: EvalConfig, s
     """A seeded random real subset at `ipc` images per class, in the distilled-dataset format."""
     info = DatasetInfo.of(dataset)
     present = [c for c, n in enumerate(info.class_counts["train"]) if n > 0]  # a class-subset source keeps empty ids
-    check_ipc([info.class_counts["train"][c] for c in present], ipc, [info.class_names[c] for c in present],
-              where=dataset.uri)
+    check_ipc(
+        [info.class_counts["train"][c] for c in present], ipc, [info.class_names[c] for c in present], where=dataset.uri
+    )
     pre = load_preprocessor(dataset)
     source = str(dataset.local_dir())
     labels, _ = read_labels(source, "train")
@@ -89,20 +90,27 @@ def random_subset(dataset: ArtifactRef, ipc: int, seed: int, eval: EvalConfig, s
     assert torch.equal(picked.labels, labels[idx]), "per-class sampling disagrees with load_images"
 
     def write(staging: Staging) -> DistilledInfo:
-        return DistilledInfo(**write_distilled(
-            staging.path,
-            pixels=pre(picked.images),
-            labels=picked.labels,
-            class_names=picked.class_names,
-            preprocessor_config=pre.config(),
-            preprocessor_tensors=pre.state_dict(),
-            recipe=eval.recipe(),
-            method=RANDOM_REAL,
-            provenance={"dataset": dataset.uri, "data": data_config(dataset), "ipc": ipc, "seed": seed,
-                        "indices": idx.tolist()},
-            previews=picked.images,
-            filesystem=staging.fs,
-        ))
+        return DistilledInfo(
+            **write_distilled(
+                staging.path,
+                pixels=pre(picked.images),
+                labels=picked.labels,
+                class_names=picked.class_names,
+                preprocessor_config=pre.config(),
+                preprocessor_tensors=pre.state_dict(),
+                recipe=eval.recipe(),
+                method=RANDOM_REAL,
+                provenance={
+                    "dataset": dataset.uri,
+                    "data": data_config(dataset),
+                    "ipc": ipc,
+                    "seed": seed,
+                    "indices": idx.tolist(),
+                },
+                previews=picked.images,
+                filesystem=staging.fs,
+            )
+        )
 
     return Publish(write, seeds={"subset": seed})
 
@@ -117,10 +125,15 @@ def metrics_row(ref: ArtifactRef) -> dict[str, Any]:
     return read_metrics(art.file("metrics.parquet"), filesystem=art.fs)[0]
 
 
-@stage(EVAL_STAGE, key=eval_key, result=metrics_row, task_name="evaluate",
-       task_run_name="evaluate-{method}-seed{seed}")
+@stage(EVAL_STAGE, key=eval_key, result=metrics_row, task_name="evaluate", task_run_name="evaluate-{method}-seed{seed}")
 def evaluate_distilled(
-    distilled: ArtifactRef, dataset: ArtifactRef, eval: EvalConfig, seed: int, store: str, method: str, setting: str,
+    distilled: ArtifactRef,
+    dataset: ArtifactRef,
+    eval: EvalConfig,
+    seed: int,
+    store: str,
+    method: str,
+    setting: str,
     run: StageRun,
 ) -> Publish:
     """Train one fresh network on a distilled-format set and test it on the real test split."""
@@ -129,8 +142,16 @@ def evaluate_distilled(
     test_x, test_y, names = preprocessed(dataset, "test")
     progress = reports.progress(f"{method} {setting} seed {seed}", method, setting, "seed", seed)
     row = evaluate_set(
-        syn.pixels, syn.labels, test_x, test_y, eval,
-        num_classes=len(names), seed=seed, learned_lr=syn.learned_lr, device=device, progress=progress,
+        syn.pixels,
+        syn.labels,
+        test_x,
+        test_y,
+        eval,
+        num_classes=len(names),
+        seed=seed,
+        learned_lr=syn.learned_lr,
+        device=device,
+        progress=progress,
     )
     row = {"method": method, "setting": setting, "net": eval.net, **row, "eval_key": run.key}
     reports.run_logger().info("%s %s seed %d: test acc %.4f", method, setting, seed, row["test_acc"])
@@ -150,8 +171,15 @@ def summary_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     summary = []
     for (method, setting), accs in sorted(groups.items()):
         s = summarize(accs)
-        summary.append({"method": method, "setting": setting, "test_acc_mean": s["mean"], "test_acc_std": s["std"],
-                        "seeds": s["n"]})
+        summary.append(
+            {
+                "method": method,
+                "setting": setting,
+                "test_acc_mean": s["mean"],
+                "test_acc_std": s["std"],
+                "seeds": s["n"],
+            }
+        )
     return summary
 
 
@@ -163,8 +191,11 @@ def show_metrics(ref: ArtifactRef, name: str) -> MetricsTable:
     """The published table, shown in this flow run's UI (a cache hit shows it too)."""
     art = ref.open()
     summary = read_metrics(art.file("summary.parquet"), filesystem=art.fs)
-    reports.table(summary, key=reports.ui_key(name, "summary"),
-                  description=f"{name}: final-epoch test accuracy, mean and std over seeds. Metrics: {art.uri}")
+    reports.table(
+        summary,
+        key=reports.ui_key(name, "summary"),
+        description=f"{name}: final-epoch test accuracy, mean and std over seeds. Metrics: {art.uri}",
+    )
     return MetricsTable(summary=summary, ref=ref)
 
 

@@ -49,8 +49,14 @@ def expert_row(ref: ArtifactRef, expert_id: int) -> dict[str, Any]:
     return next(r for r in ExpertSetInfo.of(ref).experts if r["expert_id"] == expert_id)
 
 
-@stage(STAGE, key=set_key, publish=False, result=expert_row, task_name="train-expert",
-       task_run_name="expert-{cfg.recipe}-{expert_id}")
+@stage(
+    STAGE,
+    key=set_key,
+    publish=False,
+    result=expert_row,
+    task_name="train-expert",
+    task_run_name="expert-{cfg.recipe}-{expert_id}",
+)
 def train_one_expert(
     dataset: ArtifactRef, cfg: ExpertConfig, expert_id: int, store: str, run: StageRun
 ) -> dict[str, Any]:
@@ -61,14 +67,26 @@ def train_one_expert(
     test_x, test_y, _ = preprocessed(dataset, "test", pre)
     progress = reports.progress(f"expert {cfg.recipe} #{expert_id}", "expert", cfg.recipe, expert_id)
     summary = train_expert(
-        cfg, train_x, train_y, test_x, test_y,
-        num_classes=len(names), expert_id=expert_id, out_path=run.work_dir() / expert_file(expert_id),
-        dataset_fingerprint=DatasetInfo.of(dataset).fingerprints["train"], preprocessor_fingerprint=pre.fingerprint(),
-        device=device, progress=progress,
+        cfg,
+        train_x,
+        train_y,
+        test_x,
+        test_y,
+        num_classes=len(names),
+        expert_id=expert_id,
+        out_path=run.work_dir() / expert_file(expert_id),
+        dataset_fingerprint=DatasetInfo.of(dataset).fingerprints["train"],
+        preprocessor_fingerprint=pre.fingerprint(),
+        device=device,
+        progress=progress,
     )
     reports.run_logger().info(
-        "expert %s #%d: test acc %.4f after %d epochs (%.0f s%s)", cfg.recipe, expert_id, summary["test_acc"],
-        summary["epochs"], summary["seconds"],
+        "expert %s #%d: test acc %.4f after %d epochs (%.0f s%s)",
+        cfg.recipe,
+        expert_id,
+        summary["test_acc"],
+        summary["epochs"],
+        summary["seconds"],
         f", resumed from epoch {summary['resumed_from']}" if summary["resumed_from"] else "",
     )
     summary.pop("path")
@@ -76,8 +94,9 @@ def train_one_expert(
 
 
 @stage(STAGE, key=set_key, task_name="publish-experts", task_run_name="publish-experts-{cfg.recipe}")
-def publish_experts(dataset: ArtifactRef, cfg: ExpertConfig, store: str, summaries: list[dict[str, Any]],
-                    run: StageRun) -> Publish:
+def publish_experts(
+    dataset: ArtifactRef, cfg: ExpertConfig, store: str, summaries: list[dict[str, Any]], run: StageRun
+) -> Publish:
     """Publish a finished set: expert files, per-expert metrics and smoothness, a plot."""
     work = run.work_dir()
     rows, curves = [], []
@@ -136,8 +155,16 @@ def _scalars(sm: dict[str, Any]) -> dict[str, Any]:
 
 
 def _table_row(r: dict[str, Any]) -> dict[str, Any]:
-    keys = ("expert_id", "epochs", "train_acc", "test_acc", "mean_param_change", "param_change_cv", "loss_roughness",
-            "seconds")
+    keys = (
+        "expert_id",
+        "epochs",
+        "train_acc",
+        "test_acc",
+        "mean_param_change",
+        "param_change_cv",
+        "loss_roughness",
+        "seconds",
+    )
     return {k: r.get(k) for k in keys}
 
 

@@ -129,11 +129,20 @@ def train_teacher_task(source: ArtifactRef, cfg: SSLConfig, store: str, run: Sta
     """Train (or resume) the Barlow Twins teacher of a source; publish teacher.safetensors."""
     device = task_device()
     x, _, _ = preprocessed(source, "train")
-    summary = train_teacher(cfg, x, out_dir=run.work_dir(),
-                            dataset_fingerprint=DatasetInfo.of(source).fingerprints["train"], device=device,
-                            progress=reports.progress("Barlow Twins teacher", "ssl-teacher"))
-    reports.run_logger().info("teacher: Barlow Twins loss %.4f after %d epochs (%.0f s)",
-                              summary["loss"], summary["epochs"], summary["seconds"])
+    summary = train_teacher(
+        cfg,
+        x,
+        out_dir=run.work_dir(),
+        dataset_fingerprint=DatasetInfo.of(source).fingerprints["train"],
+        device=device,
+        progress=reports.progress("Barlow Twins teacher", "ssl-teacher"),
+    )
+    reports.run_logger().info(
+        "teacher: Barlow Twins loss %.4f after %d epochs (%.0f s)",
+        summary["loss"],
+        summary["epochs"],
+        summary["seconds"],
+    )
 
     def write(staging: Staging) -> TeacherInfo:
         write_bytes(staging.fs, staging.file(TEACHER_FILE), Path(summary["path"]).read_bytes())
@@ -154,8 +163,11 @@ def open_teacher(ref: ArtifactRef) -> tuple[torch.nn.Module, dict[str, Any]]:
 def pretrain_recipe(transfer_cfg: TransferConfig) -> dict[str, Any]:
     """How to pretrain on the distilled set, as stored with it (MSE to `target`)."""
     train_cfg = transfer_cfg.pretrain.model_copy(update={"loss": "mse"})
-    return {"net": transfer_cfg.net, "net_kwargs": dict(transfer_cfg.net_kwargs),
-            "train": train_cfg.model_dump(mode="json")}
+    return {
+        "net": transfer_cfg.net,
+        "net_kwargs": dict(transfer_cfg.net_kwargs),
+        "train": train_cfg.model_dump(mode="json"),
+    }
 
 
 def distill_key(source: ArtifactRef, teacher: ArtifactRef, cfg: KRRConfig, transfer: TransferConfig) -> Key:
@@ -163,20 +175,32 @@ def distill_key(source: ArtifactRef, teacher: ArtifactRef, cfg: KRRConfig, trans
 
 
 @stage(DISTILL_STAGE, key=distill_key, task_name="distill-krr-st")
-def distill_krr_st(source: ArtifactRef, teacher: ArtifactRef, cfg: KRRConfig, transfer: TransferConfig,
-                   store: str, run: StageRun) -> Publish:
+def distill_krr_st(
+    source: ArtifactRef, teacher: ArtifactRef, cfg: KRRConfig, transfer: TransferConfig, store: str, run: StageRun
+) -> Publish:
     """Distill the source into cfg.num_images images with learned targets; publish it in the distilled format."""
     device = task_device()
     pre = load_preprocessor(source)
     x, labels, names = preprocessed(source, "train", pre)
     teacher_net, teacher_manifest = open_teacher(teacher)
     source_fp = DatasetInfo.of(source).fingerprints["train"]
-    result = krr_distill(cfg, x, teacher_net, work_dir=run.work_dir(), device=device,
-                         progress=reports.progress("KRR-ST distillation", "krr-st"),
-                         identity={"source": source_fp, "teacher": teacher_manifest["fingerprint"]})
+    result = krr_distill(
+        cfg,
+        x,
+        teacher_net,
+        work_dir=run.work_dir(),
+        device=device,
+        progress=reports.progress("KRR-ST distillation", "krr-st"),
+        identity={"source": source_fp, "teacher": teacher_manifest["fingerprint"]},
+    )
     idx = result.source_indices
-    reports.run_logger().info("KRR-ST: %d images, outer loss %.4g -> %.4g (%.0f s)", len(idx),
-                              result.history[0]["loss"], result.history[-1]["loss"], result.seconds)
+    reports.run_logger().info(
+        "KRR-ST: %d images, outer loss %.4g -> %.4g (%.0f s)",
+        len(idx),
+        result.history[0]["loss"],
+        result.history[-1]["loss"],
+        result.seconds,
+    )
 
     def write(staging: Staging) -> KRRSetInfo:
         info = write_distilled(
@@ -189,19 +213,28 @@ def distill_krr_st(source: ArtifactRef, teacher: ArtifactRef, cfg: KRRConfig, tr
             recipe=pretrain_recipe(transfer),
             method="krr-st",
             provenance={
-                "source": source.uri, "source_fingerprint": source_fp, "teacher": teacher.uri,
+                "source": source.uri,
+                "source_fingerprint": source_fp,
+                "teacher": teacher.uri,
                 "teacher_fingerprint": teacher_manifest["fingerprint"],
                 "teacher_feature_dim": teacher_manifest["feature_dim"],
-                "teacher_config": teacher_manifest["config"], "krr": cfg.model_dump(mode="json"),
-                "source_indices": idx.tolist(), "pool": result.pool,
+                "teacher_config": teacher_manifest["config"],
+                "krr": cfg.model_dump(mode="json"),
+                "source_indices": idx.tolist(),
+                "pool": result.pool,
             },
             previews=pre.to_uint8(result.images),
             targets=result.targets.float(),
             filesystem=staging.fs,
         )
         write_metrics(staging.file("loss.parquet"), result.history, filesystem=staging.fs)
-        return KRRSetInfo(**info, final_loss=result.history[-1]["loss"], seconds=result.seconds,
-                          teacher_fingerprint=teacher_manifest["fingerprint"], pool=result.pool)
+        return KRRSetInfo(
+            **info,
+            final_loss=result.history[-1]["loss"],
+            seconds=result.seconds,
+            teacher_fingerprint=teacher_manifest["fingerprint"],
+            pool=result.pool,
+        )
 
     return Publish(write, seeds={"krr": cfg.seed})
 
@@ -249,7 +282,8 @@ def report_distilled(distilled: ArtifactRef, name: str) -> str:
         f"Teacher `{syn.provenance['teacher_fingerprint']}`, pool {syn.provenance['pool']}. "
         f"Artifact: {distilled.uri}\n\n"
         + reports.png_markdown(image_grid_png(previews), "distilled images")
-        + "\n" + reports.png_markdown(loss_png(history), "outer loss")
+        + "\n"
+        + reports.png_markdown(loss_png(history), "outer loss")
     )
     reports.markdown(text, key=reports.ui_key(name, "distilled"), description=f"{name}: KRR-ST distilled set")
     return distilled.uri
@@ -272,16 +306,34 @@ def _inputs_of(
     return [target.key]
 
 
-def eval_key(method: str, seed: int, source: ArtifactRef, teacher: ArtifactRef, distilled: ArtifactRef,
-             target: ArtifactRef, transfer: TransferConfig) -> Key:
-    return Key({"method": method, "seed": seed, "transfer": transfer},
-               _inputs_of(method, source, teacher, distilled, target))
+def eval_key(
+    method: str,
+    seed: int,
+    source: ArtifactRef,
+    teacher: ArtifactRef,
+    distilled: ArtifactRef,
+    target: ArtifactRef,
+    transfer: TransferConfig,
+) -> Key:
+    return Key(
+        {"method": method, "seed": seed, "transfer": transfer}, _inputs_of(method, source, teacher, distilled, target)
+    )
 
 
-@stage(EVAL_STAGE, key=eval_key, result=metrics_row, task_name="krr-transfer",
-       task_run_name="transfer-{method}-seed{seed}")
-def evaluate_method(method: str, seed: int, source: ArtifactRef, teacher: ArtifactRef, distilled: ArtifactRef,
-                    target: ArtifactRef, transfer: TransferConfig, store: str, run: StageRun) -> Publish:
+@stage(
+    EVAL_STAGE, key=eval_key, result=metrics_row, task_name="krr-transfer", task_run_name="transfer-{method}-seed{seed}"
+)
+def evaluate_method(
+    method: str,
+    seed: int,
+    source: ArtifactRef,
+    teacher: ArtifactRef,
+    distilled: ArtifactRef,
+    target: ArtifactRef,
+    transfer: TransferConfig,
+    store: str,
+    run: StageRun,
+) -> Publish:
     """Pretrain per `method`, then linear probe + fine-tune on the target; one metrics row."""
     from distill.krr import transfer as run_transfer
 
@@ -299,15 +351,26 @@ def evaluate_method(method: str, seed: int, source: ArtifactRef, teacher: Artifa
         x, y, _ = preprocessed(source, "train")
         images, labels = x[idx], y[idx]
         targets = representations(teacher_net, images)
-    backbone, info = pretrained_backbone(method, transfer, image_shape=shape, images=images, targets=targets,
-                                         labels=labels, teacher=teacher_net, seed=seed, device=device)
+    backbone, info = pretrained_backbone(
+        method,
+        transfer,
+        image_shape=shape,
+        images=images,
+        targets=targets,
+        labels=labels,
+        teacher=teacher_net,
+        seed=seed,
+        device=device,
+    )
     train_x, train_y, names = preprocessed(target, "train")
     test_x, test_y, _ = preprocessed(target, "test")
-    result = run_transfer(backbone, train_x, train_y, test_x, test_y, transfer, num_classes=len(names),
-                          seed=seed, device=device)
+    result = run_transfer(
+        backbone, train_x, train_y, test_x, test_y, transfer, num_classes=len(names), seed=seed, device=device
+    )
     row = {"method": method, "seed": seed, **result, **info, "eval_key": run.key}
-    reports.run_logger().info("%s seed %d: linear %.4f, fine-tune %.4f", method, seed, row["linear_probe_acc"],
-                              row["fine_tune_acc"])
+    reports.run_logger().info(
+        "%s seed %d: linear %.4f, fine-tune %.4f", method, seed, row["linear_probe_acc"], row["fine_tune_acc"]
+    )
 
     def write(staging: Staging) -> KRREvalInfo:
         write_metrics(staging.file("metrics.parquet"), [row], filesystem=staging.fs)
@@ -322,8 +385,16 @@ def summarize_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for method in [m for m in METHODS if any(r["method"] == m for r in rows)]:
         mine = [r for r in rows if r["method"] == method]
         lp, ft = summarize([r["linear_probe_acc"] for r in mine]), summarize([r["fine_tune_acc"] for r in mine])
-        out.append({"method": method, "linear_probe_acc_mean": lp["mean"], "linear_probe_acc_std": lp["std"],
-                    "fine_tune_acc_mean": ft["mean"], "fine_tune_acc_std": ft["std"], "seeds": lp["n"]})
+        out.append(
+            {
+                "method": method,
+                "linear_probe_acc_mean": lp["mean"],
+                "linear_probe_acc_std": lp["std"],
+                "fine_tune_acc_mean": ft["mean"],
+                "fine_tune_acc_std": ft["std"],
+                "seeds": lp["n"],
+            }
+        )
     return out
 
 
@@ -331,9 +402,12 @@ def show_metrics(ref: ArtifactRef, name: str) -> MetricsTable:
     """The published table, shown in this flow run's UI and log (a cache hit shows it too)."""
     art = ref.open()
     summary = read_metrics(art.file("summary.parquet"), filesystem=art.fs)
-    reports.table(summary, key=reports.ui_key(name, "transfer"),
-                  description=f"{name}: target accuracy after pretraining (linear probe, fine-tune; final epoch, "
-                  f"mean and std over seeds). Metrics: {art.uri}")
+    reports.table(
+        summary,
+        key=reports.ui_key(name, "transfer"),
+        description=f"{name}: target accuracy after pretraining (linear probe, fine-tune; final epoch, "
+        f"mean and std over seeds). Metrics: {art.uri}",
+    )
     reports.run_logger().info("\n%s", markdown_table(summary))
     return MetricsTable(summary=summary, ref=ref)
 

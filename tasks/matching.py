@@ -64,8 +64,13 @@ class TMResult(BaseModel):
 
 def method_name(cfg: MatchConfig) -> str:
     """'mtt' with every AST switch off, else 'ast' (the label in tables and artifact keys)."""
-    ast = (cfg.init == "representative" or cfg.balance_loss or cfg.intermediate_loss != "none"
-           or cfg.weight_perturb > 0 or cfg.student_momentum > 0)
+    ast = (
+        cfg.init == "representative"
+        or cfg.balance_loss
+        or cfg.intermediate_loss != "none"
+        or cfg.weight_perturb > 0
+        or cfg.student_momentum > 0
+    )
     return "ast" if ast else "mtt"
 
 
@@ -105,8 +110,13 @@ def expert_set_meta(experts: ArtifactRef) -> tuple[dict[str, Any], int]:
 
 
 def check_expert_set(
-    cfg: MatchConfig, experts: ArtifactRef, dataset: ArtifactRef, *, net: str | None = None,
-    net_kwargs: dict | None = None, pre: Preprocessor | None = None,
+    cfg: MatchConfig,
+    experts: ArtifactRef,
+    dataset: ArtifactRef,
+    *,
+    net: str | None = None,
+    net_kwargs: dict | None = None,
+    pre: Preprocessor | None = None,
 ) -> None:
     """Refuse an expert set not made for this dataset, preprocessing and model, or too short, from metadata
     alone (cheap enough for the flow process); the files are verified where they are read (`distill_tm`)."""
@@ -115,15 +125,22 @@ def check_expert_set(
     pre = pre or load_preprocessor(dataset)
     meta, last_epoch = expert_set_meta(experts)
     check_experts(
-        meta, last_epoch, cfg, num_classes=len(info.class_names), image_shape=info.image_shape,
-        dataset_fingerprint=info.fingerprints["train"], preprocessor_fingerprint=pre.fingerprint(),
-        net=net, net_kwargs=net_kwargs,
+        meta,
+        last_epoch,
+        cfg,
+        num_classes=len(info.class_names),
+        image_shape=info.image_shape,
+        dataset_fingerprint=info.fingerprints["train"],
+        preprocessor_fingerprint=pre.fingerprint(),
+        net=net,
+        net_kwargs=net_kwargs,
     )
 
 
 @stage(STAGE, key=distilled_key, task_run_name="distill-tm-ipc{cfg.ipc}")
-def distill_tm(dataset: ArtifactRef, experts: ArtifactRef, cfg: MatchConfig, eval: EvalConfig, store: str,
-               run: StageRun) -> Publish:
+def distill_tm(
+    dataset: ArtifactRef, experts: ArtifactRef, cfg: MatchConfig, eval: EvalConfig, store: str, run: StageRun
+) -> Publish:
     """Distill `dataset` by matching `experts`' trajectories (resumable) and publish the set."""
     label = tm_label(cfg)
     pre = load_preprocessor(dataset)
@@ -132,36 +149,65 @@ def distill_tm(dataset: ArtifactRef, experts: ArtifactRef, cfg: MatchConfig, eva
     info = DatasetInfo.of(dataset)
     train_x, train_y, names = preprocessed(dataset, "train", pre)
     result = match_trajectories(
-        cfg, trajectories, train_x, train_y, num_classes=len(names),
-        work_dir=work_dir(store, STAGE, run_key(cfg, experts, dataset)), device=task_device(),
+        cfg,
+        trajectories,
+        train_x,
+        train_y,
+        num_classes=len(names),
+        work_dir=work_dir(store, STAGE, run_key(cfg, experts, dataset)),
+        device=task_device(),
         progress=reports.progress(f"distill {label}", "distill-tm", label),
-        dataset_fingerprint=info.fingerprints["train"], preprocessor_fingerprint=pre.fingerprint(),
+        dataset_fingerprint=info.fingerprints["train"],
+        preprocessor_fingerprint=pre.fingerprint(),
     )
     previews = pre.to_uint8(result.images)
     provenance = {
-        "dataset": dataset.uri, "dataset_key": dataset.key, "data": data_config(dataset),
-        "experts": experts.uri, "experts_key": experts.key,
-        "expert_recipe": trajectories.meta.get("recipe"), "expert_ids": trajectories.expert_ids,
-        "match": cfg.model_dump(mode="json"), "method": method_name(cfg), "iterations": len(result.losses),
-        "final_loss": result.losses[-1] if result.losses else None, "rollbacks": result.rollbacks,
-        "seconds": round(result.seconds, 1), "resumed_from": result.resumed_from,
+        "dataset": dataset.uri,
+        "dataset_key": dataset.key,
+        "data": data_config(dataset),
+        "experts": experts.uri,
+        "experts_key": experts.key,
+        "expert_recipe": trajectories.meta.get("recipe"),
+        "expert_ids": trajectories.expert_ids,
+        "match": cfg.model_dump(mode="json"),
+        "method": method_name(cfg),
+        "iterations": len(result.losses),
+        "final_loss": result.losses[-1] if result.losses else None,
+        "rollbacks": result.rollbacks,
+        "seconds": round(result.seconds, 1),
+        "resumed_from": result.resumed_from,
     }
     _report(result, previews, names, label)
     reports.run_logger().info(
-        "distilled %s: %d images, learned lr %.5g, loss %.4f -> %.4f in %.0f s%s", label, len(result.images),
-        result.lr, result.losses[0], result.losses[-1], result.seconds,
+        "distilled %s: %d images, learned lr %.5g, loss %.4f -> %.4f in %.0f s%s",
+        label,
+        len(result.images),
+        result.lr,
+        result.losses[0],
+        result.losses[-1],
+        result.seconds,
         f" (resumed from iteration {result.resumed_from})" if result.resumed_from else "",
     )
 
     def write(staging: Staging) -> TMInfo:
         info = write_distilled(
-            staging.path, pixels=result.images, labels=result.labels, class_names=names,
-            preprocessor_config=pre.config(), preprocessor_tensors=pre.state_dict(),
-            recipe=eval.recipe(result.lr), method=tm_method(cfg), provenance=provenance,
-            previews=previews, learned_lr=result.lr, filesystem=staging.fs,
+            staging.path,
+            pixels=result.images,
+            labels=result.labels,
+            class_names=names,
+            preprocessor_config=pre.config(),
+            preprocessor_tensors=pre.state_dict(),
+            recipe=eval.recipe(result.lr),
+            method=tm_method(cfg),
+            provenance=provenance,
+            previews=previews,
+            learned_lr=result.lr,
+            filesystem=staging.fs,
         )
-        rows = [{"iteration": i + 1, "loss": loss, "lr": lr, "start_epoch": s}
-                for i, (loss, lr, s) in enumerate(zip(result.losses, result.lrs, result.start_epochs))]
+        rows = [
+            {"iteration": i + 1, "loss": loss, "lr": lr, "start_epoch": s}
+            for i, (loss, lr, s) in enumerate(zip(result.losses, result.lrs, result.start_epochs))
+        ]
         write_metrics(staging.file("loss.parquet"), rows, filesystem=staging.fs)
         return TMInfo(**info, learned_lr=result.lr, final_loss=provenance["final_loss"])
 
@@ -172,8 +218,10 @@ def _report(result: MatchResult, previews, names: list[str], label: str) -> None
     reports.markdown(
         f"## Distilled images ({label})\nOne row per class "
         f"({', '.join(names[:10])}{'...' if len(names) > 10 else ''}), "
-        f"learned lr {result.lr:.5g}.\n\n" + reports.png_markdown(image_grid_png(previews, result.labels), "images")
-        + "\n## Matching loss\n" + reports.png_markdown(loss_curve_png(result.losses), "matching loss"),
+        f"learned lr {result.lr:.5g}.\n\n"
+        + reports.png_markdown(image_grid_png(previews, result.labels), "images")
+        + "\n## Matching loss\n"
+        + reports.png_markdown(loss_curve_png(result.losses), "matching loss"),
         key=reports.ui_key("distill-tm", label),
         description=f"distill-tm {label}: synthetic images and matching-loss curve",
     )
@@ -209,8 +257,10 @@ def loss_curve_png(losses: list[float]) -> bytes:
     ax.plot(range(1, len(losses) + 1), losses, lw=0.8, alpha=0.5, label="per iteration")
     window = max(1, len(losses) // 20)
     if window > 1:
-        smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
-                  for i in range(len(losses))]
+        smooth = [
+            sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+            for i in range(len(losses))
+        ]
         ax.plot(range(1, len(losses) + 1), smooth, lw=1.5, label=f"mean of {window}")
     ax.set(xlabel="iteration", ylabel="normalized matching loss")
     ax.legend()

@@ -85,8 +85,14 @@ def data_bytes(ref: ArtifactRef | None, files: tuple[str, ...] = ()) -> int:
     return sum(v.bytes for k, v in Manifest.of(ref).files.items() if not files or k.startswith(files))
 
 
-_EMPTY = {"linear_probe_acc_mean": None, "linear_probe_acc_std": None, "fine_tune_acc_mean": None,
-          "fine_tune_acc_std": None, "test_acc_mean": None, "test_acc_std": None}
+_EMPTY = {
+    "linear_probe_acc_mean": None,
+    "linear_probe_acc_std": None,
+    "fine_tune_acc_mean": None,
+    "fine_tune_acc_std": None,
+    "test_acc_mean": None,
+    "test_acc_std": None,
+}
 
 
 def krr_rows(path: TransferPath) -> list[dict[str, Any]]:
@@ -98,16 +104,33 @@ def krr_rows(path: TransferPath) -> list[dict[str, Any]]:
         spec = METHODS[s["method"]]
         # what each arm's pretraining data cost to produce; the random-real arms pretrain on as many
         # images as the distilled set (with teacher targets, or labels), the teacher saw the pruned source
-        made_from = {"distilled": chain + [teacher, distilled], "teacher": chain + [teacher], "none": [],
-                     "initial": chain + [teacher] if spec.loss == "mse" else chain}[spec.data]
+        made_from = {
+            "distilled": chain + [teacher, distilled],
+            "teacher": chain + [teacher],
+            "none": [],
+            "initial": chain + [teacher] if spec.loss == "mse" else chain,
+        }[spec.data]
         data = {"none": 0, "teacher": data_bytes(chain[-1])}.get(spec.data, distilled_bytes)
-        rows.append({
-            "path": "prune -> KRR-ST -> transfer", "method": s["method"],
-            "kind": "method" if spec.data == "distilled" else "baseline",
-            **_EMPTY, **{k: s.get(k) for k in ("linear_probe_acc_mean", "linear_probe_acc_std", "fine_tune_acc_mean",
-                                               "fine_tune_acc_std")},
-            "seeds": s["seeds"], "data_mib": round(data / 2**20, 3), **chain_cost(made_from),
-        })
+        rows.append(
+            {
+                "path": "prune -> KRR-ST -> transfer",
+                "method": s["method"],
+                "kind": "method" if spec.data == "distilled" else "baseline",
+                **_EMPTY,
+                **{
+                    k: s.get(k)
+                    for k in (
+                        "linear_probe_acc_mean",
+                        "linear_probe_acc_std",
+                        "fine_tune_acc_mean",
+                        "fine_tune_acc_std",
+                    )
+                },
+                "seeds": s["seeds"],
+                "data_mib": round(data / 2**20, 3),
+                **chain_cost(made_from),
+            }
+        )
     return rows
 
 
@@ -117,13 +140,19 @@ def tm_rows(result: TMResult) -> list[dict[str, Any]]:
     rows = []
     for summary in result.metrics.summary:
         evaluated = sets[(summary["method"], summary["setting"])]
-        rows.append({
-            "path": f"experts -> TM on target ({evaluated.setting})", "method": evaluated.method,
-            "kind": "baseline" if evaluated.baseline else "method",
-            **_EMPTY, "test_acc_mean": summary["test_acc_mean"], "test_acc_std": summary["test_acc_std"],
-            "seeds": summary["seeds"], "data_mib": round(data_bytes(evaluated.made_from[-1], ("data/",)) / 2**20, 3),
-            **chain_cost(evaluated.made_from),
-        })
+        rows.append(
+            {
+                "path": f"experts -> TM on target ({evaluated.setting})",
+                "method": evaluated.method,
+                "kind": "baseline" if evaluated.baseline else "method",
+                **_EMPTY,
+                "test_acc_mean": summary["test_acc_mean"],
+                "test_acc_std": summary["test_acc_std"],
+                "seeds": summary["seeds"],
+                "data_mib": round(data_bytes(evaluated.made_from[-1], ("data/",)) / 2**20, 3),
+                **chain_cost(evaluated.made_from),
+            }
+        )
     return rows
 
 
@@ -142,11 +171,15 @@ def selection_note(selection_ref: ArtifactRef, ratio: float) -> str:
     kept = num_kept_classes(ratio, n)
     kept_ids = selection.ranking[:kept]
     voted = int((selection.votes[kept_ids] > 0).sum())
-    note = (f"{method} kept {kept} of {n} source classes (pruning ratio {ratio}); {voted} of the kept classes "
-            f"received target votes (top: {', '.join(names[c] for c in kept_ids[:3].tolist())})")
+    note = (
+        f"{method} kept {kept} of {n} source classes (pruning ratio {ratio}); {voted} of the kept classes "
+        f"received target votes (top: {', '.join(names[c] for c in kept_ids[:3].tolist())})"
+    )
     if voted < kept:
-        note += (f"; the other {kept - voted} had no vote and were ranked by the selector's tie-break score, so the "
-                 "target maps onto fewer source classes than were kept")
+        note += (
+            f"; the other {kept - voted} had no vote and were ranked by the selector's tie-break score, so the "
+            "target maps onto fewer source classes than were kept"
+        )
     return note
 
 
@@ -171,11 +204,13 @@ def accuracy_bars(rows: list[dict[str, Any]]) -> bytes:
     """Horizontal bars: each path's mean target accuracy with its std, one panel per metric."""
     plt = reports.pyplot()
 
-    metrics = [m for m in ("linear_probe", "fine_tune", "test")
-               if any(r.get(f"{m}_acc_mean") is not None for r in rows)]
+    metrics = [
+        m for m in ("linear_probe", "fine_tune", "test") if any(r.get(f"{m}_acc_mean") is not None for r in rows)
+    ]
     labels = [f"{r['path']}: {r['method']}" for r in rows]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 0.45 * len(rows) + 1.6), dpi=110,
-                             squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        1, len(metrics), figsize=(5.2 * len(metrics), 0.45 * len(rows) + 1.6), dpi=110, squeeze=False, sharey=True
+    )
     for ax, metric in zip(axes[0], metrics):
         mean = [r.get(f"{metric}_acc_mean") or 0.0 for r in rows]
         std = [r.get(f"{metric}_acc_std") or 0.0 for r in rows]
@@ -192,9 +227,12 @@ def show_report(ref: ArtifactRef, name: str) -> PipelineReport:
     art = ref.open()
     rows = read_metrics(art.file("report.parquet"), filesystem=art.fs)
     notes = ReportInfo.of(art).notes
-    reports.table(rows, key=reports.ui_key(name, "report"),
-                  description=f"{name}: every path and its baselines; accuracy = final epoch, mean and std over "
-                  f"seeds; wall time and peak memory summed/maxed over the stages that made it. Data: {art.uri}")
+    reports.table(
+        rows,
+        key=reports.ui_key(name, "report"),
+        description=f"{name}: every path and its baselines; accuracy = final epoch, mean and std over "
+        f"seeds; wall time and peak memory summed/maxed over the stages that made it. Data: {art.uri}",
+    )
     reports.run_logger().info("\n%s", path_report(rows))
     return PipelineReport(rows=rows, notes=notes, report_uri=art.uri)
 
@@ -204,8 +242,11 @@ def headline_report(report: PipelineReport, name: str) -> None:
     run's Artifacts tab: the notes, one table per path with verdicts against each baseline, the plot."""
     text = f"# {name}\n\n" + "".join(f"- {n}\n" for n in report.notes) + "\n" + path_report(report.rows) + "\n\n"
     text += reports.png_markdown(accuracy_bars(report.rows), "target accuracy per path (blue: method, grey: baseline)")
-    reports.markdown(text, key=reports.ui_key(name, "report-plot"),
-                     description=f"{name}: per-path report, verdicts and plot (data: {report.report_uri})")
+    reports.markdown(
+        text,
+        key=reports.ui_key(name, "report-plot"),
+        description=f"{name}: per-path report, verdicts and plot (data: {report.report_uri})",
+    )
 
 
 @stage(STAGE, key=report_key, result=show_report, cache=False)

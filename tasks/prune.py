@@ -115,10 +115,14 @@ def surrogate(
         device = task_device()
         x, y, _ = preprocessed(source, "train")
         start = time.perf_counter()
-        net = train_surrogate(cfg, x, y, len(names), device=device,
-                              progress=reports.progress("surrogate", "surrogate", run.key))
-        origin = {"trained_on": source.uri, "train_images": int(len(y)),
-                  "train_seconds": round(time.perf_counter() - start, 3)}
+        net = train_surrogate(
+            cfg, x, y, len(names), device=device, progress=reports.progress("surrogate", "surrogate", run.key)
+        )
+        origin = {
+            "trained_on": source.uri,
+            "train_images": int(len(y)),
+            "train_seconds": round(time.perf_counter() - start, 3),
+        }
     reports.run_logger().info("surrogate %s: %s", run.key, origin)
 
     def write(staging: Staging) -> SurrogateInfo:
@@ -144,11 +148,17 @@ def load_surrogate_net(ref: ArtifactRef) -> torch.nn.Module:
 # ---------------------------------------------------------------- selection
 
 
-def selection_key(source: ArtifactRef, target: ArtifactRef, surrogate_ref: ArtifactRef, method: str, seed: int,
-                  cfg: SelectionConfig) -> Key:
+def selection_key(
+    source: ArtifactRef, target: ArtifactRef, surrogate_ref: ArtifactRef, method: str, seed: int, cfg: SelectionConfig
+) -> Key:
     # Only the settings that change this method's output: methods and seeds lists do not.
-    settings = {"method": method, "seed": seed, "ratios": cfg.ratios, "k_clusters": cfg.k_clusters,
-                "resize_target": cfg.resize_target}
+    settings = {
+        "method": method,
+        "seed": seed,
+        "ratios": cfg.ratios,
+        "k_clusters": cfg.k_clusters,
+        "resize_target": cfg.resize_target,
+    }
     return Key(settings, [source.key, target.key, surrogate_ref.key])
 
 
@@ -170,8 +180,14 @@ def kept_digest(kept: list[int]) -> str:
 
 @stage(SELECTION_STAGE, key=selection_key, task_name="select", task_run_name="select-{method}-seed{seed}")
 def select(
-    source: ArtifactRef, target: ArtifactRef, surrogate_ref: ArtifactRef, method: str, seed: int,
-    cfg: SelectionConfig, store: str, run: StageRun,
+    source: ArtifactRef,
+    target: ArtifactRef,
+    surrogate_ref: ArtifactRef,
+    method: str,
+    seed: int,
+    cfg: SelectionConfig,
+    store: str,
+    run: StageRun,
 ) -> Publish:
     """Rank the source classes for one method and seed; publish the ranking and its kept samples per ratio."""
     spec = get_method(method)
@@ -190,9 +206,15 @@ def select(
         features = extract_features(net, source_x, device=device, batch_size=cfg.batch_size)
     else:
         inputs = SelectionInputs(
-            num_classes=len(names), surrogate=net, target_x=target_inputs(target, source, cfg.resize_target),
-            source_x=source_x, source_y=labels if needs_source else None,
-            k_clusters=cfg.k_clusters, seed=seed, batch_size=cfg.batch_size, device=device,
+            num_classes=len(names),
+            surrogate=net,
+            target_x=target_inputs(target, source, cfg.resize_target),
+            source_x=source_x,
+            source_y=labels if needs_source else None,
+            k_clusters=cfg.k_clusters,
+            seed=seed,
+            batch_size=cfg.batch_size,
+            device=device,
         )
         selection = select_classes(spec.selector, inputs)
     rows = [kept_samples(method, selection, r, seed, labels, features) for r in cfg.ratios]
@@ -203,18 +225,38 @@ def select(
     def write(staging: Staging) -> SelectionInfo:
         if selection is not None:
             write_selection(
-                staging.file("selection.parquet"), selection, class_names=None if clustered else names,
-                surrogate_fingerprint=fingerprint, feature_settings=features_meta,
+                staging.file("selection.parquet"),
+                selection,
+                class_names=None if clustered else names,
+                surrogate_fingerprint=fingerprint,
+                feature_settings=features_meta,
                 extra_metadata={"pruning_method": method, "source": source.uri, "target": target.uri},
                 filesystem=staging.fs,
             )
-        write_kept(staging.file("kept.parquet"), rows, num_source_samples=len(labels),
-                   extra_metadata={"surrogate_fingerprint": fingerprint}, filesystem=staging.fs)
-        kept = [{"ratio": r.ratio, "seed": r.seed, "num_kept_samples": len(r.kept), "digest": kept_digest(r.kept),
-                 "num_kept_classes": len(set(labels[r.kept].tolist()))} for r in rows]
+        write_kept(
+            staging.file("kept.parquet"),
+            rows,
+            num_source_samples=len(labels),
+            extra_metadata={"surrogate_fingerprint": fingerprint},
+            filesystem=staging.fs,
+        )
+        kept = [
+            {
+                "ratio": r.ratio,
+                "seed": r.seed,
+                "num_kept_samples": len(r.kept),
+                "digest": kept_digest(r.kept),
+                "num_kept_classes": len(set(labels[r.kept].tolist())),
+            }
+            for r in rows
+        ]
         return SelectionInfo(
-            method=method, selector=spec.selector, surrogate_fingerprint=fingerprint, features=features_meta,
-            num_source_samples=int(len(labels)), kept=kept,
+            method=method,
+            selector=spec.selector,
+            surrogate_fingerprint=fingerprint,
+            features=features_meta,
+            num_source_samples=int(len(labels)),
+            kept=kept,
             rows={"selection": selection.num_classes if selection is not None else 0, "kept": len(rows)},
         )
 
@@ -237,8 +279,9 @@ def pruned_key(source: ArtifactRef, selection_ref: ArtifactRef, ratio: float) ->
 
 
 @stage(PRUNED_STAGE, key=pruned_key, task_name="materialize-pruned")
-def materialize_pruned(source: ArtifactRef, selection_ref: ArtifactRef, ratio: float, store: str,
-                       run: StageRun) -> Publish:
+def materialize_pruned(
+    source: ArtifactRef, selection_ref: ArtifactRef, ratio: float, store: str, run: StageRun
+) -> Publish:
     """The pruned source at `ratio` in the `dataset` stage's format (rows copied, not re-encoded)."""
     sel = selection_ref.open()  # the kept indices are read here: verified
     row = next(r for r in read_kept(sel.file("kept.parquet"), filesystem=sel.fs) if abs(r.ratio - ratio) < 1e-9)
@@ -280,8 +323,10 @@ def materialize_pruned(source: ArtifactRef, selection_ref: ArtifactRef, ratio: f
             },
             preprocessor=info.preprocessor,
             kept_classes=row.kept_classes,
-            kept_fraction={"classes": sum(c > 0 for c in counts["train"]) / max(1, present_before),
-                           "images": train.num_rows / max(1, info.rows["train"])},
+            kept_fraction={
+                "classes": sum(c > 0 for c in counts["train"]) / max(1, present_before),
+                "images": train.num_rows / max(1, info.rows["train"]),
+            },
             **provenance,
         )
 
@@ -303,8 +348,17 @@ def class_table(selection_ref: ArtifactRef, top: int) -> list[dict[str, Any]]:
     for end, ids in (("top", selection.ranking[:top]), ("bottom", selection.ranking.flip(0)[:top])):
         for c in ids.tolist():
             rank = int(selection.rank[c])
-            rows.append({"method": method, "end": end, "rank": rank, "class": c, "name": names[c],
-                         "votes": int(selection.votes[c]), "score": float(selection.scores[c])})
+            rows.append(
+                {
+                    "method": method,
+                    "end": end,
+                    "rank": rank,
+                    "class": c,
+                    "name": names[c],
+                    "votes": int(selection.votes[c]),
+                    "score": float(selection.scores[c]),
+                }
+            )
     return [r for r in rows if r["end"] == "top" or r["rank"] >= min(top, n)]
 
 
@@ -320,6 +374,9 @@ def report_selection(selections: list[ArtifactRef], name: str, top: int = 10) ->
         seen.add(selector)
         rows += class_table(ref, top)
     if rows:
-        reports.table(rows, key=reports.ui_key(name, "classes"),
-                      description=f"{name}: top and bottom {top} source classes per method (votes of target images)")
+        reports.table(
+            rows,
+            key=reports.ui_key(name, "classes"),
+            description=f"{name}: top and bottom {top} source classes per method (votes of target images)",
+        )
     return rows

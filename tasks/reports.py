@@ -46,9 +46,7 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter:
         return logging.getLogger("distillery")
 
 
-def prefect_progress(
-    title: str, *, key: str | None = None, min_interval_s: float = 2.0
-) -> Callable[..., None]:
+def prefect_progress(title: str, *, key: str | None = None, min_interval_s: float = 2.0) -> Callable[..., None]:
     """A `progress(step, total, **metrics)` callback that updates a Prefect progress artifact."""
     logger = run_logger()
     artifact_id = create_progress_artifact(progress=0.0, key=key, description=title)

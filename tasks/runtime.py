@@ -57,7 +57,6 @@ class Resources(BaseModel):
             )
         return float(self.num_gpus)
 
-
     def check_feasible(self) -> dict[str, float]:
         """The Ray options for one task, refused up front when no node of the cluster could run it.
 

@@ -232,8 +232,14 @@ def stage(
                     return out
                 if not isinstance(out, Publish):
                     raise TypeError(f"stage {where} returned {type(out).__name__}, expected Publish(write, seeds)")
-                store.publish(name, run.key, functools.partial(_write_info, out.write, where), config=k.config,
-                              inputs=list(k.inputs), seeds=out.seeds)
+                store.publish(
+                    name,
+                    run.key,
+                    functools.partial(_write_info, out.write, where),
+                    config=k.config,
+                    inputs=list(k.inputs),
+                    seeds=out.seeds,
+                )
                 for path in run._work:
                     shutil.rmtree(path, ignore_errors=True)
             if hit:
@@ -252,8 +258,9 @@ def stage(
             if found is None:
                 return None
             params = {**defaults, **params}
-            return f"{found}-{label}" + (f"-{artifact_key(label, {n: params[n] for n in result_names})}"
-                                         if result_names else "")
+            return f"{found}-{label}" + (
+                f"-{artifact_key(label, {n: params[n] for n in result_names})}" if result_names else ""
+            )
 
         run_stage.__signature__ = public  # type: ignore[attr-defined]
         run_stage.__annotations__ = {k: v for k, v in body.__annotations__.items() if k != "run"}

@@ -64,8 +64,15 @@ from distill.manifest import (
 )
 
 __all__ = [
-    "FORMAT_VERSION", "SUPPORTED_SCHEMES", "StoreError", "Staging", "Artifact", "ArtifactStore",
-    "artifact_key", "store_cache_key_fn", "safe_member_name",
+    "FORMAT_VERSION",
+    "SUPPORTED_SCHEMES",
+    "StoreError",
+    "Staging",
+    "Artifact",
+    "ArtifactStore",
+    "artifact_key",
+    "store_cache_key_fn",
+    "safe_member_name",
 ]
 
 # "file" and bare paths are local; the rest go through fsspec (s3 needs s3fs, gs gcsfs, ...).
@@ -187,9 +194,7 @@ def _filesystem(uri: str) -> tuple[pafs.FileSystem, str, str]:
         root = os.path.abspath(os.path.expanduser(rest if sep else uri))
         return pafs.LocalFileSystem(), root, root
     if scheme not in SUPPORTED_SCHEMES:
-        raise StoreError(
-            f"unknown store scheme {scheme!r} in {uri!r}; supported: {', '.join(SUPPORTED_SCHEMES)}"
-        )
+        raise StoreError(f"unknown store scheme {scheme!r} in {uri!r}; supported: {', '.join(SUPPORTED_SCHEMES)}")
     try:
         fs = fsspec.filesystem(scheme)
     except ImportError as e:
@@ -243,13 +248,18 @@ class ArtifactStore:
         """The artifact's manifest, checked: sealed by its digest, identity, safe file names."""
         where = f"artifact {stage}/{key} in {self.uri}"
         try:
-            manifest = read_manifest(self.fs, self._dir(stage, key), where, missing=(
-                f"no artifact {stage}/{key} (never published, or its writer has not finished or was killed)"))
+            manifest = read_manifest(
+                self.fs,
+                self._dir(stage, key),
+                where,
+                missing=(f"no artifact {stage}/{key} (never published, or its writer has not finished or was killed)"),
+            )
         except IntegrityError as e:
             raise StoreError(str(e)) from e
         if (manifest.get("stage"), manifest.get("key")) != (stage, key):
-            raise StoreError(f"{where}: its {MANIFEST} names another artifact "
-                             f"({manifest.get('stage')}/{manifest.get('key')})")
+            raise StoreError(
+                f"{where}: its {MANIFEST} names another artifact ({manifest.get('stage')}/{manifest.get('key')})"
+            )
         return manifest
 
     def open(self, stage: str, key: str, *, verify: bool | VerifyLevel = True) -> Artifact:
@@ -407,12 +417,14 @@ class ArtifactStore:
                     removed.append(tmp.path)
         return removed
 
-
     def stages(self) -> list[str]:
         """Stage folders under the root (the `.work` checkpoint tree excluded)."""
         infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
-        return sorted(posixpath.basename(i.path) for i in infos
-                      if i.type == pafs.FileType.Directory and _NAME.match(posixpath.basename(i.path)))
+        return sorted(
+            posixpath.basename(i.path)
+            for i in infos
+            if i.type == pafs.FileType.Directory and _NAME.match(posixpath.basename(i.path))
+        )
 
     def audit(
         self, level: VerifyLevel = "hash", stages: Sequence[str] | None = None
@@ -449,8 +461,9 @@ The store defaults to DISTILLERY_STORE or ./artifacts.
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m tasks.store", description=_CLI_DOC,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m tasks.store", description=_CLI_DOC, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--store", help="store URI (default: DISTILLERY_STORE or ./artifacts)")
     sub = parser.add_subparsers(dest="command", required=True)
     verify = sub.add_parser("verify", help="verify every artifact; exit 1 when any is broken")
@@ -495,9 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def store_cache_key_fn(
-    stage: str, key_of: Callable[[dict], tuple[str, str]]
-) -> Callable[[Any, dict], str | None]:
+def store_cache_key_fn(stage: str, key_of: Callable[[dict], tuple[str, str]]) -> Callable[[Any, dict], str | None]:
     """A Prefect `cache_key_fn(context, parameters)` returning `<stage>-<artifact key>`.
 
     `key_of(parameters)` returns (store URI, artifact key) computed from the task's

@@ -81,7 +81,12 @@ def pretrain_key(dataset: ArtifactRef, cfg: TransferConfig, seed: int) -> Key:
 
 @stage(PRETRAIN_STAGE, key=pretrain_key)
 def pretrain_weights(
-    dataset: ArtifactRef, cfg: TransferConfig, seed: int, store: str, run: StageRun, label: str = "",
+    dataset: ArtifactRef,
+    cfg: TransferConfig,
+    seed: int,
+    store: str,
+    run: StageRun,
+    label: str = "",
     device: str | None = None,
 ) -> Publish:
     """Pretrain a fresh net on `dataset` (or reuse the stored one); publishes weights and cost."""
@@ -90,14 +95,20 @@ def pretrain_weights(
     pre = load_preprocessor(dataset)
     x, y, _ = preprocessed(dataset, "train", pre)
     test_x, test_y, _ = preprocessed(dataset, "test", pre)
-    progress = reports.progress(f"pretrain {label or dataset.key} seed {seed} ({len(y)} images)", "pretrain", label,
-                                "seed", seed)
+    progress = reports.progress(
+        f"pretrain {label or dataset.key} seed {seed} ({len(y)} images)", "pretrain", label, "seed", seed
+    )
     net, result = pretrain(cfg, x, y, loss="ce", out_dim=len(names), seed=seed, device=device, progress=progress)
     source_test = evaluate(net, test_x, test_y, device=device) if len(test_y) else {"acc": float("nan")}
-    meta = {"net": cfg.net, "net_kwargs": json.dumps(cfg.net_kwargs), "num_classes": str(len(names)),
-            "image_shape": json.dumps(shape)}
-    reports.run_logger().info("pretrained %s seed %d on %d images in %.1f s", label, seed, len(y),
-                              result["pretrain_seconds"])
+    meta = {
+        "net": cfg.net,
+        "net_kwargs": json.dumps(cfg.net_kwargs),
+        "num_classes": str(len(names)),
+        "image_shape": json.dumps(shape),
+    }
+    reports.run_logger().info(
+        "pretrained %s seed %d on %d images in %.1f s", label, seed, len(y), result["pretrain_seconds"]
+    )
 
     def write(staging: Staging) -> PretrainInfo:
         state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
@@ -166,8 +177,14 @@ def target_tensors(target: ArtifactRef, shape: list[int]) -> tuple[torch.Tensor,
 
 @stage(TRANSFER_STAGE, key=transfer_key, result=transfer_row)
 def transfer_eval(
-    pretrained: ArtifactRef | None, target: ArtifactRef, cfg: TransferConfig, seed: int,
-    store: str, run: StageRun, label: str = "", device: str | None = None,
+    pretrained: ArtifactRef | None,
+    target: ArtifactRef,
+    cfg: TransferConfig,
+    seed: int,
+    store: str,
+    run: StageRun,
+    label: str = "",
+    device: str | None = None,
 ) -> Publish:
     """Linear probe and fine-tune of a pretrained (or, with None, a fresh) backbone on the target."""
     names = DatasetInfo.of(target).class_names
@@ -178,16 +195,29 @@ def transfer_eval(
         net, info = load_pretrained(pretrained)
         shape = info["image_shape"]
     train_x, train_y, test_x, test_y = target_tensors(target, shape)
-    row = transfer(net, train_x, train_y, test_x, test_y, cfg, num_classes=len(names), seed=seed, device=device,
-                   progress=lambda mode: reports.progress(f"{mode} {label} seed {seed}", mode, label, "seed", seed))
-    row.update({
-        "train_images": int(info.get("train_images", 0)),
-        "images_seen": int(info["images_seen"]),
-        "pretrain_seconds": float(info["pretrain_seconds"]),
-        "target_train_images": int(len(train_y)),
-    })
-    reports.run_logger().info("transfer %s seed %d: %s", label, seed,
-                              {k: v for k, v in row.items() if k.endswith("acc")})
+    row = transfer(
+        net,
+        train_x,
+        train_y,
+        test_x,
+        test_y,
+        cfg,
+        num_classes=len(names),
+        seed=seed,
+        device=device,
+        progress=lambda mode: reports.progress(f"{mode} {label} seed {seed}", mode, label, "seed", seed),
+    )
+    row.update(
+        {
+            "train_images": int(info.get("train_images", 0)),
+            "images_seen": int(info["images_seen"]),
+            "pretrain_seconds": float(info["pretrain_seconds"]),
+            "target_train_images": int(len(train_y)),
+        }
+    )
+    reports.run_logger().info(
+        "transfer %s seed %d: %s", label, seed, {k: v for k, v in row.items() if k.endswith("acc")}
+    )
 
     def write(staging: Staging) -> TransferInfo:
         write_metrics(staging.file("metrics.parquet"), [row], filesystem=staging.fs)
@@ -198,23 +228,46 @@ def transfer_eval(
 
 def pretrain_transfer_key(source: ArtifactRef | None, target: ArtifactRef, transfer: TransferConfig, seed: int) -> Key:
     """The transfer artifact's key, through the pretrained net's (None: the no-pretraining arm)."""
-    pretrained = None if source is None else ArtifactRef(
-        store=source.store, stage=PRETRAIN_STAGE,
-        key=stage_key(pretrain_weights, dataset=source, cfg=transfer, seed=seed))
+    pretrained = (
+        None
+        if source is None
+        else ArtifactRef(
+            store=source.store,
+            stage=PRETRAIN_STAGE,
+            key=stage_key(pretrain_weights, dataset=source, cfg=transfer, seed=seed),
+        )
+    )
     return transfer_key(pretrained, target, transfer, seed)
 
 
 def arm_row(ref: ArtifactRef, method: str, ratio: float, seed: int, source: ArtifactRef | None) -> dict[str, Any]:
     """One row of the comparison: the arm's labels and its transfer metrics."""
-    return {"method": method, "ratio": float(ratio), "seed": seed, **transfer_row(ref),
-            "source": source.uri if source is not None else None}
+    return {
+        "method": method,
+        "ratio": float(ratio),
+        "seed": seed,
+        **transfer_row(ref),
+        "source": source.uri if source is not None else None,
+    }
 
 
-@stage(TRANSFER_STAGE, key=pretrain_transfer_key, publish=False, result=arm_row, task_name="pretrain-transfer",
-       task_run_name="pretrain-transfer-{method}-{ratio}-seed{seed}")
+@stage(
+    TRANSFER_STAGE,
+    key=pretrain_transfer_key,
+    publish=False,
+    result=arm_row,
+    task_name="pretrain-transfer",
+    task_run_name="pretrain-transfer-{method}-{ratio}-seed{seed}",
+)
 def pretrain_transfer(
-    source: ArtifactRef | None, target: ArtifactRef, transfer: TransferConfig, seed: int,
-    store: str, method: str, ratio: float, run: StageRun,
+    source: ArtifactRef | None,
+    target: ArtifactRef,
+    transfer: TransferConfig,
+    seed: int,
+    store: str,
+    method: str,
+    ratio: float,
+    run: StageRun,
 ) -> dict[str, Any]:
     """One Ray task: pretrain on `source` (None: no pretraining), then transfer to `target`; one metrics row.
 
@@ -272,8 +325,12 @@ def accuracy_plot(summary: list[dict[str, Any]]) -> bytes:
         for arm, style in ((FULL, "--"), (SCRATCH, ":")):
             ref = [s for s in summary if s["method"] == arm and f"{k}_mean" in s]
             if ref:
-                ax.axhline(ref[0][f"{k}_mean"], color="k", linestyle=style,
-                           label=f"{arm} source" if arm == FULL else "no pretraining")
+                ax.axhline(
+                    ref[0][f"{k}_mean"],
+                    color="k",
+                    linestyle=style,
+                    label=f"{arm} source" if arm == FULL else "no pretraining",
+                )
         ax.set(title=f"target {title} accuracy", xlabel="fraction of source classes pruned", ylabel="test accuracy")
     axes[0][-1].legend(fontsize=8)
     return reports.figure_png(fig)
@@ -293,8 +350,11 @@ def show_metrics(ref: ArtifactRef, name: str) -> MetricsTable:
     art = ref.open()
     summary = read_metrics(art.file("summary.parquet"), filesystem=art.fs)
     png = read_bytes(art.fs, art.file("accuracy.png"))
-    reports.table(summary, key=reports.ui_key(name, "summary"),
-                  description=f"{name}: target accuracy (final epoch), mean and std over seeds. Metrics: {art.uri}")
+    reports.table(
+        summary,
+        key=reports.ui_key(name, "summary"),
+        description=f"{name}: target accuracy (final epoch), mean and std over seeds. Metrics: {art.uri}",
+    )
     reports.markdown(
         "## Target accuracy vs pruning ratio\nMean and std over seeds; dashed: full-source pretraining, "
         "dotted: no pretraining.\n\n" + reports.png_markdown(png, "accuracy vs ratio") + "\n" + markdown_table(summary),

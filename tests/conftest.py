@@ -106,8 +106,12 @@ def ray_logical_gpu():
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, runtime_env={"env_vars": {
-        k: v for k, v in os.environ.items() if k.startswith(("PREFECT_", "DISTILLERY_"))}})
+    ray.init(
+        num_cpus=2,
+        num_gpus=1,
+        include_dashboard=False,
+        runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith(("PREFECT_", "DISTILLERY_"))}},
+    )
     yield
     ray.shutdown()
 

@@ -115,8 +115,11 @@ CASES: list[tuple[str, dict, str]] = [
     ("prune-eval", {"selection": {"seeds": []}}, "seeds"),
     ("prune-eval", {"surrogate": {"net_kwargs": {"width": 0}}}, "width"),
     ("prune-eval", {"surrogate_weights": "/no/such/weights.safetensors"}, "no such file"),
-    ("prune-eval", {"source": {"image_size": 16}, "target": {"image_size": 32},
-                    "selection": {"resize_target": False}}, "px"),
+    (
+        "prune-eval",
+        {"source": {"image_size": 16}, "target": {"image_size": 32}, "selection": {"resize_target": False}},
+        "px",
+    ),
     ("prune-eval", {"top_classes": 0}, "greater than or equal to 1"),
     # KRR-ST
     ("distill-krr", {"krr": {"num_images": 0}}, "greater than or equal to 1"),
@@ -145,15 +148,23 @@ def test_the_unchanged_tiny_presets_are_valid():
         _config_class(flow)(**load_preset(flow, "tiny"))
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["verify", "--level", "bits"], "invalid choice: 'bits'"),
-    (["gc", "--older-than-hours", "-1"], "must be >= 0"),
-    (["rm", "s", "../escape"], "invalid key"),
-    (["--store", "ftp://x/y", "verify"], "unknown store scheme 'ftp'"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["verify", "--level", "bits"], "invalid choice: 'bits'"),
+        (["gc", "--older-than-hours", "-1"], "must be >= 0"),
+        (["rm", "s", "../escape"], "invalid key"),
+        (["--store", "ftp://x/y", "verify"], "unknown store scheme 'ftp'"),
+    ],
+)
 def test_store_cli_bad_arguments(tmp_path, args, message):
-    proc = subprocess.run([sys.executable, "-m", "tasks.store", "--store", str(tmp_path), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tasks.store", "--store", str(tmp_path), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 
 

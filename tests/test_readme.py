@@ -36,10 +36,18 @@ def test_readme_python_snippet_runs(tmp_path, monkeypatch, hf_datasets, index):
     real = DataConfig(**data).load("train")
     pre = Preprocessor.fit(real.images)
     folder = tmp_path / "artifacts" / "random-real" / "0123456789abcdef"
-    write_distilled(str(folder), pixels=pre(real.images), labels=real.labels, class_names=real.class_names,
-                    preprocessor_config=pre.config(), preprocessor_tensors=pre.state_dict(),
-                    recipe={"net": "convnet", "net_kwargs": {"width": 8, "depth": 2}}, method="random-real",
-                    provenance={"data": data}, learned_lr=0.01)
+    write_distilled(
+        str(folder),
+        pixels=pre(real.images),
+        labels=real.labels,
+        class_names=real.class_names,
+        preprocessor_config=pre.config(),
+        preprocessor_tensors=pre.state_dict(),
+        recipe={"net": "convnet", "net_kwargs": {"width": 8, "depth": 2}},
+        method="random-real",
+        provenance={"data": data},
+        learned_lr=0.01,
+    )
     write_folder_manifest(str(folder), stage="random-real")
     _, cache = hf_datasets
     monkeypatch.setenv("HF_DATASETS_CACHE", cache)

@@ -39,10 +39,14 @@ def _save(ckpt: Checkpoint, step: int, net, opt, g, **record) -> None:
     ckpt.save(step, {**module_tensors("model", net), **optim, "rng": g.get_state()}, {"optimizer": rest, **record})
 
 
-@pytest.mark.parametrize("make_opt", [
-    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-3),
-    lambda p: torch.optim.AdamW(p, lr=1e-2),
-], ids=["sgd-momentum", "adamw"])
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=1e-3),
+        lambda p: torch.optim.AdamW(p, lr=1e-2),
+    ],
+    ids=["sgd-momentum", "adamw"],
+)
 def test_resuming_from_a_commit_continues_bit_identically(tmp_path, make_opt):
     net, g = _net(), torch.Generator().manual_seed(1)
     opt = make_opt(net.parameters())
@@ -142,10 +146,13 @@ def test_leftover_temp_files_of_a_killed_writer_are_ignored_and_removed(tmp_path
 def test_a_checkpoint_of_another_configuration_is_refused_naming_the_difference(tmp_path):
     Checkpoint(tmp_path, IDENTITY, kind="test").save(3, {"x": torch.zeros(1)})
     other = {**IDENTITY, "config": {"lr": 0.2, "widths": [8, 16]}}
-    with pytest.raises(CheckpointError, match=r"checkpoint .* was made with a different configuration \(config: "
-                                              r"stored .*0\.1.*requested .*0\.2.*\), so it belongs to another run"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"checkpoint .* was made with a different configuration \(config: "
+        r"stored .*0\.1.*requested .*0\.2.*\), so it belongs to another run",
+    ):
         Checkpoint(tmp_path, other, kind="test").load()
-    with pytest.raises(CheckpointError, match="data: stored \"abc\", requested \"xyz\""):
+    with pytest.raises(CheckpointError, match='data: stored "abc", requested "xyz"'):
         Checkpoint(tmp_path, {**IDENTITY, "data": "xyz"}, kind="test").load()
 
 

@@ -39,8 +39,7 @@ CLASS_NAMES = ["ant", "bee", "cat"]
 def need(path: Path) -> Path:
     if not path.exists():
         pytest.skip(
-            f"real data not found at {path}; "
-            "set DISTILLERY_DATA to the folder holding cifar10/ and tiny-imagenet-200/"
+            f"real data not found at {path}; set DISTILLERY_DATA to the folder holding cifar10/ and tiny-imagenet-200/"
         )
     return path
 
@@ -160,9 +159,7 @@ def test_workers_give_identical_tensors_and_resize():
 def test_greyscale_jpeg_becomes_rgb():
     labels = torch.from_numpy(pq.read_table(need(TINY) / "train.parquet", columns=["label"]).column(0).to_numpy())
     first = pq.ParquetFile(TINY / "train.parquet").read_row_group(0, columns=["image"]).column(0)
-    grey_row = next(
-        i for i, d in enumerate(first.to_pylist()) if Image.open(io.BytesIO(d["bytes"])).mode == "L"
-    )
+    grey_row = next(i for i, d in enumerate(first.to_pylist()) if Image.open(io.BytesIO(d["bytes"])).mode == "L")
     c = int(labels[grey_row])
     s = load_images(TINY, "train", classes=[c])
     pos = int(torch.nonzero(torch.nonzero(labels == c).flatten() == grey_row))
@@ -203,7 +200,9 @@ def test_sample_per_class_grouped_deterministic_nested():
 
 def test_sample_per_class_errors():
     labels = torch.tensor([0, 0, 1])
-    with pytest.raises(DataError, match="per_class=2 images per class is larger than a class: '1' has 1; use per_class <= 1"):
+    with pytest.raises(
+        DataError, match="per_class=2 images per class is larger than a class: '1' has 1; use per_class <= 1"
+    ):
         sample_per_class(labels, 2, 0)
     with pytest.raises(DataError, match="per_class=0 images per class is not possible"):
         sample_per_class(labels, 0, 0)
@@ -211,8 +210,11 @@ def test_sample_per_class_errors():
 
 def test_one_ipc_rule_names_the_short_classes():
     check_ipc([5, 3, 4], 3)
-    with pytest.raises(DataError, match=r"^ipc=4 images per class is larger than a class of cifar \[train\]: "
-                                        r"'cat' has 3; use ipc <= 3 or raise train_per_class$"):
+    with pytest.raises(
+        DataError,
+        match=r"^ipc=4 images per class is larger than a class of cifar \[train\]: "
+        r"'cat' has 3; use ipc <= 3 or raise train_per_class$",
+    ):
         check_ipc([5, 3, 4], 4, ["dog", "cat", "frog"], where="cifar [train]", hint=" or raise train_per_class")
     with pytest.raises(DataError, match=r"'6' has 0, '7' has 0, '8' has 0, '9' has 0, '10' has 0, \.\.\."):
         check_ipc([5] * 6 + [0] * 6, 1)
@@ -417,7 +419,11 @@ def test_empty_class_and_bad_class_ids(parquet_dir: Path, tmp_path: Path):
 
 
 def test_per_class_larger_than_class(parquet_dir: Path):
-    with pytest.raises(DataError, match=r"per_class=11 images per class is larger than a class: 'ant' has 10, 'bee' has 10.*; use per_class <= 10"):
+    with pytest.raises(
+        DataError,
+        match=r"per_class=11 images per class is larger than a class: 'ant' has 10, 'bee' has 10.*; "
+        r"use per_class <= 10",
+    ):
         load_images(parquet_dir, per_class=11)
 
 

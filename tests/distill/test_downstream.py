@@ -15,8 +15,8 @@ import torch
 
 from distill.data import DataError
 from distill.downstream import load_distilled
-from distill.manifest import write_folder_manifest
 from distill.formats import read_metrics, write_distilled, write_image_dataset
+from distill.manifest import write_folder_manifest
 from distill.train_on import run
 from distill.transforms import Preprocessor
 from tests.conftest import data_path
@@ -36,8 +36,11 @@ def _write_set(path: Path, *, soft: bool = False, targets: bool = False, lr: flo
         class_names=["a", "b", "c"],
         preprocessor_config=pre.config(),
         preprocessor_tensors=pre.state_dict(),
-        recipe={"net": "convnet", "net_kwargs": {"width": 8, "depth": 1},
-                "train": {"epochs": 7, "lr": 0.5, "augment": "none", "loss": "ce"}},
+        recipe={
+            "net": "convnet",
+            "net_kwargs": {"width": 8, "depth": 1},
+            "train": {"epochs": 7, "lr": 0.5, "augment": "none", "loss": "ce"},
+        },
         method="test",
         provenance={"data": {"source": "somewhere", "image_size": 8, "classes": [3, 4, 5]}},
         soft_labels=torch.softmax(torch.randn(6, 3, generator=g), 1) if soft else None,
@@ -111,7 +114,9 @@ def test_train_on_refuses_unknown_arch_listing_valid_ones(tmp_path):
     _write_set(tmp_path / "set")
     proc = subprocess.run(
         [sys.executable, "-m", "distill.train_on", str(tmp_path / "set"), "--arch", "vgg11"],
-        capture_output=True, text=True, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert proc.returncode == 2 and "unknown architecture 'vgg11'; valid: convnet" in proc.stderr
 
@@ -126,11 +131,19 @@ def test_train_on_matches_classes_by_name_and_trains_another_arch():
     shutil.rmtree(out, ignore_errors=True)
     # labels renumbered 0/1 = cat/dog: the test split must be relabelled by name, not by id
     write_distilled(
-        str(out), pixels=pre(real.images), labels=real.labels, class_names=real.class_names,
-        preprocessor_config=pre.config(), preprocessor_tensors=pre.state_dict(),
-        recipe={"net": "convnet", "net_kwargs": {"width": 8, "depth": 2},
-                "train": {"epochs": 2, "batch_size": 8, "augment": "none"}},
-        method="test", provenance={"data": {"source": str(cifar), "classes": [3, 5], "test_per_class": 10}},
+        str(out),
+        pixels=pre(real.images),
+        labels=real.labels,
+        class_names=real.class_names,
+        preprocessor_config=pre.config(),
+        preprocessor_tensors=pre.state_dict(),
+        recipe={
+            "net": "convnet",
+            "net_kwargs": {"width": 8, "depth": 2},
+            "train": {"epochs": 2, "batch_size": 8, "augment": "none"},
+        },
+        method="test",
+        provenance={"data": {"source": str(cifar), "classes": [3, 5], "test_per_class": 10}},
     )
     write_folder_manifest(str(out))
     result = run(str(out), arch="resnet18", seeds=[0, 1])
@@ -149,12 +162,21 @@ def test_train_on_pretrains_a_target_set_and_transfers_to_the_real_data():
     shutil.rmtree(out, ignore_errors=True)
     quick = {"epochs": 1, "batch_size": 8, "augment": "none"}
     write_distilled(
-        str(out), pixels=pre(real.images[:6]), labels=real.labels[:6], class_names=real.class_names,
-        preprocessor_config=pre.config(), preprocessor_tensors=pre.state_dict(),
+        str(out),
+        pixels=pre(real.images[:6]),
+        labels=real.labels[:6],
+        class_names=real.class_names,
+        preprocessor_config=pre.config(),
+        preprocessor_tensors=pre.state_dict(),
         targets=torch.randn(6, 5, generator=torch.Generator().manual_seed(0)),
-        recipe={"net": "convnet_bn", "net_kwargs": {"widths": [4, 8]}, "train": {**quick, "loss": "mse"},
-                "transfer": {"linear_probe": quick, "fine_tune": quick}},
-        method="krr-st", provenance={"data": data},
+        recipe={
+            "net": "convnet_bn",
+            "net_kwargs": {"widths": [4, 8]},
+            "train": {**quick, "loss": "mse"},
+            "transfer": {"linear_probe": quick, "fine_tune": quick},
+        },
+        method="krr-st",
+        provenance={"data": data},
     )
     write_folder_manifest(str(out))
     result = run(str(out), seeds=[0])
@@ -181,7 +203,10 @@ def test_a_copied_artifact_alone_reproduces_the_reported_accuracy(prefect_server
     shutil.rmtree(tmp_path / "store")  # nothing of the pipeline is left but the copy
     proc = subprocess.run(
         [sys.executable, "-m", "distill.train_on", str(copy), "--json", "--seeds", *map(str, sorted(reported))],
-        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "DISTILLERY_DEVICE": "cpu"},
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "DISTILLERY_DEVICE": "cpu"},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")][:-1]
@@ -214,20 +239,26 @@ def test_no_verify_loads_a_folder_without_manifest(tmp_path):
     assert len(load_distilled(tmp_path / "set", verify=False)) == 6
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["--net-kwargs", '{"width": "x"}'], "width"),
-    (["--net-kwargs", '{"width": 0}'], "width"),
-    (["--net-kwargs", "[1]"], "must be a JSON object"),
-    (["--net-kwargs", "{bad"], "not valid JSON"),
-    (["--epochs", "-1"], "must be >= 1"),
-    (["--epochs", "0"], "must be >= 1"),
-    (["--test-split", "train"], "is the training split"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--net-kwargs", '{"width": "x"}'], "width"),
+        (["--net-kwargs", '{"width": 0}'], "width"),
+        (["--net-kwargs", "[1]"], "must be a JSON object"),
+        (["--net-kwargs", "{bad"], "not valid JSON"),
+        (["--epochs", "-1"], "must be >= 1"),
+        (["--epochs", "0"], "must be >= 1"),
+        (["--test-split", "train"], "is the training split"),
+    ],
+)
 def test_train_on_bad_arguments_are_one_line_and_exit_2(tmp_path, args, message):
     _write_set(tmp_path / "set")
     proc = subprocess.run(
         [sys.executable, "-m", "distill.train_on", str(tmp_path / "set"), "--data", str(tmp_path), *args],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
     )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -245,11 +276,21 @@ def test_train_on_prints_progress_and_a_table_or_json(capsys):
     pre = Preprocessor.fit(real.images)
     out = ROOT / ".pytest_cache" / "train_on_table"
     shutil.rmtree(out, ignore_errors=True)
-    write_distilled(str(out), pixels=pre(real.images), labels=real.labels, class_names=real.class_names,
-                    preprocessor_config=pre.config(), preprocessor_tensors=pre.state_dict(),
-                    recipe={"net": "convnet", "net_kwargs": {"width": 8, "depth": 2},
-                            "train": {"epochs": 3, "batch_size": 8, "augment": "none"}},
-                    method="test", provenance={"data": data})
+    write_distilled(
+        str(out),
+        pixels=pre(real.images),
+        labels=real.labels,
+        class_names=real.class_names,
+        preprocessor_config=pre.config(),
+        preprocessor_tensors=pre.state_dict(),
+        recipe={
+            "net": "convnet",
+            "net_kwargs": {"width": 8, "depth": 2},
+            "train": {"epochs": 3, "batch_size": 8, "augment": "none"},
+        },
+        method="test",
+        provenance={"data": data},
+    )
     write_folder_manifest(str(out))
     assert main([str(out), "--seeds", "0", "1"]) == 0
     captured = capsys.readouterr()

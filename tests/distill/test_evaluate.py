@@ -26,8 +26,11 @@ def test_summarize_is_mean_and_sample_std():
 
 def test_groups_come_in_first_seen_order_with_mean_std_and_seeds():
     out = summarize_groups(ROWS, ["method", "setting"], ["test_acc", "lp"])
-    assert [(r["method"], r["setting"], r["seeds"]) for r in out] == [("tm", "ipc1", 2), ("random", "ipc1", 1),
-                                                                     ("tm", "ipc10", 1)]
+    assert [(r["method"], r["setting"], r["seeds"]) for r in out] == [
+        ("tm", "ipc1", 2),
+        ("random", "ipc1", 1),
+        ("tm", "ipc10", 1),
+    ]
     tm = out[0]
     assert tm["test_acc_mean"] == pytest.approx(0.32) and tm["test_acc_std"] == pytest.approx(math.sqrt(0.0008))
     assert "lp_mean" not in tm, "a metric no row of the group has gets no columns"

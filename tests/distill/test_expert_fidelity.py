@@ -16,8 +16,8 @@ from distill.experts import checkpoint_dir
 from distill.nets import create_net, flatten_params, param_layout, unflatten_params
 from distill.train import evaluate
 from distill.trajectory import Snapshot, TrajectoryReader, expert_file, write_trajectory
-from tests.distill.test_experts import NUM_CLASSES, TEST, _all_snapshots, _cfg, _train
 from tests.conftest import REPO
+from tests.distill.test_experts import NUM_CLASSES, TEST, _all_snapshots, _cfg, _train
 
 
 def test_a_loaded_snapshot_gives_the_live_models_outputs(tmp_path):
@@ -39,9 +39,17 @@ def test_a_loaded_snapshot_gives_the_live_models_outputs(tmp_path):
         snapshots.append(Snapshot(epoch=epoch, params=flatten_params(net)))
     path = tmp_path / expert_file(0)
     meta = {
-        "net": "convnet", "net_kwargs": {"width": 8, "depth": 2}, "num_classes": NUM_CLASSES, "channels": 3,
-        "image_size": 16, "recipe": {"recipe": "manual"}, "dataset_fingerprint": "", "preprocessor_fingerprint": "",
-        "seed": 0, "complete": True, "epochs_planned": 2,
+        "net": "convnet",
+        "net_kwargs": {"width": 8, "depth": 2},
+        "num_classes": NUM_CLASSES,
+        "channels": 3,
+        "image_size": 16,
+        "recipe": {"recipe": "manual"},
+        "dataset_fingerprint": "",
+        "preprocessor_fingerprint": "",
+        "seed": 0,
+        "complete": True,
+        "epochs_planned": 2,
     }
     write_trajectory(path, snapshots, param_layout(net), meta)
 

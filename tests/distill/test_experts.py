@@ -105,7 +105,10 @@ def test_recipe_presets_and_overrides():
         ({"net": "vit"}, "unknown net 'vit'"),
         ({"net_kwargs": {"widht": 8}}, "unknown argument.*widht"),
         # issue 12: a zero width used to die with ZeroDivisionError inside the (Ray) training task
-        ({"net_kwargs": {"width": 0}}, r"net 'convnet' got invalid argument\(s\): width=0: .*greater than or equal to 1"),
+        (
+            {"net_kwargs": {"width": 0}},
+            r"net 'convnet' got invalid argument\(s\): width=0: .*greater than or equal to 1",
+        ),
         ({"net_kwargs": {"depth": 0}}, "depth=0"),
         ({"net_kwargs": {"norm": "bn"}}, "norm='bn': unknown norm 'bn'; valid: instance"),
         ({"loss_ramp": [0.5, -1.0]}, "loss_ramp"),
@@ -219,8 +222,9 @@ def test_non_finite_loss_names_expert_epoch_and_step(tmp_path):
     x, y = TRAIN[0].clone(), TRAIN[1]
     x[0, 0, 0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match=r"non-finite training loss at epoch 1/4 of expert 4, step 1/1"):
-        train_expert(_cfg(augment="none"), x, y, *TEST, num_classes=NUM_CLASSES, expert_id=4,
-                     out_path=tmp_path / expert_file(4))
+        train_expert(
+            _cfg(augment="none"), x, y, *TEST, num_classes=NUM_CLASSES, expert_id=4, out_path=tmp_path / expert_file(4)
+        )
     assert not (tmp_path / expert_file(4)).exists()
 
 
@@ -229,12 +233,18 @@ def test_bad_data_is_refused(tmp_path):
         train_expert(_cfg(), *TRAIN, *TEST, num_classes=2, expert_id=0, out_path=tmp_path / expert_file(0))
 
 
-@pytest.mark.parametrize("lr, message", [
-    (1e6, r"non-finite training loss at epoch \d/4 of expert 0.*lr 1000000.0\); lower the lr"),
-    # a loss that stays finite but explodes (issue 12 part 4): refused at the end, not published
-    (30.0, r"expert 0 diverged: final train loss .* after 4 epochs is above 10x the untrained net's loss .*"
-           r"lr 30.0\); lower lr"),
-])
+@pytest.mark.parametrize(
+    "lr, message",
+    [
+        (1e6, r"non-finite training loss at epoch \d/4 of expert 0.*lr 1000000.0\); lower the lr"),
+        # a loss that stays finite but explodes (issue 12 part 4): refused at the end, not published
+        (
+            30.0,
+            r"expert 0 diverged: final train loss .* after 4 epochs is above 10x the untrained net's loss .*"
+            r"lr 30.0\); lower lr",
+        ),
+    ],
+)
 def test_a_diverged_expert_is_refused_and_nothing_is_left(lr, message, tmp_path):
     path = tmp_path / expert_file(0)
     with pytest.raises(FloatingPointError, match=message):

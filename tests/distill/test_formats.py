@@ -12,11 +12,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
-
-from distill.transforms import Preprocessor
 import yaml
 
-from distill.fsio import read_json, write_json
 from distill.formats import (
     DISTILLED_DATA_FILE,
     FormatError,
@@ -27,6 +24,8 @@ from distill.formats import (
     write_image_dataset,
     write_metrics,
 )
+from distill.fsio import read_json, write_json
+from distill.transforms import Preprocessor
 
 CLASSES = ["airplane", "automobile", "bird"]
 
@@ -122,8 +121,15 @@ def test_distilled_round_trip_is_exact(tmp_path):
 def test_distilled_optional_columns_and_preview(tmp_path):
     previews = torch.full((6, 3, 8, 8), 7, dtype=torch.uint8)
     plain = Preprocessor.standard([0.5] * 3, [0.25] * 3)
-    _distilled(tmp_path / "d", soft_labels=None, targets=None, learned_lr=None, previews=previews,
-               preprocessor_config=plain.config(), preprocessor_tensors=plain.state_dict())
+    _distilled(
+        tmp_path / "d",
+        soft_labels=None,
+        targets=None,
+        learned_lr=None,
+        previews=previews,
+        preprocessor_config=plain.config(),
+        preprocessor_tensors=plain.state_dict(),
+    )
     d = read_distilled(str(tmp_path / "d"))
     assert d.soft_labels is None and d.targets is None and d.learned_lr is None
     table = pq.read_table(str(tmp_path / "d" / DISTILLED_DATA_FILE))
@@ -164,10 +170,18 @@ def test_distilled_on_an_fsspec_filesystem():
     root = f"/formats-{uuid.uuid4().hex}/d"
     g = torch.Generator().manual_seed(2)
     pixels = torch.randn(4, 1, 4, 4, generator=g)
-    write_distilled(root, pixels=pixels, labels=torch.tensor([0, 1, 0, 1]), class_names=["a", "b"],
-                    preprocessor_config=Preprocessor.standard([0.5], [0.25]).config(),
-                    preprocessor_tensors=Preprocessor.standard([0.5], [0.25]).state_dict(), recipe={},
-                    method="krr_st", provenance={}, filesystem=fs)
+    write_distilled(
+        root,
+        pixels=pixels,
+        labels=torch.tensor([0, 1, 0, 1]),
+        class_names=["a", "b"],
+        preprocessor_config=Preprocessor.standard([0.5], [0.25]).config(),
+        preprocessor_tensors=Preprocessor.standard([0.5], [0.25]).state_dict(),
+        recipe={},
+        method="krr_st",
+        provenance={},
+        filesystem=fs,
+    )
     d = read_distilled(root, filesystem=fs)
     assert torch.equal(d.pixels, pixels) and sorted(d.preprocessor_tensors) == ["mean", "std"]
 
@@ -252,20 +266,34 @@ def test_wrong_kind_and_version_raise_format_error(tmp_path):
 def _guarded_write(tmp_path, pixels, **kw):
     from distill.transforms import Preprocessor
 
-    pre = Preprocessor.fit(torch.randint(0, 256, (8, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)))
-    write_distilled(str(tmp_path / "set"), pixels=pixels, labels=torch.tensor([0, 1]), class_names=["a", "b"],
-                    preprocessor_config=pre.config(), preprocessor_tensors=pre.state_dict(), recipe={},
-                    method="t", provenance={}, **kw)
+    pre = Preprocessor.fit(
+        torch.randint(0, 256, (8, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    )
+    write_distilled(
+        str(tmp_path / "set"),
+        pixels=pixels,
+        labels=torch.tensor([0, 1]),
+        class_names=["a", "b"],
+        preprocessor_config=pre.config(),
+        preprocessor_tensors=pre.state_dict(),
+        recipe={},
+        method="t",
+        provenance={},
+        **kw,
+    )
 
 
-@pytest.mark.parametrize(("mutate", "kw", "message"), [
-    (lambda x: x.index_put_((torch.tensor([0]),), torch.tensor(float("nan"))), {}, "NaN or infinite"),
-    (lambda x: x.mul_(1e30), {}, "exploded"),  # the old code published values up to 7.6e36
-    (lambda x: (x[1].fill_(0.3), x)[1], {}, "constant"),
-    (lambda x: x, {"learned_lr": float("inf")}, "learned lr"),
-    (lambda x: x, {"learned_lr": -0.01}, "learned lr"),
-    (lambda x: x, {"targets": torch.tensor([[1.0], [float("inf")]])}, "targets"),
-])
+@pytest.mark.parametrize(
+    ("mutate", "kw", "message"),
+    [
+        (lambda x: x.index_put_((torch.tensor([0]),), torch.tensor(float("nan"))), {}, "NaN or infinite"),
+        (lambda x: x.mul_(1e30), {}, "exploded"),  # the old code published values up to 7.6e36
+        (lambda x: (x[1].fill_(0.3), x)[1], {}, "constant"),
+        (lambda x: x, {"learned_lr": float("inf")}, "learned lr"),
+        (lambda x: x, {"learned_lr": -0.01}, "learned lr"),
+        (lambda x: x, {"targets": torch.tensor([[1.0], [float("inf")]])}, "targets"),
+    ],
+)
 def test_write_distilled_refuses_broken_sets_and_writes_nothing(tmp_path, mutate, kw, message):
     from distill.formats import PublishError
 

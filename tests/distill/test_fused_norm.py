@@ -48,8 +48,12 @@ def test_second_derivatives_equal_the_composite_ones_when_only_some_outputs_are_
             x, w, b = _inputs(seed=3)
             y = fn(x, w, b)
             gx, gw, gb = torch.autograd.grad((y.tanh() * weights).sum(), (x, w, b), create_graph=True)
-            obj = {"x": gx.pow(2).sum(), "w": gw.pow(3).sum(), "b": gb.sin().sum(),
-                   "all": gx.pow(2).sum() + gw.pow(3).sum() + gb.sin().sum()}[use]
+            obj = {
+                "x": gx.pow(2).sum(),
+                "w": gw.pow(3).sum(),
+                "b": gb.sin().sum(),
+                "all": gx.pow(2).sum() + gw.pow(3).sum() + gb.sin().sum(),
+            }[use]
             grads.append(torch.autograd.grad(obj, (x, w, b), allow_unused=True, materialize_grads=True))
         for fused, native in zip(*grads):
             assert torch.isfinite(native).all()
@@ -77,8 +81,14 @@ def _student(norm: str, width: int = 6, depth: int = 2, size: int = 16) -> tuple
     torch.manual_seed(0)
     kwargs = {"width": width, "depth": depth, "norm": norm}
     net = create_net("convnet", num_classes=4, image_size=size, **kwargs)
-    meta = {"layout": layout_to_json(param_layout(net)), "net": "convnet", "net_kwargs": kwargs,
-            "num_classes": 4, "channels": 3, "image_size": size}
+    meta = {
+        "layout": layout_to_json(param_layout(net)),
+        "net": "convnet",
+        "net_kwargs": kwargs,
+        "num_classes": 4,
+        "channels": 3,
+        "image_size": size,
+    }
     return Student(meta, torch.device("cpu"), torch.float64, fast=False), flatten_params(net).double()
 
 
@@ -90,8 +100,7 @@ def test_matching_gradient_through_unrolled_steps_equals_groupnorm_in_float64(mo
     images = torch.randn(8, 3, 16, 16, generator=g, dtype=torch.float64)
     labels = torch.arange(4).repeat_interleave(2)
     target = start + 0.05 * torch.randn(start.shape, generator=g, dtype=torch.float64)
-    plan = [(torch.randperm(8, generator=g)[:6], sample_params(6, DSAConfig(), g))
-            for _ in range(4)]
+    plan = [(torch.randperm(8, generator=g)[:6], sample_params(6, DSAConfig(), g)) for _ in range(4)]
     seg = Segment(start, [(2, start + 0.02, 0.5), (4, target, 1.0)], plan, momentum=0.5)
     lr = torch.tensor(0.05, dtype=torch.float64)
     want = matching_grad(mode, native, images, labels, lr, seg)
@@ -105,6 +114,7 @@ def test_matching_gradient_through_unrolled_steps_equals_groupnorm_in_float64(mo
 def test_float32_error_is_no_worse_than_groupnorm():
     """Against the float64 values, the fused norm's float32 rounding error (forward, first and second
     derivatives) stays within 2x GroupNorm's own float32 error."""
+
     def derivatives(fn, dtype):
         x, w, b = (t.detach().to(dtype).requires_grad_() for t in _inputs((8, 16, 12, 12), offset=2.0))
         y = fn(x, w, b)
@@ -183,5 +193,11 @@ def test_fast_student_gives_the_native_matching_gradient_in_float64():
 def native_meta() -> dict:
     kwargs = {"width": 6, "depth": 2, "norm": "instance"}
     net = create_net("convnet", num_classes=4, image_size=16, **kwargs)
-    return {"layout": layout_to_json(param_layout(net)), "net": "convnet", "net_kwargs": kwargs,
-            "num_classes": 4, "channels": 3, "image_size": 16}
+    return {
+        "layout": layout_to_json(param_layout(net)),
+        "net": "convnet",
+        "net_kwargs": kwargs,
+        "num_classes": 4,
+        "channels": 3,
+        "image_size": 16,
+    }

@@ -14,9 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("distill", "dp4tl")
 MODULES = sorted(
-    f"{pkg}.{path.stem}" if path.stem != "__init__" else pkg
-    for pkg in PACKAGES
-    for path in (REPO / pkg).glob("*.py")
+    f"{pkg}.{path.stem}" if path.stem != "__init__" else pkg for pkg in PACKAGES for path in (REPO / pkg).glob("*.py")
 )
 
 
@@ -42,7 +40,7 @@ def test_the_core_has_no_import_cycles():
         state[m] = "open"
         for dep in sorted(graph[m]):
             if state.get(dep) == "open":
-                cycle = path[path.index(dep):] + [dep]
+                cycle = path[path.index(dep) :] + [dep]
                 pytest.fail(f"import cycle: {' -> '.join(cycle)}")
             if dep not in state:
                 visit(dep, path + [dep])

@@ -30,8 +30,16 @@ def _teacher(out_widths=(4, 8)) -> torch.nn.Module:
 
 
 def _cfg(**changes) -> KRRConfig:
-    fields = {"num_images": 10, "net_kwargs": NET, "num_models": 2, "online_iterations": 4, "outer_steps": 9,
-              "real_batch": 32, "checkpoint_every": 3, **changes}
+    fields = {
+        "num_images": 10,
+        "net_kwargs": NET,
+        "num_models": 2,
+        "online_iterations": 4,
+        "outer_steps": 9,
+        "real_batch": 32,
+        "checkpoint_every": 3,
+        **changes,
+    }
     return KRRConfig(**fields)
 
 
@@ -57,7 +65,10 @@ def test_krr_solve_matches_direct_least_squares_with_bias(n, d):
 def test_bias_column_fits_a_constant_offset():
     # Targets = features @ w + 5: with the bias column KRR reproduces the offset on new points.
     g = torch.Generator().manual_seed(3)
-    f_syn, f_real = torch.randn(40, 3, generator=g, dtype=torch.float64), torch.randn(6, 3, generator=g, dtype=torch.float64)
+    f_syn, f_real = (
+        torch.randn(40, 3, generator=g, dtype=torch.float64),
+        torch.randn(6, 3, generator=g, dtype=torch.float64),
+    )
     w = torch.randn(3, 2, generator=g, dtype=torch.float64)
     pred = krr_predict(with_bias(f_syn), with_bias(f_real), f_syn @ w + 5.0, 1e-9)
     torch.testing.assert_close(pred, f_real @ w + 5.0, atol=1e-5, rtol=1e-5)
@@ -65,7 +76,11 @@ def test_bias_column_fits_a_constant_offset():
 
 @pytest.mark.parametrize("features", ["duplicates", "dead"])
 def test_singular_kernel_stays_solvable_thanks_to_the_lambda_rule(features):
-    f = torch.randn(1, 6, dtype=torch.float64).repeat(8, 1) if features == "duplicates" else torch.zeros(8, 6, dtype=torch.float64)
+    f = (
+        torch.randn(1, 6, dtype=torch.float64).repeat(8, 1)
+        if features == "duplicates"
+        else torch.zeros(8, 6, dtype=torch.float64)
+    )
     f_syn = with_bias(f)
     k_ss = f_syn @ f_syn.T
     assert torch.linalg.matrix_rank(k_ss) == 1, "the kernel itself is singular"
@@ -116,7 +131,9 @@ def test_pool_bookkeeping_over_a_run():
 def test_distillation_shapes_history_and_random_feature_mode():
     for mode in ("online", "random-features"):
         seen = []
-        result = krr_distill(_cfg(pool_mode=mode), SOURCE, _teacher(), progress=lambda s, t, **m: seen.append(s))
+        result = krr_distill(
+            _cfg(pool_mode=mode), SOURCE, _teacher(), progress=lambda s, t, seen=seen, **m: seen.append(s)
+        )
         assert result.images.shape == (10, 3, 16, 16) and result.targets.shape == (10, 128)
         assert seen == list(range(1, 10)) and len(result.history) == 9
         assert result.history[0]["lr"] == pytest.approx(1e-3) and result.history[-1]["lr"] == pytest.approx(1e-4)
@@ -188,8 +205,16 @@ TINY_TRANSFER = TransferConfig(
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_pretrains_and_transfers(method):
     images, targets, labels = SOURCE[:10], torch.randn(10, 128), torch.arange(10) % 3
-    backbone, info = pretrained_backbone(method, TINY_TRANSFER, image_shape=(3, 16, 16), images=images,
-                                         targets=targets, labels=labels, teacher=_teacher(), seed=0)
+    backbone, info = pretrained_backbone(
+        method,
+        TINY_TRANSFER,
+        image_shape=(3, 16, 16),
+        images=images,
+        targets=targets,
+        labels=labels,
+        teacher=_teacher(),
+        seed=0,
+    )
     target_x, target_y = SOURCE[:40], torch.arange(40) % 2
     row = transfer(backbone, target_x[:30], target_y[:30], target_x[30:], target_y[30:], TINY_TRANSFER, num_classes=2)
     assert 0 <= row["linear_probe_acc"] <= 1 and 0 <= row["fine_tune_acc"] <= 1
@@ -198,8 +223,13 @@ def test_every_method_pretrains_and_transfers(method):
 
 def test_unlabelled_source_is_refused_where_labels_are_needed():
     with pytest.raises(ValueError, match="'random-real-ce' .* unlabelled .*1 distinct label"):
-        pretrained_backbone("random-real-ce", TINY_TRANSFER, image_shape=(3, 16, 16), images=SOURCE[:10],
-                            labels=torch.zeros(10, dtype=torch.long))
+        pretrained_backbone(
+            "random-real-ce",
+            TINY_TRANSFER,
+            image_shape=(3, 16, 16),
+            images=SOURCE[:10],
+            labels=torch.zeros(10, dtype=torch.long),
+        )
     with pytest.raises(ValueError, match="no labels"):
         check_labels("random-real-ce", None)
     with pytest.raises(ValueError, match="unknown method.*valid: krr-st"):

@@ -45,14 +45,34 @@ def setup(tmp_path_factory):
     tx, ty = _data(4, 1)
     cfg = ExpertConfig(net="convnet", net_kwargs=NET_KWARGS, epochs=4, batch_size=12, lr=0.05, num_experts=2)
     for i in range(2):
-        train_expert(cfg, x, y, tx, ty, num_classes=NUM_CLASSES, expert_id=i, out_path=directory / expert_file(i),
-                     dataset_fingerprint="data-a", preprocessor_fingerprint="pre-a", device="cpu")
+        train_expert(
+            cfg,
+            x,
+            y,
+            tx,
+            ty,
+            num_classes=NUM_CLASSES,
+            expert_id=i,
+            out_path=directory / expert_file(i),
+            dataset_fingerprint="data-a",
+            preprocessor_fingerprint="pre-a",
+            device="cpu",
+        )
     return TrajectorySet(directory), x, y
 
 
 def _cfg(**kw) -> MatchConfig:
-    base = dict(ipc=1, iterations=3, syn_steps=4, expert_epochs=2, max_start_epoch=2, lr_img=10.0, lr_lr=1e-5,
-                lr_init=0.01, checkpoint_every=2)
+    base = dict(
+        ipc=1,
+        iterations=3,
+        syn_steps=4,
+        expert_epochs=2,
+        max_start_epoch=2,
+        lr_img=10.0,
+        lr_lr=1e-5,
+        lr_init=0.01,
+        checkpoint_every=2,
+    )
     return MatchConfig(**{**base, **kw})
 
 
@@ -85,8 +105,9 @@ def test_bad_inputs_are_refused_before_distilling(setup):
     with pytest.raises(MatchingError, match="another preprocessing, e.g. the other ZCA setting"):
         match_trajectories(_cfg(), experts, x, y, num_classes=NUM_CLASSES, preprocessor_fingerprint="pre-zca")
     with pytest.raises(MatchingError, match="is for model 'convnet'"):
-        matching.check_experts(experts.meta, experts.last_epoch, _cfg(), num_classes=NUM_CLASSES,
-                               image_shape=(3, 8, 8), net="resnet18")
+        matching.check_experts(
+            experts.meta, experts.last_epoch, _cfg(), num_classes=NUM_CLASSES, image_shape=(3, 8, 8), net="resnet18"
+        )
     with pytest.raises(MatchingError, match="is for 3 classes of 3x8 px images, the data has 3 classes of 3x16"):
         match_trajectories(_cfg(), experts, torch.nn.functional.interpolate(x, 16), y, num_classes=NUM_CLASSES)
 
@@ -111,7 +132,9 @@ def test_constant_memory_gives_the_unrolled_gradient_exactly(setup, switches):
     student = Student(experts.meta, torch.device("cpu"), torch.float64)
     images = x[[0, 1, 12, 13, 24, 25]].double()
     labels = torch.arange(NUM_CLASSES).repeat_interleave(2)
-    seg = sample_segment(cfg, experts, len(images), torch.Generator().manual_seed(3), torch.device("cpu"), torch.float64)
+    seg = sample_segment(
+        cfg, experts, len(images), torch.Generator().manual_seed(3), torch.device("cpu"), torch.float64
+    )
     lr = torch.tensor(0.02, dtype=torch.float64)
     loss_u, gi_u, gl_u = matching_grad("unrolled", student, images, labels, lr, seg)
     loss_c, gi_c, gl_c = matching_grad("constant", student, images, labels, lr, seg)
@@ -164,7 +187,7 @@ def test_segment_switches(setup):
     # weight perturbation: conv weights only, each moved by a unit-norm relative direction
     perturbed = draw(_cfg(syn_steps=6, weight_perturb=1.0))
     changed, offset = [], 0
-    for name, shape in matching.layout_from_json(experts.meta["layout"]):
+    for _name, shape in matching.layout_from_json(experts.meta["layout"]):
         size = int(torch.tensor(shape).prod())
         a, b = plain.start[offset : offset + size], perturbed.start[offset : offset + size]
         changed.append((len(shape) == 4, not torch.equal(a, b)))
@@ -181,8 +204,9 @@ def test_segment_switches(setup):
 @pytest.mark.parametrize("ipc", [1, 2])
 def test_representative_init_works_at_one_image_per_class(setup, ipc):
     experts, x, y = setup
-    result = match_trajectories(_cfg(ipc=ipc, init="representative", iterations=1), experts, x, y,
-                                num_classes=NUM_CLASSES)
+    result = match_trajectories(
+        _cfg(ipc=ipc, init="representative", iterations=1), experts, x, y, num_classes=NUM_CLASSES
+    )
     init = result.init_images
     assert init.shape == (NUM_CLASSES * ipc, 3, 8, 8)
     for i, img in enumerate(init):
@@ -205,14 +229,23 @@ def test_representative_init_works_at_one_image_per_class(setup, ipc):
 
 @pytest.mark.parametrize(
     "switches",
-    [{}, {"init": "noise"}, {"init": "representative"}, {"balance_loss": True}, {"intermediate_loss": "adaptive"},
-     {"weight_perturb": 1.0}, {"student_momentum": 0.9}, {"memory": "constant"}, {"dsa": None}],
+    [
+        {},
+        {"init": "noise"},
+        {"init": "representative"},
+        {"balance_loss": True},
+        {"intermediate_loss": "adaptive"},
+        {"weight_perturb": 1.0},
+        {"student_momentum": 0.9},
+        {"memory": "constant"},
+        {"dsa": None},
+    ],
 )
 def test_every_switch_runs_and_learns(setup, switches):
     experts, x, y = setup
     result = match_trajectories(_cfg(iterations=3, **switches), experts, x, y, num_classes=NUM_CLASSES)
     assert result.images.shape == (3, 3, 8, 8) and result.labels.tolist() == [0, 1, 2]
-    assert len(result.losses) == 3 and all(l > 0 for l in result.losses)
+    assert len(result.losses) == 3 and all(loss > 0 for loss in result.losses)
     assert result.lr > 0 and result.lr != 0.01
     if result.init_images is not None:
         assert not torch.equal(result.images, result.init_images), "the images moved"
@@ -222,8 +255,12 @@ def test_switches_change_the_result(setup):
     experts, x, y = setup
     run = lambda **kw: match_trajectories(_cfg(iterations=2, **kw), experts, x, y, num_classes=NUM_CLASSES)  # noqa: E731
     base = run().images
-    for kw in ({"balance_loss": True}, {"intermediate_loss": "constant"}, {"weight_perturb": 1.0},
-               {"student_momentum": 0.9}):
+    for kw in (
+        {"balance_loss": True},
+        {"intermediate_loss": "constant"},
+        {"weight_perturb": 1.0},
+        {"student_momentum": 0.9},
+    ):
         assert not torch.allclose(run(**kw).images, base), kw
     torch.testing.assert_close(run(memory="constant").images, base, rtol=1e-4, atol=1e-5)
 
@@ -247,8 +284,15 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(setup, tmp_path):
     with pytest.raises(Crash):
         match_trajectories(cfg, experts, x, y, num_classes=NUM_CLASSES, work_dir=tmp_path, progress=crash_at_3)
     seen = []
-    resumed = match_trajectories(cfg, experts, x, y, num_classes=NUM_CLASSES, work_dir=tmp_path,
-                                 progress=lambda step, total, **m: seen.append(step))
+    resumed = match_trajectories(
+        cfg,
+        experts,
+        x,
+        y,
+        num_classes=NUM_CLASSES,
+        work_dir=tmp_path,
+        progress=lambda step, total, **m: seen.append(step),
+    )
     assert resumed.resumed_from == 2 and seen == [3, 4, 5]
     assert torch.equal(resumed.images, whole.images) and resumed.lr == whole.lr
     assert resumed.losses == whole.losses and resumed.start_epochs == whole.start_epochs
@@ -256,12 +300,14 @@ def test_resume_after_a_crash_gives_the_uninterrupted_result(setup, tmp_path):
     # finished: a re-run returns at once; more iterations extend it
     again = match_trajectories(cfg, experts, x, y, num_classes=NUM_CLASSES, work_dir=tmp_path)
     assert again.resumed_from == 5 and torch.equal(again.images, whole.images)
-    longer = match_trajectories(cfg.model_copy(update={"iterations": 6}), experts, x, y, num_classes=NUM_CLASSES,
-                                work_dir=tmp_path)
+    longer = match_trajectories(
+        cfg.model_copy(update={"iterations": 6}), experts, x, y, num_classes=NUM_CLASSES, work_dir=tmp_path
+    )
     assert longer.resumed_from == 5 and len(longer.losses) == 6
     with pytest.raises(MatchingError, match="belongs to another run"):
-        match_trajectories(cfg.model_copy(update={"lr_img": 5.0}), experts, x, y, num_classes=NUM_CLASSES,
-                           work_dir=tmp_path)
+        match_trajectories(
+            cfg.model_copy(update={"lr_img": 5.0}), experts, x, y, num_classes=NUM_CLASSES, work_dir=tmp_path
+        )
 
 
 def _poisoned(monkeypatch, at_calls: set[int], kind: str):
@@ -298,8 +344,9 @@ def test_rollback_returns_to_the_checkpoint_with_a_smaller_image_lr(setup, monke
     _poisoned(monkeypatch, {3}, "nan")  # iteration 3; last checkpoint at 2
     seen = []
     cfg = _cfg(iterations=4, on_divergence="rollback", rollback_factor=0.5)
-    result = match_trajectories(cfg, experts, x, y, num_classes=NUM_CLASSES,
-                                progress=lambda s, t, **m: seen.append((s, m["lr_img"])))
+    result = match_trajectories(
+        cfg, experts, x, y, num_classes=NUM_CLASSES, progress=lambda s, t, **m: seen.append((s, m["lr_img"]))
+    )
     assert result.rollbacks == 1 and len(result.losses) == 4
     assert seen == [(1, 10.0), (2, 10.0), (3, 5.0), (4, 5.0)]
     _poisoned(monkeypatch, {1, 2, 3}, "nan")
@@ -314,8 +361,9 @@ def test_image_ema_equals_its_formula_and_survives_a_resume(setup, tmp_path):
     """EMA images = sum_s (1-d) d^(t-s) x_s / (1 - d^t) over the iterates x_1..x_t; the dynamics are unchanged."""
     experts, x, y = setup
     d, t = 0.6, 3
-    iterates = [match_trajectories(_cfg(iterations=s), experts, x, y, num_classes=NUM_CLASSES).images
-                for s in range(1, t + 1)]
+    iterates = [
+        match_trajectories(_cfg(iterations=s), experts, x, y, num_classes=NUM_CLASSES).images for s in range(1, t + 1)
+    ]
     ema = match_trajectories(_cfg(iterations=t, ema_decay=d), experts, x, y, num_classes=NUM_CLASSES)
     expected = sum((1 - d) * d ** (t - s) * iterates[s - 1] for s in range(1, t + 1)) / (1 - d**t)
     torch.testing.assert_close(ema.images, expected, rtol=1e-5, atol=1e-6)
@@ -324,8 +372,9 @@ def test_image_ema_equals_its_formula_and_survives_a_resume(setup, tmp_path):
     # the accumulator rides in the checkpoint: 2 iterations, then resumed to 3, gives the same EMA
     cfg = _cfg(iterations=2, ema_decay=d, checkpoint_every=1)
     match_trajectories(cfg, experts, x, y, num_classes=NUM_CLASSES, work_dir=tmp_path)
-    resumed = match_trajectories(cfg.model_copy(update={"iterations": t}), experts, x, y, num_classes=NUM_CLASSES,
-                                 work_dir=tmp_path)
+    resumed = match_trajectories(
+        cfg.model_copy(update={"iterations": t}), experts, x, y, num_classes=NUM_CLASSES, work_dir=tmp_path
+    )
     assert resumed.resumed_from == 2
     torch.testing.assert_close(resumed.images, ema.images, rtol=0, atol=0)
 
@@ -336,10 +385,15 @@ def test_soft_labels_start_from_the_experts_logits_and_receive_a_gradient(setup)
     result = match_trajectories(cfg, experts, x, y, num_classes=NUM_CLASSES)
     student = Student(experts.meta, torch.device("cpu"))
     with torch.no_grad():
-        mean_logits = torch.stack([student(experts.reader(i).snapshot(experts.reader(i).last_epoch), result.init_images)
-                                   for i in range(len(experts))]).mean(0)
-    torch.testing.assert_close(matching.initial_soft_labels(cfg, experts, result.init_images, torch.device("cpu")),
-                               mean_logits)
+        mean_logits = torch.stack(
+            [
+                student(experts.reader(i).snapshot(experts.reader(i).last_epoch), result.init_images)
+                for i in range(len(experts))
+            ]
+        ).mean(0)
+    torch.testing.assert_close(
+        matching.initial_soft_labels(cfg, experts, result.init_images, torch.device("cpu")), mean_logits
+    )
     assert result.soft_labels.shape == (6, NUM_CLASSES)
     assert not torch.allclose(result.soft_labels, mean_logits), "the labels were updated"
     # fixed soft labels (lr_labels 0) stay where they started
@@ -350,8 +404,14 @@ def test_soft_labels_start_from_the_experts_logits_and_receive_a_gradient(setup)
     student64 = Student(experts.meta, torch.device("cpu"), torch.float64)
     images = x[[0, 1, 12, 13, 24, 25]].double()
     logits = torch.randn(6, NUM_CLASSES, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    seg = sample_segment(_cfg(ipc=2, dsa=None, student_momentum=0.5), experts, 6, torch.Generator().manual_seed(3),
-                         torch.device("cpu"), torch.float64)
+    seg = sample_segment(
+        _cfg(ipc=2, dsa=None, student_momentum=0.5),
+        experts,
+        6,
+        torch.Generator().manual_seed(3),
+        torch.device("cpu"),
+        torch.float64,
+    )
     lr = torch.tensor(0.02, dtype=torch.float64)
     unrolled = matching_grad("unrolled", student64, images, logits, lr, seg, learn_labels=True)
     constant = matching_grad("constant", student64, images, logits, lr, seg, learn_labels=True)
@@ -368,8 +428,17 @@ def test_difficulty_window_moves_and_defaults_draw_as_before(setup):
     # upper end: 1 + (2 - 1) * (it - 1) // 4, capped at 2
     assert [matching.start_window(cfg, it)[1] for it in (1, 4, 5, 9, 100)] == [1, 1, 2, 2, 2]
     assert matching.start_window(cfg, 1)[0] == 1
-    draws = lambda c, it: {sample_segment(c, experts, 3, torch.Generator().manual_seed(s), torch.device("cpu"),  # noqa: E731
-                                          iteration=it).start_epoch for s in range(40)}
+    draws = lambda c, it: {  # noqa: E731
+        sample_segment(
+            c,
+            experts,
+            3,
+            torch.Generator().manual_seed(s),
+            torch.device("cpu"),
+            iteration=it,
+        ).start_epoch
+        for s in range(40)
+    }
     assert draws(cfg, 1) == {1} and draws(cfg, 9) == {1, 2}
     # the defaults draw exactly what TrajectorySet.random_segment draws from the same generator
     plain = _cfg(max_start_epoch=2)

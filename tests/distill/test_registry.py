@@ -15,9 +15,21 @@ from dp4tl.methods import PRUNE_METHODS
 from dp4tl.selection import SELECTORS
 
 ALL = {
-    "net": NETS, "norm": NORMS, "act": ACTS, "pooling": POOLS, "augment": AUGMENTS, "optimizer": OPTIMIZERS,
-    "schedule": SCHEDULES, "loss": LOSSES, "expert recipe": RECIPES, "init": INITS, "memory mode": MEMORY_MODES,
-    "pool_mode": POOL_MODES, "method": METHODS, "selector": SELECTORS, "pruning method": PRUNE_METHODS,
+    "net": NETS,
+    "norm": NORMS,
+    "act": ACTS,
+    "pooling": POOLS,
+    "augment": AUGMENTS,
+    "optimizer": OPTIMIZERS,
+    "schedule": SCHEDULES,
+    "loss": LOSSES,
+    "expert recipe": RECIPES,
+    "init": INITS,
+    "memory mode": MEMORY_MODES,
+    "pool_mode": POOL_MODES,
+    "method": METHODS,
+    "selector": SELECTORS,
+    "pruning method": PRUNE_METHODS,
     "dataset format": SOURCE_FORMATS,
 }
 

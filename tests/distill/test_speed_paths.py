@@ -22,8 +22,14 @@ def _problem(norm: str = "instance", momentum: float = 0.5, soft: bool = False, 
     torch.manual_seed(0)
     kwargs = {"width": 6, "depth": 2, "norm": norm}
     net = create_net("convnet", num_classes=4, image_size=16, **kwargs)
-    meta = {"layout": layout_to_json(param_layout(net)), "net": "convnet", "net_kwargs": kwargs,
-            "num_classes": 4, "channels": 3, "image_size": 16}
+    meta = {
+        "layout": layout_to_json(param_layout(net)),
+        "net": "convnet",
+        "net_kwargs": kwargs,
+        "num_classes": 4,
+        "channels": 3,
+        "image_size": 16,
+    }
     student = Student(meta, torch.device("cpu"), torch.float64)
     start = flatten_params(net).double()
     g = torch.Generator().manual_seed(1)
@@ -31,8 +37,7 @@ def _problem(norm: str = "instance", momentum: float = 0.5, soft: bool = False, 
     labels = torch.randn(8, 4, generator=g, dtype=torch.float64) if soft else torch.arange(4).repeat_interleave(2)
     target = start + 0.05 * torch.randn(start.shape, generator=g, dtype=torch.float64)
     middle = start + 0.02 * torch.randn(start.shape, generator=g, dtype=torch.float64)
-    plan = [(torch.randperm(8, generator=g)[:6], sample_params(6, DSAConfig(), g))
-            for _ in range(steps)]
+    plan = [(torch.randperm(8, generator=g)[:6], sample_params(6, DSAConfig(), g)) for _ in range(steps)]
     seg = Segment(start, [(2, middle, 0.5), (steps, target, 1.0)], plan, momentum=momentum)
     return student, images, labels, torch.tensor(0.05, dtype=torch.float64), seg
 
@@ -40,9 +45,14 @@ def _problem(norm: str = "instance", momentum: float = 0.5, soft: bool = False, 
 def _segmented(problem, keep: int, learn_labels: bool = False) -> tuple:
     """matching._segmented on leaves prepared as matching_grad prepares them."""
     student, images, labels, lr, seg = problem
-    return matching._segmented(student, images.detach().requires_grad_(True),
-                               labels.detach().requires_grad_(learn_labels), lr.detach().requires_grad_(True),
-                               seg, keep=keep)
+    return matching._segmented(
+        student,
+        images.detach().requires_grad_(True),
+        labels.detach().requires_grad_(learn_labels),
+        lr.detach().requires_grad_(True),
+        seg,
+        keep=keep,
+    )
 
 
 def _assert_same(got: tuple, want: tuple) -> None:
@@ -150,8 +160,11 @@ def test_batched_evaluation_equals_one_by_one(augment):
     from distill.train import TrainConfig
 
     x, y, tx, ty = _eval_data()
-    cfg = EvalConfig(net_kwargs={"width": 8, "depth": 2, "norm": "instance"},
-                     train=TrainConfig(epochs=6, batch_size=10, lr=0.05, momentum=0.9, augment=augment), num_models=3)
+    cfg = EvalConfig(
+        net_kwargs={"width": 8, "depth": 2, "norm": "instance"},
+        train=TrainConfig(epochs=6, batch_size=10, lr=0.05, momentum=0.9, augment=augment),
+        num_models=3,
+    )
     one = evaluate_seeds(x, y, tx, ty, cfg, num_classes=3, seeds=[0, 1, 2], batched=False, device="cpu")
     together = evaluate_seeds(x, y, tx, ty, cfg, num_classes=3, seeds=[0, 1, 2], batched=True, device="cpu")
     assert [r["seed"] for r in together] == [0, 1, 2]
@@ -244,9 +257,14 @@ def test_bf16_matching_runs_on_cpu_close_to_fp32(fast):
 
     student, images, labels, lr, seg = _float32_problem()
     if not fast:
-        meta = {"layout": layout_to_json(param_layout(student.net)), "net": "convnet",
-                "net_kwargs": {"width": 6, "depth": 2, "norm": "instance"}, "num_classes": 4, "channels": 3,
-                "image_size": 16}
+        meta = {
+            "layout": layout_to_json(param_layout(student.net)),
+            "net": "convnet",
+            "net_kwargs": {"width": 6, "depth": 2, "norm": "instance"},
+            "num_classes": 4,
+            "channels": 3,
+            "image_size": 16,
+        }
         student = Student(meta, torch.device("cpu"), torch.float32, fast=False)
     want = matching_grad("unrolled", student, images, labels, lr, seg)
     with precision_context("tf32", "cpu"):
@@ -267,18 +285,29 @@ def test_bf16_evaluation_and_experts_run_on_cpu_close_to_fp32(tmp_path):
     x, y, tx, ty = _eval_data()
     rows = {}
     for precision in ("fp32", "bf16"):
-        cfg = EvalConfig(net_kwargs={"width": 8, "depth": 2}, precision=precision,
-                         train=TrainConfig(epochs=8, batch_size=12, lr=0.05, augment="none"))
+        cfg = EvalConfig(
+            net_kwargs={"width": 8, "depth": 2},
+            precision=precision,
+            train=TrainConfig(epochs=8, batch_size=12, lr=0.05, augment="none"),
+        )
         rows[precision] = evaluate_set(x, y, tx, ty, cfg, num_classes=3, seed=0, device="cpu")
     assert rows["bf16"]["test_loss"] != rows["fp32"]["test_loss"]
     assert rows["bf16"]["test_acc"] == pytest.approx(rows["fp32"]["test_acc"], abs=0.1)
     assert rows["bf16"]["test_loss"] == pytest.approx(rows["fp32"]["test_loss"], rel=0.15)
     finals = {}
     for precision in ("fp32", "bf16"):
-        cfg = ExpertConfig(net_kwargs={"width": 4, "depth": 2}, epochs=3, batch_size=12, lr=0.05, num_experts=1,
-                           augment="none", precision=precision)
-        out = train_expert(cfg, x, y, tx, ty, num_classes=3, expert_id=0, out_path=tmp_path / precision / "e.parquet",
-                           device="cpu")
+        cfg = ExpertConfig(
+            net_kwargs={"width": 4, "depth": 2},
+            epochs=3,
+            batch_size=12,
+            lr=0.05,
+            num_experts=1,
+            augment="none",
+            precision=precision,
+        )
+        out = train_expert(
+            cfg, x, y, tx, ty, num_classes=3, expert_id=0, out_path=tmp_path / precision / "e.parquet", device="cpu"
+        )
         finals[precision] = out
     assert finals["bf16"]["test_acc"] == pytest.approx(finals["fp32"]["test_acc"], abs=0.15)
 

@@ -50,8 +50,9 @@ CFG = SSLConfig(net_kwargs={"widths": [4, 8]}, projector=[16, 16], epochs=3, bat
 
 def test_teacher_trains_saves_and_is_reused(tmp_path):
     seen = []
-    first = train_teacher(CFG, IMAGES, out_dir=tmp_path, dataset_fingerprint="d",
-                          progress=lambda s, t, **m: seen.append((s, t)))
+    first = train_teacher(
+        CFG, IMAGES, out_dir=tmp_path, dataset_fingerprint="d", progress=lambda s, t, **m: seen.append((s, t))
+    )
     assert seen == [(1, 3), (2, 3), (3, 3)] and not first["reused"]
     assert first["feature_dim"] == 8 * 4 * 4 and len(first["history"]) == 3
     assert not (tmp_path / "ckpt").exists(), "the checkpoint is removed once the teacher is written"

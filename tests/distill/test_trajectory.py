@@ -32,9 +32,17 @@ NUM_PARAMS = sum(p.numel() for p in _net().parameters())
 
 def _meta(**changes) -> dict:
     meta = {
-        "net": "convnet", "net_kwargs": NET_KWARGS, "num_classes": 3, "channels": 3, "image_size": 16,
-        "recipe": {"recipe": "mtt", "lr": 0.01}, "dataset_fingerprint": "data-1",
-        "preprocessor_fingerprint": "prep-1", "seed": 0, "complete": True, "epochs_planned": 4,
+        "net": "convnet",
+        "net_kwargs": NET_KWARGS,
+        "num_classes": 3,
+        "channels": 3,
+        "image_size": 16,
+        "recipe": {"recipe": "mtt", "lr": 0.01},
+        "dataset_fingerprint": "data-1",
+        "preprocessor_fingerprint": "prep-1",
+        "seed": 0,
+        "complete": True,
+        "epochs_planned": 4,
     }
     return {**meta, **changes}
 
@@ -43,10 +51,19 @@ def _snapshots(epochs: int, seed: int = 0, num_params: int = NUM_PARAMS) -> list
     g = torch.Generator().manual_seed(seed)
     snaps = [Snapshot(0, torch.randn(num_params, generator=g), test_acc=0.3, test_loss=1.1)]
     for e in range(1, epochs + 1):
-        snaps.append(Snapshot(
-            e, torch.randn(num_params, generator=g), train_acc=0.5 + e / 100, train_loss=1.0 / e, loss=0.9 / e,
-            grad_penalty=0.0, test_acc=0.4 + e / 100, test_loss=1.2 / e, lr=0.01,
-        ))
+        snaps.append(
+            Snapshot(
+                e,
+                torch.randn(num_params, generator=g),
+                train_acc=0.5 + e / 100,
+                train_loss=1.0 / e,
+                loss=0.9 / e,
+                grad_penalty=0.0,
+                test_acc=0.4 + e / 100,
+                test_loss=1.2 / e,
+                lr=0.01,
+            )
+        )
     return snaps
 
 

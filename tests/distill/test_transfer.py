@@ -8,10 +8,12 @@ from pydantic import ValidationError
 from distill.train import TrainConfig
 from distill.transfer import TransferConfig, backbone, fine_tune, linear_probe, pretrain, transfer
 
-PROBE = TrainConfig(epochs=60, batch_size=32, lr=0.05, optimizer="adam", weight_decay=0.0, schedule="cosine",
-                    augment="none")
-QUICK = TrainConfig(epochs=2, batch_size=16, lr=0.05, momentum=0.9, weight_decay=0.0, schedule="cosine",
-                    augment="flip_crop")
+PROBE = TrainConfig(
+    epochs=60, batch_size=32, lr=0.05, optimizer="adam", weight_decay=0.0, schedule="cosine", augment="none"
+)
+QUICK = TrainConfig(
+    epochs=2, batch_size=16, lr=0.05, momentum=0.9, weight_decay=0.0, schedule="cosine", augment="flip_crop"
+)
 SMALL = TransferConfig(net_kwargs={"width": 4, "depth": 2}, pretrain=QUICK, linear_probe=PROBE, fine_tune=QUICK)
 
 

@@ -37,8 +37,12 @@ def world():
     )
     net = train_surrogate(cfg, source_x, source_y, 6, device="cpu")
     inputs = SelectionInputs(
-        num_classes=6, surrogate=net, target_x=_patterns(target_y, seed=1),
-        source_x=source_x, source_y=source_y, device="cpu",
+        num_classes=6,
+        surrogate=net,
+        target_x=_patterns(target_y, seed=1),
+        source_x=source_x,
+        source_y=source_y,
+        device="cpu",
     )
     return inputs, source_y
 
@@ -73,7 +77,9 @@ def test_moderate_keeps_the_same_image_budget(world):
 
 def test_every_method_names_a_registered_selector():
     assert {m.selector for m in PRUNE_METHODS.values()} <= set(SELECTORS)
-    with pytest.raises(ValueError, match="unknown pruning method 'top'; valid: lm, lm_soft, fm, fm_kmeans, random, lm_bottom, moderate"):
+    with pytest.raises(
+        ValueError, match="unknown pruning method 'top'; valid: lm, lm_soft, fm, fm_kmeans, random, lm_bottom, moderate"
+    ):
         get_method("top")
 
 

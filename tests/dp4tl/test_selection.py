@@ -6,7 +6,6 @@ Inputs are built so the right answer is known: a fake surrogate whose logits are
 
 from __future__ import annotations
 
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -141,8 +140,12 @@ def test_every_selector_scores_every_class(name):
     g = torch.Generator().manual_seed(0)
     net = create_net("convnet", num_classes=4, channels=3, image_size=8, width=4, depth=1)
     inputs = SelectionInputs(
-        num_classes=4, surrogate=net, target_x=torch.randn(10, 3, 8, 8, generator=g),
-        source_x=torch.randn(24, 3, 8, 8, generator=g), source_y=torch.arange(24) % 4, device="cpu",
+        num_classes=4,
+        surrogate=net,
+        target_x=torch.randn(10, 3, 8, 8, generator=g),
+        source_x=torch.randn(24, 3, 8, 8, generator=g),
+        source_y=torch.arange(24) % 4,
+        device="cpu",
     )
     a, b = select_classes(name, inputs), select_classes(name, inputs)
     assert a.num_classes == 4 and torch.equal(a.ranking, b.ranking)  # deterministic given the inputs

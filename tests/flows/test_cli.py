@@ -26,8 +26,14 @@ def test_results_shows_the_newest_table_with_its_notes(tmp_path):
     _publish(store, "transfer-metrics", "summary.parquet", [{"method": "lm", "linear_probe_acc_mean": 0.4}], "prune-x")
     assert "prune-x" in results(store_uri=str(tmp_path)) and "baseline-x" not in results(store_uri=str(tmp_path))
     time.sleep(1.1)  # created_at has one-second resolution
-    _publish(store, "pipeline-report", "report.parquet", [{"path": "prune -> KRR-ST", "method": "krr-st"}],
-             "pipeline-x", notes=["lm kept 5 of 10 source classes"])
+    _publish(
+        store,
+        "pipeline-report",
+        "report.parquet",
+        [{"path": "prune -> KRR-ST", "method": "krr-st"}],
+        "pipeline-x",
+        notes=["lm kept 5 of 10 source classes"],
+    )
     newest = results(store_uri=str(tmp_path))
     assert "pipeline-x" in newest and "- lm kept 5 of 10" in newest and "| krr-st |" in newest
     assert "baseline-x" not in newest and "baseline-x" in results(True, str(tmp_path))

@@ -1,4 +1,5 @@
-"""End to end: `prefect deploy` + a process worker + `prefect deployment run --watch` of baseline/tiny and pipeline/tiny.
+"""End to end: `prefect deploy` + a process worker + `prefect deployment run --watch` of baseline/tiny and
+pipeline/tiny.
 
 Everything is real: the session's Prefect server, a `prefect worker start` subprocess on a
 process work pool, local Ray inside the flow run, Parquet artifacts on disk. The second run
@@ -28,7 +29,9 @@ def _prefect(*args: str, env: dict[str, str], timeout: float = 600) -> subproces
     if proc.returncode != 0:
         log = Path(env.get("DISTILLERY_TEST_WORKER_LOG", "/nonexistent"))
         worker = log.read_text(errors="replace")[-6000:] if log.exists() else ""
-        pytest.fail(f"prefect {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\nworker log:\n{worker}")
+        pytest.fail(
+            f"prefect {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\nworker log:\n{worker}"
+        )
     return proc
 
 
@@ -47,7 +50,11 @@ def deployed(prefect_server, tmp_path_factory):
     log = open(store.parent / "worker.log", "wb")
     worker = subprocess.Popen(
         [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--type", "process"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     yield env, store
     os.killpg(worker.pid, 15)
@@ -81,7 +88,9 @@ async def _last_run(flow: str, name: str):
         )
         run = runs[0]
         task_runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
-        artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+        artifacts = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))
+        )
         return run, task_runs, artifacts
 
 
@@ -120,8 +129,14 @@ def test_deployment_run_baseline_tiny(deployed):
     # Second run: same parameters, so every stage is reused from the store / Prefect cache; followed
     # the way `make demo` follows its run (flows.watch: one line per stage, not the event stream).
     t0 = time.monotonic()
-    watch = subprocess.run([sys.executable, "-m", "flows.watch", "run", "baseline/tiny", "--interval", "0.5"],
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    watch = subprocess.run(
+        [sys.executable, "-m", "flows.watch", "run", "baseline/tiny", "--interval", "0.5"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     second_s = time.monotonic() - t0
     assert watch.returncode == 0, watch.stdout[-3000:] + watch.stderr[-3000:]
     lines = watch.stdout.splitlines()

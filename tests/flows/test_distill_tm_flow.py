@@ -73,13 +73,15 @@ def test_distill_tm_tiny_end_to_end(prefect_server, hf_datasets, tmp_path):
     pre = Preprocessor.from_bytes(open(f"{uri}/preprocessor.safetensors", "rb").read())
     test = load_images(str(DATA / "cifar10"), "test", classes=[0, 1, 2], per_class=10, seed=0)
     recipe = meta["recipe"]
-    eval_cfg = EvalConfig(net=recipe["net"], net_kwargs=recipe["net_kwargs"], train=recipe["train"],
-                          num_models=1, use_learned_lr=False)
+    eval_cfg = EvalConfig(
+        net=recipe["net"], net_kwargs=recipe["net_kwargs"], train=recipe["train"], num_models=1, use_learned_lr=False
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the Ray task had (num_cpus 1): same float reduction order, same bits
     try:
-        again = evaluate_set(pixels.float(), labels.long(), pre(test.images), test.labels, eval_cfg,
-                             num_classes=3, seed=0, device="cpu")
+        again = evaluate_set(
+            pixels.float(), labels.long(), pre(test.images), test.labels, eval_cfg, num_classes=3, seed=0, device="cpu"
+        )
     finally:
         torch.set_num_threads(threads)
     from distill.formats import read_metrics

@@ -28,8 +28,10 @@ def test_every_preset_is_a_valid_config(flow_name):
         ({"selection": {"ratios": [0.0]}}, "strictly between 0 and 1"),
         ({"selection": {"methods": ["best"]}}, "unknown pruning method 'best'; valid: lm, lm_soft, fm, fm_kmeans"),
         ({"selection": {"methods": ["lm", "lm"]}}, "distinct"),
-        ({"selection": {"resize_target": False}, "target": {"source": "x", "image_size": 64}},
-         "resize_target is false"),
+        (
+            {"selection": {"resize_target": False}, "target": {"source": "x", "image_size": 64}},
+            "resize_target is false",
+        ),
         ({"surrogate": {"net": "vgg"}}, "(registered nets|valid): convnet"),
         ({"transfer": {"net_kwargs": {"wdith": 8}}}, "unknown argument"),
     ],
@@ -87,8 +89,11 @@ def test_prune_eval_tiny_selects_pretrains_reports_and_reuses(prefect_server, tm
 
     with get_client(sync_client=True) as client:
         keys = {a.key for a in client.read_artifacts() if a.key}
-    assert {"prune-tiny-imagenet-200-to-cifar10-classes", "prune-eval-tiny-imagenet-200-to-cifar10-plot",
-            "prune-eval-tiny-imagenet-200-to-cifar10-summary"} <= keys
+    assert {
+        "prune-tiny-imagenet-200-to-cifar10-classes",
+        "prune-eval-tiny-imagenet-200-to-cifar10-plot",
+        "prune-eval-tiny-imagenet-200-to-cifar10-summary",
+    } <= keys
 
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if ".work" not in p.parts}
     again = prune_eval(cfg)

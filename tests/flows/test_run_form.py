@@ -18,8 +18,15 @@ from flows.experts import ExpertsConfig
 from flows.pipeline import PipelineConfig
 from flows.prune import PruneConfig, PruneEvalConfig
 
-FLOW_CONFIGS = [BaselineConfig, ExpertsConfig, PruneConfig, PruneEvalConfig, DistillTMConfig, DistillKRRConfig,
-                PipelineConfig]
+FLOW_CONFIGS = [
+    BaselineConfig,
+    ExpertsConfig,
+    PruneConfig,
+    PruneEvalConfig,
+    DistillTMConfig,
+    DistillKRRConfig,
+    PipelineConfig,
+]
 
 
 def _refs(prop: dict) -> list[str]:

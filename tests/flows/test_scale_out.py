@@ -67,8 +67,14 @@ def _kill_group(proc: subprocess.Popen, grace_s: float = 30) -> None:
 
 def _run_flow(env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
     """`python -m flows.baseline --preset tiny` in a subprocess (its own Ray driver and environment)."""
-    proc = subprocess.run([sys.executable, "-m", "flows.baseline", "--preset", "tiny"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.baseline", "--preset", "tiny"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, f"flow failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
 
@@ -129,11 +135,19 @@ def test_store_and_distilled_format_round_trip_on_s3(s3_env):
     labels = torch.tensor([0, 1, 0, 1])
 
     def write(staging):
-        write_distilled(staging.path, pixels=pixels, labels=labels, class_names=["cat", "dog"],
-                        preprocessor_config={"kind": "normalize"},
-                        preprocessor_tensors={"mean": torch.zeros(3), "std": torch.ones(3)},
-                        recipe={"lr": 0.01}, method="random-real", provenance={"test": True},
-                        learned_lr=0.01, filesystem=staging.fs)
+        write_distilled(
+            staging.path,
+            pixels=pixels,
+            labels=labels,
+            class_names=["cat", "dog"],
+            preprocessor_config={"kind": "normalize"},
+            preprocessor_tensors={"mean": torch.zeros(3), "std": torch.ones(3)},
+            recipe={"lr": 0.01},
+            method="random-real",
+            provenance={"test": True},
+            learned_lr=0.01,
+            filesystem=staging.fs,
+        )
         return {"rows": len(pixels)}
 
     art = store.publish("random-real", "k0", write, config={"ipc": 2})
@@ -201,17 +215,38 @@ def ray_cluster():
     log = Path(temp) / "start.log"
     procs = []
     with open(log, "ab") as out:
-        procs.append(subprocess.Popen(
-            [_ray_cmd(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", *common],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                [
+                    _ray_cmd(),
+                    "start",
+                    "--head",
+                    "--node-ip-address=127.0.0.1",
+                    f"--port={port}",
+                    "--include-dashboard=true",
+                    "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dash}",
+                    *common,
+                ],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
     address, dashboard = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
     try:
         _wait(lambda: _http_ok(f"{dashboard}/api/version"), "Ray head and dashboard", 180, log)
         with open(log, "ab") as out:
-            procs.append(subprocess.Popen(
-                [_ray_cmd(), "start", f"--address={address}", "--node-ip-address=127.0.0.1", *common],
-                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    [_ray_cmd(), "start", f"--address={address}", "--node-ip-address=127.0.0.1", *common],
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
         _wait(lambda: len(_alive_nodes(dashboard)) == 2, "second Ray node", 120, log)
         yield {"address": address, "dashboard": dashboard, "temp": temp, "env": {"RAY_AUTH_MODE": "disabled"}}
     finally:
@@ -268,8 +303,12 @@ def test_flow_runs_its_tasks_on_a_two_node_ray_cluster(ray_cluster, prefect_serv
     assert len(nodes) == 2
     jobs_before = {t["job_id"] for t in _state(ray_cluster["dashboard"], "tasks")}
 
-    env = {**os.environ, **ray_cluster["env"], "RAY_ADDRESS": ray_cluster["address"],
-           "DISTILLERY_STORE": str(tmp_path / "store")}
+    env = {
+        **os.environ,
+        **ray_cluster["env"],
+        "RAY_ADDRESS": ray_cluster["address"],
+        "DISTILLERY_STORE": str(tmp_path / "store"),
+    }
     proc = _run_flow(env)
     assert "Started a local Ray instance" not in proc.stderr, "the flow must join the cluster, not start its own Ray"
 
@@ -358,28 +397,56 @@ print("TOTAL", smoke())
 def test_prefect_server_on_postgres_records_a_flow_run(postgres, tmp_path):
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
-           "PREFECT_SERVER_API_PORT": str(port), "PREFECT_API_DATABASE_CONNECTION_URL": postgres["url"],
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_API_DATABASE_CONNECTION_URL": postgres["url"],
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    }
     log = tmp_path / "server.log"
     with open(log, "wb") as out:
-        server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                   "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         _wait(lambda: _http_ok(f"{api}/health"), "Prefect server on PostgreSQL", 180, log)
-        done = subprocess.run([sys.executable, "-c", _TINY_FLOW], env=env, capture_output=True, text=True,
-                              timeout=300, cwd=tmp_path)
+        done = subprocess.run(
+            [sys.executable, "-c", _TINY_FLOW], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path
+        )
         assert done.returncode == 0 and "TOTAL 14" in done.stdout, done.stderr[-3000:]
 
-        runs = httpx.post(f"{api}/flow_runs/filter", json={"flows": {"name": {"any_": ["postgres-smoke"]}}},
-                          timeout=30).raise_for_status().json()
+        runs = (
+            httpx.post(f"{api}/flow_runs/filter", json={"flows": {"name": {"any_": ["postgres-smoke"]}}}, timeout=30)
+            .raise_for_status()
+            .json()
+        )
         assert len(runs) == 1 and runs[0]["state_type"] == "COMPLETED", runs
         # The run lives in PostgreSQL itself, not in a SQLite file beside the server.
-        query = ("select f.name, r.state_type, (select count(*) from task_run t where t.flow_run_id = r.id) "
-                 "from flow_run r join flow f on f.id = r.flow_id")
-        psql = postgres["as_owner"](_pg_bin("psql"), "-h", "127.0.0.1", "-p", str(postgres["port"]), "-U",
-                                    "prefect", "-d", "prefect", "-At", "-c", query)
+        query = (
+            "select f.name, r.state_type, (select count(*) from task_run t where t.flow_run_id = r.id) "
+            "from flow_run r join flow f on f.id = r.flow_id"
+        )
+        psql = postgres["as_owner"](
+            _pg_bin("psql"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(postgres["port"]),
+            "-U",
+            "prefect",
+            "-d",
+            "prefect",
+            "-At",
+            "-c",
+            query,
+        )
         assert psql.stdout.split() == ["postgres-smoke|COMPLETED|4"], psql.stdout + psql.stderr
         assert not list((tmp_path / "prefect").glob("*.db")), "a SQLite database was created"
     finally:

@@ -41,7 +41,11 @@ from tests.conftest import REPO, data_path
 SCREENSHOTS = REPO / "test-output" / "ui"
 # The flows whose UI is checked; the lead switches the fast one to `pipeline` once it exists.
 # `experts` publishes a markdown report with an inline PNG plot, so it covers the image check.
-UI_FLOWS = ["pipeline", pytest.param("baseline", marks=pytest.mark.slow), pytest.param("experts", marks=pytest.mark.slow)]
+UI_FLOWS = [
+    "pipeline",
+    pytest.param("baseline", marks=pytest.mark.slow),
+    pytest.param("experts", marks=pytest.mark.slow),
+]
 WAIT_S = 45  # the UI is a single-page app: it renders after its own API calls return
 
 
@@ -65,8 +69,15 @@ def browser():
     os.environ.setdefault("SE_OFFLINE", "true")
     options = webdriver.ChromeOptions()
     options.binary_location = chrome
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1440,1200", "--disable-extensions", "--no-first-run"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1440,1200",
+        "--disable-extensions",
+        "--no-first-run",
+    ):
         options.add_argument(arg)  # --no-sandbox: Chromium refuses to run as root with its sandbox
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_bin))
     driver.set_page_load_timeout(60)
@@ -86,16 +97,30 @@ def _run_in_process(flow_name: str, store: Path) -> None:
 def _last_run_with_artifacts(api: str, flow_name: str) -> tuple[dict, list[dict]] | None:
     """The newest completed run of the flow that published artifacts (a fully cached re-run publishes none)."""
     with httpx.Client(base_url=api, timeout=30) as client:
-        runs = client.post("/flow_runs/filter", json={
-            "flows": {"name": {"any_": [flow_name]}},
-            "flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}},
-            "sort": "START_TIME_DESC",
-            "limit": 20,
-        }).raise_for_status().json()
+        runs = (
+            client.post(
+                "/flow_runs/filter",
+                json={
+                    "flows": {"name": {"any_": [flow_name]}},
+                    "flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}},
+                    "sort": "START_TIME_DESC",
+                    "limit": 20,
+                },
+            )
+            .raise_for_status()
+            .json()
+        )
         for run in runs:
-            artifacts = client.post("/artifacts/filter", json={
-                "artifacts": {"flow_run_id": {"any_": [run["id"]]}, "type": {"not_any_": ["result"]}},
-            }).raise_for_status().json()
+            artifacts = (
+                client.post(
+                    "/artifacts/filter",
+                    json={
+                        "artifacts": {"flow_run_id": {"any_": [run["id"]]}, "type": {"not_any_": ["result"]}},
+                    },
+                )
+                .raise_for_status()
+                .json()
+            )
             if any(a.get("key") for a in artifacts):
                 return run, artifacts
     return None
@@ -112,8 +137,10 @@ def _wait_for_text(driver, text: str, what: str) -> None:
         shot = SCREENSHOTS / "failure.png"
         driver.save_screenshot(str(shot))
         body = driver.execute_script("return document.body ? document.body.innerText : ''")
-        pytest.fail(f"{what}: {text!r} not shown after {WAIT_S}s at {driver.current_url} (screenshot {shot}); "
-                    f"page text: {body[:1500]!r}")
+        pytest.fail(
+            f"{what}: {text!r} not shown after {WAIT_S}s at {driver.current_url} (screenshot {shot}); "
+            f"page text: {body[:1500]!r}"
+        )
 
 
 def _settle(driver) -> None:
@@ -125,7 +152,8 @@ def _settle(driver) -> None:
 
     try:
         WebDriverWait(driver, 5, poll_frequency=0.5).until(
-            lambda d: "Waiting for logs" not in d.execute_script("return document.body.innerText"))
+            lambda d: "Waiting for logs" not in d.execute_script("return document.body.innerText")
+        )
     except TimeoutException:
         pass
     time.sleep(2)
@@ -137,8 +165,10 @@ def _click_tab(driver, label: str) -> None:
     from selenium.webdriver.support import expected_conditions as ec
 
     # prefect-design renders tabs as <li class="p-tab"> inside a role=tablist; the rest are fallbacks.
-    xpath = (f"//li[contains(@class,'p-tab')][normalize-space()='{label}'] | "
-             f"//*[@role='tab'][normalize-space()='{label}'] | //button[normalize-space()='{label}']")
+    xpath = (
+        f"//li[contains(@class,'p-tab')][normalize-space()='{label}'] | "
+        f"//*[@role='tab'][normalize-space()='{label}'] | //button[normalize-space()='{label}']"
+    )
     WebDriverWait(driver, WAIT_S, poll_frequency=0.5).until(ec.element_to_be_clickable((By.XPATH, xpath))).click()
 
 
@@ -146,7 +176,9 @@ def _scroll_to(driver, text: str) -> None:
     driver.execute_script(
         "const it = document.evaluate(`//*[normalize-space(text())='${arguments[0]}']`, document, null,"
         " XPathResult.FIRST_ORDERED_NODE_TYPE, null).singleNodeValue;"
-        " if (it) it.scrollIntoView({block: 'start'});", text)
+        " if (it) it.scrollIntoView({block: 'start'});",
+        text,
+    )
 
 
 def _screenshot(driver, name: str, tmp_path: Path) -> Path:
@@ -200,6 +232,9 @@ def test_ui_shows_last_flow_run_and_its_artifacts(flow_name, prefect_server, bro
     # Plots and image grids travel as markdown with inline PNGs: the browser must decode them.
     for art in [a for a in artifacts if a["type"] == "markdown" and "data:image/png" in (a.get("data") or "")][:1]:
         browser.get(f"{ui}/artifacts/artifact/{art['id']}")
-        WebDriverWait(browser, WAIT_S, poll_frequency=0.5).until(lambda d: d.execute_script(
-            "return [...document.images].some(i => i.src.startsWith('data:image/png') && i.naturalWidth > 0)"))
+        WebDriverWait(browser, WAIT_S, poll_frequency=0.5).until(
+            lambda d: d.execute_script(
+                "return [...document.images].some(i => i.src.startsWith('data:image/png') && i.naturalWidth > 0)"
+            )
+        )
         _screenshot(browser, f"{flow_name}-image.png", tmp_path)

@@ -13,8 +13,14 @@ from tests.conftest import data_path
 
 
 def test_stage_line_eta_and_text():
-    line = StageLine("train-expert", state="RUNNING", started=0.0, progress=50.0,
-                     detail="expert 0: loss=1.25, acc=0.41", history=[(0.0, 0.0), (10.0, 50.0)])
+    line = StageLine(
+        "train-expert",
+        state="RUNNING",
+        started=0.0,
+        progress=50.0,
+        detail="expert 0: loss=1.25, acc=0.41",
+        history=[(0.0, 0.0), (10.0, 50.0)],
+    )
     assert line.eta_s(10.0) == pytest.approx(10.0)
     assert line.text(10.0) == "train-expert:  50.0%, ETA 10 s (loss=1.25, acc=0.41)"
     done = StageLine("dataset", state="COMPLETED", started=0.0, finished=125.0)

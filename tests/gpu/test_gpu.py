@@ -37,8 +37,9 @@ _NO_RAY = not all(importlib.util.find_spec(m) for m in ("ray", "prefect", "prefe
         (0.0, 2, 1.0, 2, "cpu"),  # no GPU granted: CPU even though CUDA is visible to the driver
     ],
 )
-def test_task_device_follows_rays_gpu_assignment(prefect_server, ray_logical_gpu, num_gpus, tasks, num_cpus, together,
-                                                 device):
+def test_task_device_follows_rays_gpu_assignment(
+    prefect_server, ray_logical_gpu, num_gpus, tasks, num_cpus, together, device
+):
     """Prefect tasks on the RayTaskRunner under heavy(Resources(...)), the path every stage takes."""
     import ray
     from prefect import flow, task
@@ -55,9 +56,13 @@ def test_task_device_follows_rays_gpu_assignment(prefect_server, ray_logical_gpu
         time.sleep(0.5)  # long enough for a wrongly admitted peer to show up in the peak
         dev = task_device()
         x = torch.arange(4.0, device=dev) * 2
-        info = {"device": dev, "tensor_device": str(x.device), "sum": float(x.sum()),
-                "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-                "assigned_gpu": ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0)}
+        info = {
+            "device": dev,
+            "tensor_device": str(x.device),
+            "sum": float(x.sum()),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "assigned_gpu": ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0),
+        }
         ray.get(gate.leave.remote())
         return info
 
@@ -115,8 +120,12 @@ def test_dsa_replayed_params_give_the_same_gradient_on_cuda():
 @pytest.fixture
 def deterministic_cuda():
     """cuDNN/cuBLAS in deterministic mode: without it two uninterrupted GPU runs may already differ."""
-    saved = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
-             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    saved = (
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     torch.use_deterministic_algorithms(True, warn_only=True)
     yield
@@ -132,8 +141,9 @@ def test_expert_resume_on_cuda_is_bit_identical(tmp_path, deterministic_cuda):
     cfg = _cfg("ast", batch_size=32)  # momentum, gradient penalty, DSA and shuffling state all matter
 
     def train(path, **kwargs) -> dict:
-        return train_expert(cfg, *TRAIN, *TEST, num_classes=NUM_CLASSES, expert_id=5, out_path=path, device="cuda",
-                            **kwargs)
+        return train_expert(
+            cfg, *TRAIN, *TEST, num_classes=NUM_CLASSES, expert_id=5, out_path=path, device="cuda", **kwargs
+        )
 
     whole = tmp_path / "whole" / expert_file(5)
     train(whole)

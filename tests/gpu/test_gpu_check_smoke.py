@@ -29,8 +29,14 @@ def test_gpu_check_smoke_runs_every_check_and_summarizes(prefect_server, tmp_pat
     out = tmp_path / "gpu_check.jsonl"
     env = {**os.environ, "PREFECT_API_URL": prefect_server}  # reuse the session's server
     start = time.monotonic()
-    proc = subprocess.run([str(REPO / "scripts" / "gpu_check.sh"), "--smoke", "--no-record", "--out", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
+    proc = subprocess.run(
+        [str(REPO / "scripts" / "gpu_check.sh"), "--smoke", "--no-record", "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
     wall = time.monotonic() - start
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     rows, summary = lines[:-1], lines[-1]

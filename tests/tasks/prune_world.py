@@ -34,14 +34,25 @@ def write_world(root: Path) -> tuple[Path, Path]:
     names = np.array([f"pattern-{c}" for c in range(6)])
     y_train, y_test = np.arange(6).repeat(30), np.arange(6).repeat(5)
     source = root / "source.npz"
-    np.savez(source, x_train=_images(y_train, 0), y_train=y_train, x_test=_images(y_test, 1), y_test=y_test,
-             class_names=names)
+    np.savez(
+        source,
+        x_train=_images(y_train, 0),
+        y_train=y_train,
+        x_test=_images(y_test, 1),
+        y_test=y_test,
+        class_names=names,
+    )
     t_train, t_test = np.array(TARGET_CLASSES).repeat(12), np.array(TARGET_CLASSES).repeat(6)
     up = lambda x: x.repeat(2, axis=1).repeat(2, axis=2)  # noqa: E731
     target = root / "target.npz"
-    np.savez(target, x_train=up(_images(t_train, 2)), y_train=(t_train == 4).astype(np.int64),
-             x_test=up(_images(t_test, 3)), y_test=(t_test == 4).astype(np.int64),
-             class_names=np.array(["one", "four"]))
+    np.savez(
+        target,
+        x_train=up(_images(t_train, 2)),
+        y_train=(t_train == 4).astype(np.int64),
+        x_test=up(_images(t_test, 3)),
+        y_test=(t_test == 4).astype(np.int64),
+        class_names=np.array(["one", "four"]),
+    )
     return source, target
 
 

@@ -153,11 +153,19 @@ def test_local_ray_keeps_token_auth_without_warning_on_every_run():
     import subprocess
     import sys
 
-    code = ("import os, ray\nfrom tasks.runtime import ray_init_kwargs\nk = ray_init_kwargs(); k['num_cpus'] = 1\n"
-            "ray.init(**k)\nprint('started')\nray.shutdown()\n")
+    code = (
+        "import os, ray\nfrom tasks.runtime import ray_init_kwargs\nk = ray_init_kwargs(); k['num_cpus'] = 1\n"
+        "ray.init(**k)\nprint('started')\nray.shutdown()\n"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], env=env,
-                          capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "started" in proc.stdout
     assert "Token authentication is enabled" not in proc.stderr

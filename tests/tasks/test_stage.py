@@ -117,11 +117,20 @@ EVAL = EvalConfig(net_kwargs={"width": 8, "depth": 1}, num_models=2)
 
 
 def _refs(store: str) -> dict[str, ArtifactRef]:
-    keys = {"dataset": "0123456789abcdef", "target": "fedcba9876543210", "experts": "1111111111111111",
-            "distill-tm": "2222222222222222", "ssl-teacher": "3333333333333333", "krr-st": "4444444444444444",
-            "surrogate": "5555555555555555", "pretrain": "6666666666666666"}
-    return {name: ArtifactRef(store=store, stage="dataset" if name == "target" else name, key=key)
-            for name, key in keys.items()}
+    keys = {
+        "dataset": "0123456789abcdef",
+        "target": "fedcba9876543210",
+        "experts": "1111111111111111",
+        "distill-tm": "2222222222222222",
+        "ssl-teacher": "3333333333333333",
+        "krr-st": "4444444444444444",
+        "surrogate": "5555555555555555",
+        "pretrain": "6666666666666666",
+    }
+    return {
+        name: ArtifactRef(store=store, stage="dataset" if name == "target" else name, key=key)
+        for name, key in keys.items()
+    }
 
 
 def test_dataset_and_evaluation_keys_are_unchanged(tmp_path):
@@ -132,8 +141,10 @@ def test_dataset_and_evaluation_keys_are_unchanged(tmp_path):
     data = DataConfig(source="hub:nonexistent/never-on-disk", image_size=16, classes=[0, 1, 2], train_per_class=20)
     assert stage_key(materialize_dataset, data=data) == "ee10167472e6289a"
     assert stage_key(random_subset, dataset=r["dataset"], ipc=2, seed=1, eval=EVAL) == "b7562f609e5e92a7"
-    assert stage_key(evaluate_distilled, distilled=r["distill-tm"], dataset=r["dataset"], eval=EVAL,
-                     seed=3) == "0ba29e02a4302a60"
+    assert (
+        stage_key(evaluate_distilled, distilled=r["distill-tm"], dataset=r["dataset"], eval=EVAL, seed=3)
+        == "0ba29e02a4302a60"
+    )
 
 
 def test_expert_and_trajectory_matching_keys_are_unchanged(tmp_path):
@@ -175,16 +186,39 @@ def test_krr_keys_are_unchanged(tmp_path):
     r = _refs(str(tmp_path))
     transfer = krr_transfer()  # the KRR stage's default recipe (distill.transfer, issue 13)
     assert stage_key(train_teacher_task, source=r["dataset"], cfg=SSLConfig()) == "f7a02fc96f2c9a59"
-    assert stage_key(distill_krr_st, source=r["dataset"], teacher=r["ssl-teacher"], cfg=KRRConfig(num_images=12),
-                     transfer=transfer) == "a60dfe960f1c2d42"
+    assert (
+        stage_key(
+            distill_krr_st,
+            source=r["dataset"],
+            teacher=r["ssl-teacher"],
+            cfg=KRRConfig(num_images=12),
+            transfer=transfer,
+        )
+        == "a60dfe960f1c2d42"
+    )
     # Moved on purpose with the one transfer recipe (issue 13, 0980e3b: TransferConfig gained `modes` and the
     # shared probe/fine-tune recipes); before it: krr-st 26ec84634a2da720, random-real-targets 70c7775df545940c,
     # teacher 436b677de7be9e0d, no-pretrain 563ec5b4e903c47b.
-    pinned = {"krr-st": "dd80c7d44fe75ecd", "random-real-targets": "3dc3859c98ad864e", "teacher": "3c29e3c7701602fa",
-              "no-pretrain": "cea06203047b09cc"}
+    pinned = {
+        "krr-st": "dd80c7d44fe75ecd",
+        "random-real-targets": "3dc3859c98ad864e",
+        "teacher": "3c29e3c7701602fa",
+        "no-pretrain": "cea06203047b09cc",
+    }
     for method, key in pinned.items():
-        assert stage_key(evaluate_method, method=method, seed=2, source=r["dataset"], teacher=r["ssl-teacher"],
-                         distilled=r["krr-st"], target=r["target"], transfer=transfer) == key, method
+        assert (
+            stage_key(
+                evaluate_method,
+                method=method,
+                seed=2,
+                source=r["dataset"],
+                teacher=r["ssl-teacher"],
+                distilled=r["krr-st"],
+                target=r["target"],
+                transfer=transfer,
+            )
+            == key
+        ), method
     rows = [{"eval_key": "b"}, {"eval_key": "a"}]
     assert stage_key(report_metrics, rows=rows, name="krr-x") == "9fe2e296d6614d2d"
 
@@ -215,8 +249,9 @@ def test_pipeline_report_key_is_unchanged(tmp_path, monkeypatch):
     def table(key: str) -> MetricsTable:
         return MetricsTable(summary=[], ref=ArtifactRef(store=str(tmp_path), stage="krr-metrics", key=key))
 
-    krr = KRRResult(source=r["dataset"], target=r["target"], teacher=r["ssl-teacher"], distilled=r["krr-st"],
-                    metrics=table("a"))
+    krr = KRRResult(
+        source=r["dataset"], target=r["target"], teacher=r["ssl-teacher"], distilled=r["krr-st"], metrics=table("a")
+    )
     results = pipeline.PipelineResults(
         transfer=pipeline.TransferPath(chain=[r["dataset"]], selection=r["dataset"], ratio=0.5, krr=krr),
         target=TMResult(dataset=r["target"], experts=r["experts"], distilled={}, sets=[], metrics=table("b")),
@@ -230,8 +265,10 @@ def test_a_follow_up_matching_switch_names_another_set(tmp_path):
 
     r = _refs(str(tmp_path))
     base = MatchConfig(ipc=2, iterations=7, syn_steps=3, expert_epochs=1, max_start_epoch=2)
-    keys = {stage_key(distill_tm, dataset=r["dataset"], experts=r["experts"], cfg=cfg, eval=EVAL)
-            for cfg in (base, base.model_copy(update={"ema_decay": 0.9}), base.model_copy(update={"iterations": 8}))}
+    keys = {
+        stage_key(distill_tm, dataset=r["dataset"], experts=r["experts"], cfg=cfg, eval=EVAL)
+        for cfg in (base, base.model_copy(update={"ema_decay": 0.9}), base.model_copy(update={"iterations": 8}))
+    }
     assert len(keys) == 3
 
 
@@ -254,11 +291,28 @@ def test_pruning_and_transfer_keys_are_unchanged(tmp_path):
     weights.write_bytes(b"not really weights")
     assert stage_key(surrogate, source=r["dataset"], cfg=sur, weights=str(weights)) == "2e5b936ed6d0579b"
     sel = SelectionConfig(methods=["lm", "random"], ratios=[0.5], seeds=[0, 1])
-    assert stage_key(select, source=r["dataset"], target=r["target"], surrogate_ref=r["surrogate"], method="random",
-                     seed=1, cfg=sel) == "267d6adffb57811f"
+    assert (
+        stage_key(
+            select,
+            source=r["dataset"],
+            target=r["target"],
+            surrogate_ref=r["surrogate"],
+            method="random",
+            seed=1,
+            cfg=sel,
+        )
+        == "267d6adffb57811f"
+    )
     store = ArtifactStore(str(tmp_path))
-    info = SelectionInfo(method="random", selector="random", surrogate_fingerprint="f", features={},
-                         num_source_samples=9, kept=[{"ratio": 0.5, "digest": "abcdef0123456789"}], rows={"kept": 1})
+    info = SelectionInfo(
+        method="random",
+        selector="random",
+        surrogate_fingerprint="f",
+        features={},
+        num_source_samples=9,
+        kept=[{"ratio": 0.5, "digest": "abcdef0123456789"}],
+        rows={"kept": 1},
+    )
     selection = store.publish("selection", "k0", lambda staging: info.manifest_fields())
     selection_ref = ArtifactRef(store=str(tmp_path), stage="selection", key=selection.key)
     pruned = stage_key(materialize_pruned, source=r["dataset"], selection_ref=selection_ref, ratio=0.5)
@@ -268,12 +322,25 @@ def test_pruning_and_transfer_keys_are_unchanged(tmp_path):
     # keys how the backbone is judged; both moved with that change, on purpose.
     transfer = TransferConfig(net_kwargs={"width": 8, "depth": 1})
     assert stage_key(pretrain_weights, dataset=r["dataset"], cfg=transfer, seed=4) == "5b2cf047db05919c"
-    assert stage_key(transfer_eval, pretrained=r["pretrain"], target=r["target"], cfg=transfer,
-                     seed=4) == "362e2d5f8e2c1062"
+    assert (
+        stage_key(transfer_eval, pretrained=r["pretrain"], target=r["target"], cfg=transfer, seed=4)
+        == "362e2d5f8e2c1062"
+    )
     assert stage_key(transfer_eval, pretrained=None, target=r["target"], cfg=transfer, seed=4) == "fb0665d5691c3709"
-    assert stage_key(pretrain_transfer, source=r["dataset"], target=r["target"], transfer=transfer,
-                     seed=4, method="lm", ratio=0.5) == "64db0cd215dcd68e"
+    assert (
+        stage_key(
+            pretrain_transfer,
+            source=r["dataset"],
+            target=r["target"],
+            transfer=transfer,
+            seed=4,
+            method="lm",
+            ratio=0.5,
+        )
+        == "64db0cd215dcd68e"
+    )
     rows = [{"transfer_key": "b"}, {"transfer_key": "a"}]
     # the report moved from the shared `metrics` folder to its own stage: a new key for the same inputs
     assert stage_key(report_transfer, rows=rows, name="prune-eval-x") == artifact_key(
-        "transfer-metrics", {"name": "prune-eval-x"}, ["a", "b"])
+        "transfer-metrics", {"name": "prune-eval-x"}, ["a", "b"]
+    )

@@ -62,8 +62,10 @@ def store(request, tmp_path) -> ArtifactStore:
 
 def test_key_is_stable_across_processes():
     key = artifact_key("experts", {"lr": 0.01, "steps": 10}, ["abc", "def"])
-    code = ("from tasks.store import artifact_key; "
-            "print(artifact_key('experts', {'steps': 10, 'lr': 0.01}, ['abc', 'def']))")
+    code = (
+        "from tasks.store import artifact_key; "
+        "print(artifact_key('experts', {'steps': 10, 'lr': 0.01}, ['abc', 'def']))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == key
     assert len(key) == 16 and int(key, 16) >= 0
@@ -103,8 +105,9 @@ def test_cache_key_fn_offers_the_artifact_key_once_published(store):
 def test_publish_open_exists(store):
     key = store.key("experts", Cfg(), ["up1"])
     assert not store.exists("experts", key) and store.list("experts") == []
-    art = store.publish("experts", key, write_two_files, config=Cfg(), inputs=["up1"], seeds=[0, 1],
-                        extra={"note": "x"})
+    art = store.publish(
+        "experts", key, write_two_files, config=Cfg(), inputs=["up1"], seeds=[0, 1], extra={"note": "x"}
+    )
     assert store.exists("experts", key) and store.list("experts") == [key]
     assert art.uri == store.uri_of("experts", key) == f"{store.uri}/experts/{key}"
     m = store.open("experts", key).manifest
@@ -291,10 +294,19 @@ def _plant(store: ArtifactStore, key: str, name: str, payload: bytes = b"planted
     write_json(store.fs, path, seal(manifest))  # an attacker can recompute the digest too
 
 
-@pytest.mark.parametrize("name", [
-    "../../../escaped.txt", "/tmp/distillery-escaped.txt", "data/../../escaped.txt",
-    "./notes.txt", "data//part-0.bin", "a\\..\\b", "manifest.json", "",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../../../escaped.txt",
+        "/tmp/distillery-escaped.txt",
+        "data/../../escaped.txt",
+        "./notes.txt",
+        "data//part-0.bin",
+        "a\\..\\b",
+        "manifest.json",
+        "",
+    ],
+)
 def test_manifest_names_outside_the_artifact_are_refused(tmp_path, monkeypatch, name):
     """Issue 12 part 1: a remote manifest naming '..', absolute or unnormalized paths must
     neither be copied into the local cache nor make any file appear outside it."""
@@ -431,8 +443,13 @@ def test_store_cli_verify_gc_rm(tmp_path):
     assert main(["--store", uri, "rm", "s", "bad"]) == 2
     assert main(["--store", uri, "verify"]) == 0
     assert store.list("s") == ["good"]
-    out = subprocess.run([sys.executable, "-m", "tasks.store", "--store", uri, "verify"], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "tasks.store", "--store", uri, "verify"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0 and "1 intact, 0 broken" in out.stdout
 
 

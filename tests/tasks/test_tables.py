@@ -6,8 +6,16 @@ from tasks.tables import path_report, pct, verdict
 
 
 def _row(path, method, kind, **acc):
-    return {"path": path, "method": method, "kind": kind, "seeds": 3, "data_mib": 1.0, "wall_s": 10.0,
-            "peak_rss_mb": None, **acc}
+    return {
+        "path": path,
+        "method": method,
+        "kind": kind,
+        "seeds": 3,
+        "data_mib": 1.0,
+        "wall_s": 10.0,
+        "peak_rss_mb": None,
+        **acc,
+    }
 
 
 def test_pct_and_verdict():

@@ -82,11 +82,22 @@ def test_zca_target_of_another_size_is_refused(world):
 
 def test_summary_and_plot():
     rows = [
-        {"method": m, "ratio": r, "seed": s, "linear_probe_acc": acc + 0.01 * s, "fine_tune_acc": acc,
-         "pretrain_seconds": secs,
-         "train_images": 10, "images_seen": 30}
-        for m, r, acc, secs in ((FULL, 0.0, 0.8, 10.0), (SCRATCH, 0.0, 0.5, 0.0), ("lm", 0.5, 0.79, 5.0),
-                                ("random", 0.5, 0.7, 5.0))
+        {
+            "method": m,
+            "ratio": r,
+            "seed": s,
+            "linear_probe_acc": acc + 0.01 * s,
+            "fine_tune_acc": acc,
+            "pretrain_seconds": secs,
+            "train_images": 10,
+            "images_seen": 30,
+        }
+        for m, r, acc, secs in (
+            (FULL, 0.0, 0.8, 10.0),
+            (SCRATCH, 0.0, 0.5, 0.0),
+            ("lm", 0.5, 0.79, 5.0),
+            ("random", 0.5, 0.7, 5.0),
+        )
         for s in range(3)
     ]
     summary = summarize_rows(rows)
