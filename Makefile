@@ -3,13 +3,19 @@
 # State lives inside the project: Prefect's SQLite database and results in .prefect/,
 # artifacts in artifacts/, pid files and logs in .run/.
 
-.PHONY: demo test test-all venv server worker deploy stop results clean-state
+.PHONY: demo test test-all lint venv server worker deploy stop results clean-state
 
 demo: venv        ## start/reuse server + worker, deploy everything, run pipeline/cpu, print the report
 	scripts/distillery.sh demo
 
-test: venv        ## the whole fast test suite (what CI runs)
+test: venv        ## lint + format check, then the whole fast test suite (what CI runs)
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
 	.venv/bin/python -m pytest
+
+lint: venv        ## apply the formatter and the linter's safe fixes
+	.venv/bin/ruff format .
+	.venv/bin/ruff check --fix .
 
 test-all: venv    ## also the slow end-to-end tests
 	.venv/bin/python -m pytest -m ""

@@ -39,6 +39,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -53,7 +54,8 @@ PRESETS = {
         "match": {1: {"syn_steps": 5, "expert_epochs": 2, "max_start_epoch": 1, "lr_img": 100, "lr_lr": 1e-6}},
         "marks": {1: {"its": [10, 20]}},
         "eval": {"epochs": 50, "num_models": 2},
-        "anchor": {}, "goal": {},
+        "anchor": {},
+        "goal": {},
     },
     "cpu": {
         "data": {"train_per_class": 1000, "test_per_class": None},
@@ -61,10 +63,22 @@ PRESETS = {
         "net_kwargs": {"width": 32, "depth": 3},
         "experts": {"num_experts": 5, "epochs": 12, "batch_size": 256},
         "match": {
-            1: {"syn_steps": 50, "expert_epochs": 2, "max_start_epoch": 1, "lr_img": 100, "lr_lr": 1e-7,
-                "lr_init": 0.01},
-            10: {"syn_steps": 30, "expert_epochs": 2, "max_start_epoch": 9, "lr_img": 100, "lr_lr": 1e-5,
-                 "lr_init": 0.01},
+            1: {
+                "syn_steps": 50,
+                "expert_epochs": 2,
+                "max_start_epoch": 1,
+                "lr_img": 100,
+                "lr_lr": 1e-7,
+                "lr_init": 0.01,
+            },
+            10: {
+                "syn_steps": 30,
+                "expert_epochs": 2,
+                "max_start_epoch": 9,
+                "lr_img": 100,
+                "lr_lr": 1e-5,
+                "lr_init": 0.01,
+            },
         },
         "marks": {1: {"minutes": [1, 2, 3, 4.5, 7, 10]}, 10: {"minutes": [2, 3.5, 5.5, 8, 10]}},
         "eval": {"epochs": 1000, "num_models": 3},
@@ -88,9 +102,15 @@ def _loadavg() -> str:
 
 def _git_rev() -> str:
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "distill", "benchmarks/tm_quality.py"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "distill", "benchmarks/tm_quality.py"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         return rev + ("+dirty" if dirty else "")
     except OSError:
         return "n/a"
@@ -118,8 +138,15 @@ def pixel_zca(images_uint8, eps: float = 0.1):
     eigvals = eigvals.clamp_min(0)
     whiten = (eigvecs * (eigvals + eps).rsqrt()) @ eigvecs.T
     unwhiten = (eigvecs * (eigvals + eps).sqrt()) @ eigvecs.T
-    return Preprocessor(torch.zeros(c), torch.ones(c), zca=whiten.float(), zca_inv=unwhiten.float(),
-                        zca_mean=mean.float(), zca_eps=eps, image_shape=(c, h, w))
+    return Preprocessor(
+        torch.zeros(c),
+        torch.ones(c),
+        zca=whiten.float(),
+        zca_inv=unwhiten.float(),
+        zca_mean=mean.float(),
+        zca_eps=eps,
+        image_shape=(c, h, w),
+    )
 
 
 class Bench:
@@ -144,9 +171,15 @@ class Bench:
                 pre = pixel_zca(train.images)
             else:
                 pre = Preprocessor.fit(train.images, zca=zca == "normalized")
-            d = {"train_x": pre(train.images), "train_y": train.labels, "test_x": pre(test.images),
-                 "test_y": test.labels, "num_classes": train.num_classes,
-                 "fingerprint": train.fingerprint(), "pre_fingerprint": pre.fingerprint()}
+            d = {
+                "train_x": pre(train.images),
+                "train_y": train.labels,
+                "test_x": pre(test.images),
+                "test_y": test.labels,
+                "num_classes": train.num_classes,
+                "fingerprint": train.fingerprint(),
+                "pre_fingerprint": pre.fingerprint(),
+            }
             torch.save(d, cache)
         self.d = d
         self.k = d["num_classes"]
@@ -164,14 +197,26 @@ class Bench:
         directory = self.work / f"experts-{_hash([cfg.expert_recipe(), self.d['pre_fingerprint']])}"
         self.expert_stats = []
         for i in range(count):
-            s = train_expert(cfg, self.d["train_x"], self.d["train_y"], self.d["test_x"], self.d["test_y"],
-                             num_classes=self.k, expert_id=i, out_path=directory / expert_file(i),
-                             dataset_fingerprint=self.d["fingerprint"], preprocessor_fingerprint=self.d["pre_fingerprint"],
-                             device="cpu")
-            self.expert_stats.append({"test_acc": round(s["test_acc"], 4), "seconds": round(s["seconds"], 1),
-                                      "reused": s["reused"]})
-            print(f"expert {i}: test acc {s['test_acc']:.3f} ({s['seconds']:.0f} s{', reused' if s['reused'] else ''})",
-                  flush=True)
+            s = train_expert(
+                cfg,
+                self.d["train_x"],
+                self.d["train_y"],
+                self.d["test_x"],
+                self.d["test_y"],
+                num_classes=self.k,
+                expert_id=i,
+                out_path=directory / expert_file(i),
+                dataset_fingerprint=self.d["fingerprint"],
+                preprocessor_fingerprint=self.d["pre_fingerprint"],
+                device="cpu",
+            )
+            self.expert_stats.append(
+                {"test_acc": round(s["test_acc"], 4), "seconds": round(s["seconds"], 1), "reused": s["reused"]}
+            )
+            print(
+                f"expert {i}: test acc {s['test_acc']:.3f} ({s['seconds']:.0f} s{', reused' if s['reused'] else ''})",
+                flush=True,
+            )
         view = directory / f"first-{count}"
         view.mkdir(exist_ok=True)
         for i in range(count):
@@ -180,37 +225,77 @@ class Bench:
                 link.symlink_to(directory / expert_file(i))
         return TrajectorySet(view)
 
-    def eval_cfg(self):
+    def eval_cfg(self, soft: bool = False):
+        """MTT's evaluation recipe; soft: cross-entropy against soft labels (logits [N, K]) instead."""
         from distill.evaluate import EvalConfig
         from distill.train import TrainConfig
 
-        return EvalConfig(net="convnet", net_kwargs={**self.p["net_kwargs"], "norm": "instance"},
-                          train=TrainConfig(epochs=self.eval_epochs, batch_size=256, lr=0.01, momentum=0.9,
-                                            weight_decay=5e-4, schedule="step", augment="dsa"),
-                          num_models=self.nets)
+        return EvalConfig(
+            net="convnet",
+            net_kwargs={**self.p["net_kwargs"], "norm": "instance"},
+            train=TrainConfig(
+                epochs=self.eval_epochs,
+                batch_size=256,
+                lr=0.01,
+                momentum=0.9,
+                weight_decay=5e-4,
+                schedule="step",
+                augment="dsa",
+                loss="soft_ce" if soft else "ce",
+            ),
+            num_models=self.nets,
+        )
 
     def judge(self, key: str, x, y, lr: float | None) -> dict:
         """Mean/std test accuracy (%) of `nets` fresh ConvNets trained on (x, y); cached by key."""
         from distill.evaluate import evaluate_set, summarize
 
-        ecfg = self.eval_cfg()
+        ecfg = self.eval_cfg(soft=y.dim() == 2)
         full_key = f"{key}|{_hash([ecfg.model_dump(mode='json'), lr])}"
         if full_key not in self.judged:
-            accs = [evaluate_set(x, y, self.d["test_x"], self.d["test_y"], ecfg, num_classes=self.k, seed=s,
-                                 learned_lr=lr, device="cpu")["test_acc"] for s in range(ecfg.num_models)]
+            accs = [
+                evaluate_set(
+                    x,
+                    y,
+                    self.d["test_x"],
+                    self.d["test_y"],
+                    ecfg,
+                    num_classes=self.k,
+                    seed=s,
+                    learned_lr=lr,
+                    device="cpu",
+                )["test_acc"]
+                for s in range(ecfg.num_models)
+            ]
             s = summarize(accs)
-            self.judged[full_key] = {"mean": round(100 * s["mean"], 2), "std": round(100 * s["std"], 2),
-                                     "accs": [round(100 * a, 2) for a in accs]}
+            self.judged[full_key] = {
+                "mean": round(100 * s["mean"], 2),
+                "std": round(100 * s["std"], 2),
+                "accs": [round(100 * a, 2) for a in accs],
+            }
             self.judged_file.write_text(json.dumps(self.judged))
         return self.judged[full_key]
 
-    def random_real(self, ipc: int) -> dict:
+    def random_real(self, ipc: int, experts=None) -> dict:
+        """The random real subset with hard labels; with `experts`, with the experts' mean logits as soft labels."""
         import torch
 
+        from distill.matching import MatchConfig, initial_soft_labels
+
         y = self.d["train_y"]
-        idx = torch.cat([torch.nonzero(y == c).flatten()[torch.randperm(int((y == c).sum()),
-                         generator=torch.Generator().manual_seed(c))[:ipc]] for c in range(self.k)])
-        return self.judge(f"random/{self.zca}/ipc{ipc}", self.d["train_x"][idx], y[idx], None)
+        idx = torch.cat(
+            [
+                torch.nonzero(y == c).flatten()[
+                    torch.randperm(int((y == c).sum()), generator=torch.Generator().manual_seed(c))[:ipc]
+                ]
+                for c in range(self.k)
+            ]
+        )
+        x = self.d["train_x"][idx]
+        if experts is None:
+            return self.judge(f"random/{self.zca}/ipc{ipc}", x, y[idx], None)
+        soft = initial_soft_labels(MatchConfig(ipc=ipc, soft_labels=True), experts, x, torch.device("cpu"))
+        return self.judge(f"random-soft/{self.zca}/ipc{ipc}/{experts.directory}", x, soft, None)
 
     def run(self, experts, ipc: int, overrides: dict, marks: list[tuple[str, float]]) -> dict:
         """Match with the preset's settings + overrides; judge the images at each mark (its or minutes)."""
@@ -228,42 +313,92 @@ class Bench:
         s_per_it = None
 
         def advance(iterations: int):
-            return match_trajectories(cfg.model_copy(update={"iterations": iterations}), experts, self.d["train_x"],
-                                      self.d["train_y"], num_classes=self.k, device="cpu", work_dir=run_dir,
-                                      dataset_fingerprint=self.d["fingerprint"],
-                                      preprocessor_fingerprint=self.d["pre_fingerprint"])
+            return match_trajectories(
+                cfg.model_copy(update={"iterations": iterations}),
+                experts,
+                self.d["train_x"],
+                self.d["train_y"],
+                num_classes=self.k,
+                device="cpu",
+                work_dir=run_dir,
+                dataset_fingerprint=self.d["fingerprint"],
+                preprocessor_fingerprint=self.d["pre_fingerprint"],
+            )
 
+        snapshot_dir = run_dir / "marks"
         for kind, value in sorted(marks, key=lambda m: m[1] if m[0] == "its" else 1e9 + m[1]):
-            last = None
-            while True:
+            mark = f"{kind}:{value:g}"
+            while mark not in clock.setdefault("marks", {}):
                 if kind == "its":
                     target = int(value)
                 else:
                     left = 60 * value - clock["seconds"]
                     target = clock["its"] + (max(1, int(left / s_per_it)) if s_per_it else 5) if left > 0 else 0
                 if target <= clock["its"]:
-                    break
-                last = advance(target)
-                if last.init_images is not None:
-                    torch.save(last.init_images, run_dir / "init.pt")
-                s_per_it = last.seconds / (target - clock["its"])
-                clock = {"its": target, "seconds": clock["seconds"] + last.seconds}
+                    if target < clock["its"] or kind != "its":
+                        break  # passed in an earlier run that kept no snapshot for it
+                    r = advance(target)  # reached exactly: read the state back from the checkpoint
+                else:
+                    r = advance(target)
+                    if r.init_images is not None:
+                        torch.save(r.init_images, run_dir / "init.pt")
+                    s_per_it = r.seconds / (target - clock["its"])
+                    clock.update(its=target, seconds=clock["seconds"] + r.seconds)
+                if kind == "its" or 60 * value <= clock["seconds"]:
+                    snapshot_dir.mkdir(exist_ok=True)
+                    torch.save(
+                        {
+                            "images": r.images,
+                            "labels": r.labels,
+                            "lr": r.lr,
+                            "soft_labels": r.soft_labels,
+                            "last_images": r.last_images,
+                            "losses": r.losses,
+                            "its": clock["its"],
+                            "seconds": clock["seconds"],
+                        },
+                        snapshot_dir / f"it{clock['its']}.pt",
+                    )
+                    clock["marks"][mark] = clock["its"]
                 clock_file.write_text(json.dumps(clock))
-            if last is None:  # the mark was already passed: read the images back from the checkpoint
-                last = advance(clock["its"])
-            acc = self.judge(f"run/{run_key}/it{clock['its']}", last.images, last.labels, last.lr)
+            if mark not in clock["marks"]:
+                print(f"  ipc{ipc} {mark}: passed by an earlier run without a snapshot; skipped", flush=True)
+                continue
+            last = SimpleNamespace(**torch.load(snapshot_dir / f"it{clock['marks'][mark]}.pt"))
+            acc = self.judge(f"run/{run_key}/it{last.its}", last.images, last.labels, last.lr)
+            extra = {}
+            if last.soft_labels is not None:  # the set's own labels, beside the hard ones above
+                extra["own_labels"] = self.judge(
+                    f"run/{run_key}/it{last.its}/soft", last.images, last.soft_labels, last.lr
+                )
+            if last.last_images is not None:  # the last iterate, beside the published EMA
+                extra["last_iterate"] = self.judge(
+                    f"run/{run_key}/it{last.its}/last", last.last_images, last.labels, last.lr
+                )
             init = torch.load(run_dir / "init.pt") if (run_dir / "init.pt").exists() else None
             change = float((last.images - init).norm() / init.norm()) if init is not None else None
             losses = last.losses
-            point = {"its": clock["its"], "minutes": round(clock["seconds"] / 60, 2), **acc, "lr": round(last.lr, 5),
-                     "loss_first10": round(sum(losses[:10]) / max(len(losses[:10]), 1), 4),
-                     "loss_last10": round(sum(losses[-10:]) / max(len(losses[-10:]), 1), 4),
-                     "s_per_it": round(clock["seconds"] / max(clock["its"], 1), 3), "loadavg": _loadavg(),
-                     "image_change": None if change is None else round(change, 4)}
+            point = {
+                "its": last.its,
+                "minutes": round(last.seconds / 60, 2),
+                **acc,
+                "lr": round(last.lr, 5),
+                "loss_first10": round(sum(losses[:10]) / max(len(losses[:10]), 1), 4),
+                "loss_last10": round(sum(losses[-10:]) / max(len(losses[-10:]), 1), 4),
+                "s_per_it": round(last.seconds / max(last.its, 1), 3),
+                "loadavg": _loadavg(),
+                "image_change": None if change is None else round(change, 4),
+                **extra,
+            }
             points.append(point)
-            print(f"  ipc{ipc} it {point['its']:5d} ({point['minutes']:5.2f} min): {point['mean']:.2f} +- {point['std']:.2f}"
-                  f"  lr {point['lr']:.5f}  loss {point['loss_first10']:.3f} -> {point['loss_last10']:.3f}"
-                  f"  change {point['image_change']}  {point['s_per_it']:.2f} s/it  load {point['loadavg'].split()[0]}", flush=True)
+            print(
+                f"  ipc{ipc} it {point['its']:5d} ({point['minutes']:5.2f} min): "
+                f"{point['mean']:.2f} +- {point['std']:.2f}"
+                f"  lr {point['lr']:.5f}  loss {point['loss_first10']:.3f} -> {point['loss_last10']:.3f}"
+                f"  change {point['image_change']}  {point['s_per_it']:.2f} s/it  load {point['loadavg'].split()[0]}"
+                + "".join(f"  {k} {v['mean']:.2f} +- {v['std']:.2f}" for k, v in extra.items()),
+                flush=True,
+            )
         return {"config": cfg.identity(), "run_key": run_key, "points": points}
 
 
@@ -273,7 +408,9 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/tm-quality", help="cache: data, experts, runs, judgements")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar10"))
     parser.add_argument("--ipc", type=int, action="append", help="images per class (repeatable; default: the preset's)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="MatchConfig override (JSON value)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="MatchConfig override (JSON value)"
+    )
     parser.add_argument("--zca", choices=["pixels", "normalized", "none"], help="default: the preset's")
     parser.add_argument("--its", help="judge after these iteration counts, e.g. 50,100,200")
     parser.add_argument("--minutes", help="judge after these minutes of matching, e.g. 2,5,10")
@@ -295,25 +432,46 @@ def main() -> None:
     zca = args.zca or p["zca"]
     t0 = time.perf_counter()
     load_start = _loadavg()
-    bench = Bench(args.preset, zca, Path(args.work), args.data, args.eval_epochs or p["eval"]["epochs"],
-                  args.nets or p["eval"]["num_models"])
-    print(f"data: {len(bench.d['train_y'])} train / {len(bench.d['test_y'])} test, zca={zca} "
-          f"(pixel std {float(bench.d['train_x'].std()):.3f})", flush=True)
+    bench = Bench(
+        args.preset,
+        zca,
+        Path(args.work),
+        args.data,
+        args.eval_epochs or p["eval"]["epochs"],
+        args.nets or p["eval"]["num_models"],
+    )
+    print(
+        f"data: {len(bench.d['train_y'])} train / {len(bench.d['test_y'])} test, zca={zca} "
+        f"(pixel std {float(bench.d['train_x'].std()):.3f})",
+        flush=True,
+    )
     experts = bench.experts(args.experts)
     if args.prepare:
         return
 
     results = {}
     for ipc in args.ipc or sorted(p["match"]):
-        marks = ([("its", float(v)) for v in args.its.split(",")] if args.its else []) + \
-                ([("min", float(v)) for v in args.minutes.split(",")] if args.minutes else [])
+        marks = ([("its", float(v)) for v in args.its.split(",")] if args.its else []) + (
+            [("min", float(v)) for v in args.minutes.split(",")] if args.minutes else []
+        )
         if not marks:
-            marks = [("its", float(v)) for v in p["marks"][ipc].get("its", [])] + \
-                    [("min", float(v)) for v in p["marks"][ipc].get("minutes", [])]
+            marks = [("its", float(v)) for v in p["marks"][ipc].get("its", [])] + [
+                ("min", float(v)) for v in p["marks"][ipc].get("minutes", [])
+            ]
         entry = {}
         if not args.no_random:
             entry["random_real"] = bench.random_real(ipc)
-            print(f"random real ipc{ipc}: {entry['random_real']['mean']:.2f} +- {entry['random_real']['std']:.2f}", flush=True)
+            print(
+                f"random real ipc{ipc}: {entry['random_real']['mean']:.2f} +- {entry['random_real']['std']:.2f}",
+                flush=True,
+            )
+        if overrides.get("soft_labels") and not args.no_random:
+            entry["random_real_soft"] = bench.random_real(ipc, experts)
+            print(
+                f"random real ipc{ipc}, experts' soft labels: {entry['random_real_soft']['mean']:.2f} +- "
+                f"{entry['random_real_soft']['std']:.2f}",
+                flush=True,
+            )
         entry.update(bench.run(experts, ipc, overrides, marks))
         pts = entry["points"]
         if ipc in p["anchor"]:
@@ -327,17 +485,29 @@ def main() -> None:
         results[str(ipc)] = entry
 
     summary = {
-        "benchmark": "tm_quality", "preset": args.preset, "label": args.label, "zca": zca, "overrides": overrides,
+        "benchmark": "tm_quality",
+        "preset": args.preset,
+        "label": args.label,
+        "zca": zca,
+        "overrides": overrides,
         "eval": {"epochs": bench.eval_epochs, "num_models": bench.nets, "test_images": len(bench.d["test_y"])},
-        "experts": bench.expert_stats, "expert_dir": experts.directory, "results": results,
+        "experts": bench.expert_stats,
+        "expert_dir": experts.directory,
+        "results": results,
         "seconds": round(time.perf_counter() - t0, 1),
     }
     for ipc, entry in results.items():
         if "goal_acc" in entry:
             summary[f"goal_ipc{ipc}_acc_{p['goal'][int(ipc)]}"] = entry["goal_acc"]
             summary[f"goal_ipc{ipc}_half_anchor_time"] = entry["goal_time"]
-    record = {**summary, "git": _git_rev(), "threads": torch.get_num_threads(), "loadavg_start": load_start,
-              "loadavg_end": _loadavg(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    record = {
+        **summary,
+        "git": _git_rev(),
+        "threads": torch.get_num_threads(),
+        "loadavg_start": load_start,
+        "loadavg_end": _loadavg(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     if not args.no_record:
         RECORDS.parent.mkdir(parents=True, exist_ok=True)
         with RECORDS.open("a") as f:
