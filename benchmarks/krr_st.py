@@ -50,7 +50,7 @@ from flows.distill_krr import DistillKRRConfig  # noqa: E402
 from flows.presets import load_preset  # noqa: E402
 
 STEP_SIZES = {"cpu": (100, 500, 1000), "tiny": (6, 12, 24)}
-CURVE = {"cpu": {"budgets": (20, 50, 100, 200), "steps": (100, 1600)}, "tiny": {"budgets": (3, 6), "steps": (2,)}}
+CURVE = {"cpu": {"budgets": (20, 50, 100, 200), "steps": (1600,)}, "tiny": {"budgets": (3, 6), "steps": (2,)}}
 
 
 def _resolve(cfg_dict: dict) -> dict:
