@@ -26,6 +26,7 @@ from distill.formats import (
 )
 from distill.fsio import read_json, write_json
 from distill.transforms import Preprocessor
+from tests.conftest import data_path
 
 CLASSES = ["airplane", "automobile", "bird"]
 
@@ -90,9 +91,7 @@ def test_image_dataset_readable_by_datasets(tmp_path, hf_datasets):
 
 
 def test_reads_the_shared_real_data_layout(tmp_path):
-    path = "/work/shared/data/cifar10/test.parquet"
-    if not os.path.exists(path):
-        pytest.skip(f"{path} not present (real data lives in ../shared/data)")
+    path = data_path("cifar10", "test.parquet")
     table = pq.ParquetFile(path).read_row_group(0).slice(0, 20)
     small = str(tmp_path / "cifar-head.parquet")
     pq.write_table(table, small)
