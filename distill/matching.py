@@ -92,6 +92,7 @@ from distill.allocator import keep_freed_memory
 from distill.augment import DSAConfig, DSAParams, apply_params, sample_params
 from distill.checkpoint import Checkpoint, CheckpointError
 from distill.data import check_ipc as data_check_ipc
+from distill.formats import MAX_PIXEL_RANGE_FACTOR
 from distill.graph_memory import GraphMemoryMeter
 from distill.nets import create_net, fast_net_kwargs, unflatten_params
 from distill.precision import Precision, precision_context
@@ -1018,6 +1019,10 @@ def match_trajectories(
     last_good = state.copy()
     generator = torch.Generator()
     generator.set_state(state.rng)
+    # The loss and gradient can stay finite while one huge image step throws the pixels far out of
+    # the input space (lr_img 1e38 gave pixels of 1e36 and a finite loss); the same bound that
+    # publishing applies is checked on every update, so such a step is caught where it happens.
+    pixel_limit = MAX_PIXEL_RANGE_FACTOR * max(float(train_x.abs().max()), 1e-6)
 
     while state.iteration < cfg.iterations:
         it = state.iteration + 1
@@ -1045,10 +1050,14 @@ def match_trajectories(
                 extra["labels"] = state.extra["labels"] - cfg.lr_labels * extra["buf_labels"]
             if cfg.ema_decay > 0:
                 extra["ema"] = cfg.ema_decay * state.extra["ema"] + (1 - cfg.ema_decay) * images
-        problem = _divergence(loss, g_images, float(lr)) or (
-            "the soft labels have non-finite values"
-            if learn_labels and not bool(torch.isfinite(extra["labels"]).all())
-            else None
+        problem = (
+            _divergence(loss, g_images, float(lr))
+            or _exploded(images, pixel_limit)
+            or (
+                "the soft labels have non-finite values"
+                if learn_labels and not bool(torch.isfinite(extra["labels"]).all())
+                else None
+            )
         )
         if problem:
             if cfg.on_divergence == "stop" or state.rollbacks >= cfg.max_rollbacks:
@@ -1123,6 +1132,18 @@ def initial_soft_labels(
         theta = theta.to(device=device, dtype=dtype)
         logits.append(torch.cat([student(theta, batch) for batch in images.split(256)]))
     return torch.stack(logits).mean(0)
+
+
+def _exploded(images: torch.Tensor, limit: float) -> str | None:
+    if not bool(torch.isfinite(images).all()):
+        return "the updated images have non-finite values"
+    peak = float(images.abs().max())
+    if peak > limit:
+        return (
+            f"the updated images reach {peak:.3g}, over {MAX_PIXEL_RANGE_FACTOR:g}x the largest real input "
+            f"value ({limit / MAX_PIXEL_RANGE_FACTOR:.3g})"
+        )
+    return None
 
 
 def _divergence(loss: float, g_images: torch.Tensor, lr: float) -> str | None:

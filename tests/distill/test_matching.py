@@ -339,6 +339,24 @@ def test_negative_lr_stops_with_a_clear_error(setup, monkeypatch):
         match_trajectories(_cfg(), experts, x, y, num_classes=NUM_CLASSES)
 
 
+@pytest.mark.parametrize("lr_img", [1e38, 1e39])
+def test_an_image_step_that_explodes_the_pixels_stops_the_run(setup, lr_img):
+    """Issue 12: with lr_img 1e38 the loss stayed finite while pixels reached 1e36 (published), and
+    with 1e39 the images became inf without an error; the updated images are now checked."""
+    experts, x, y = setup
+    with pytest.raises(MatchingDiverged, match=r"iteration 1/3: the updated images (reach|have non-finite)"):
+        match_trajectories(_cfg(lr_img=lr_img), experts, x, y, num_classes=NUM_CLASSES)
+    # rollback shrinks the step until it fits, and the result stays in range
+    result = match_trajectories(
+        _cfg(lr_img=lr_img, on_divergence="rollback", rollback_factor=1e-30, max_rollbacks=3),
+        experts,
+        x,
+        y,
+        num_classes=NUM_CLASSES,
+    )
+    assert result.rollbacks >= 1 and float(result.images.abs().max()) <= 50 * float(x.abs().max())
+
+
 def test_rollback_returns_to_the_checkpoint_with_a_smaller_image_lr(setup, monkeypatch):
     experts, x, y = setup
     _poisoned(monkeypatch, {3}, "nan")  # iteration 3; last checkpoint at 2
