@@ -1115,6 +1115,27 @@ def match_trajectories(
 
 
 @torch.no_grad()
+def expert_logits(
+    experts: TrajectorySet,
+    images: torch.Tensor,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    epoch: int | None = None,
+) -> torch.Tensor:
+    """The experts' logits on `images` (model input space), averaged over the experts, each at
+    snapshot `epoch` (None: its last): soft labels as DATM and DD-Ranking's soft-label baseline make them."""
+    dev = resolve_device(device)
+    student = Student(experts.meta, dev, dtype)
+    images = images.to(device=dev, dtype=dtype)
+    logits = []
+    for i in range(len(experts)):
+        reader = experts.reader(i)
+        theta = reader.snapshot(reader.last_epoch if epoch is None else epoch)
+        theta = theta.to(device=dev, dtype=dtype)
+        logits.append(torch.cat([student(theta, batch) for batch in images.split(256)]))
+    return torch.stack(logits).mean(0)
+
+
 def initial_soft_labels(
     cfg: MatchConfig,
     experts: TrajectorySet,
@@ -1124,14 +1145,7 @@ def initial_soft_labels(
 ) -> torch.Tensor:
     """DATM: the soft labels start as the experts' logits on the initial images, averaged over the
     experts, each at snapshot label_epoch (None: its last)."""
-    student = Student(experts.meta, device, dtype)
-    logits = []
-    for i in range(len(experts)):
-        reader = experts.reader(i)
-        theta = reader.snapshot(reader.last_epoch if cfg.label_epoch is None else cfg.label_epoch)
-        theta = theta.to(device=device, dtype=dtype)
-        logits.append(torch.cat([student(theta, batch) for batch in images.split(256)]))
-    return torch.stack(logits).mean(0)
+    return expert_logits(experts, images, device, dtype, cfg.label_epoch)
 
 
 def _exploded(images: torch.Tensor, limit: float) -> str | None:

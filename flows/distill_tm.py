@@ -5,7 +5,9 @@ published set named by `experts_key`, checked against the dataset's fingerprints
 one distillation per entry of `distill` (one Ray task each, checkpointed and resumable)
 -> every distilled set and the random real subset at the same images per class trained by
 N fresh networks of every architecture in `eval` (one Ray task per network; final-epoch
-accuracy) -> metrics Parquet and a mean/std table. The distilled sets are published in the
+accuracy), on hard labels and, with `ranking`, also on soft labels (the set's own; the
+experts' logits for the random subset), beside the full real training set -> metrics
+Parquet, a mean/std table and DD-Ranking's HLR / IOR / LRS per distilled set. The distilled sets are published in the
 distilled-dataset format (learned lr, recipe, preprocessing, provenance), with their image
 grid and matching-loss curve as artifacts in the Prefect UI.
 
@@ -26,10 +28,21 @@ from distill.data import DataConfig
 from distill.evaluate import EvalConfig
 from distill.experts import ExpertConfig
 from distill.matching import MatchConfig
+from distill.ranking import FULL_REAL, HARD, SOFT, full_setting
 from flows.presets import build_config, flow_params, start
 from tasks.artifacts import ArtifactRef
 from tasks.datasets import materialize_dataset, validate_data
-from tasks.evaluation import RANDOM_REAL, EvaluatedSet, collect_metrics, evaluate_distilled, random_subset, setting
+from tasks.evaluation import (
+    RANDOM_REAL,
+    EvaluatedSet,
+    RankingConfig,
+    collect_metrics,
+    evaluate_distilled,
+    evaluate_full_real,
+    random_subset,
+    setting,
+    soft_subset,
+)
 from tasks.experts import STAGE as EXPERTS_STAGE
 from tasks.experts import publish_experts, train_one_expert
 from tasks.matching import TMResult, check_expert_set, distill_tm, tm_label, tm_method
@@ -58,6 +71,11 @@ class TMStage(BaseModel):
         "stored with the distilled sets. Distilled and random real sets are evaluated identically.",
     )
     subset_seed: int = Field(0, description="Seed of the random real subsets (the baseline).")
+    ranking: RankingConfig | None = Field(
+        default_factory=RankingConfig,
+        description="DD-Ranking's extra evaluations (soft-label baselines, the full real set) and scores; "
+        "null: accuracy with hard labels only.",
+    )
 
     @field_validator("distill")
     @classmethod
@@ -116,38 +134,41 @@ def run_tm(dataset: ArtifactRef, stage: TMStage, resources: Resources, store: st
     with heavy(resources):
         futures = {tm_label(m): distill_tm.submit(dataset, experts, m, stage.eval[0], store) for m in stage.distill}
     distilled = {label: f.result() for label, f in futures.items()}
-    sets = [
-        EvaluatedSet(
-            method=tm_method(m),
-            setting=setting(m.ipc, ev.net),
-            baseline=False,
-            made_from=[dataset, experts, distilled[tm_label(m)]],
+    rank = stage.ranking
+    soft = rank is not None and rank.soft_baseline
+    sets, runs = [], []
+
+    def evaluate(ref: ArtifactRef, method: str, where: str, ev: EvalConfig, labels: str, chain: list) -> None:
+        baseline = method == RANDOM_REAL
+        sets.append(EvaluatedSet(method=method, setting=where, baseline=baseline, made_from=chain, labels=labels))
+        runs.extend(
+            evaluate_distilled.submit(ref, dataset, ev, s, store, method, where, labels=labels)
+            for s in range(ev.num_models)
         )
-        for m in stage.distill
-        for ev in stage.eval
-    ]
-    runs = []
+
     with heavy(resources):
         for m in stage.distill:
+            ref = distilled[tm_label(m)]
             for ev in stage.eval:
-                runs += [
-                    evaluate_distilled.submit(
-                        distilled[tm_label(m)], dataset, ev, s, store, tm_method(m), setting(m.ipc, ev.net)
-                    )
-                    for s in range(ev.num_models)
-                ]
+                evaluate(ref, tm_method(m), setting(m.ipc, ev.net), ev, HARD, [dataset, experts, ref])
+                if m.soft_labels and soft:
+                    evaluate(ref, tm_method(m), setting(m.ipc, ev.net), ev, SOFT, [dataset, experts, ref])
         for ipc in sorted({m.ipc for m in stage.distill}):
             for ev in stage.eval:
                 subset = random_subset.submit(dataset, ipc, stage.subset_seed, ev, store).result()
+                evaluate(subset, RANDOM_REAL, setting(ipc, ev.net), ev, HARD, [dataset, subset])
+                if soft:
+                    labelled = soft_subset.submit(subset, experts, store).result()
+                    evaluate(labelled, RANDOM_REAL, setting(ipc, ev.net), ev, SOFT, [dataset, experts, labelled])
+        if rank is not None and rank.full_real:
+            for ev in stage.eval:
                 sets.append(
-                    EvaluatedSet(
-                        method=RANDOM_REAL, setting=setting(ipc, ev.net), baseline=True, made_from=[dataset, subset]
-                    )
+                    EvaluatedSet(method=FULL_REAL, setting=full_setting(ev.net), baseline=True, made_from=[dataset])
                 )
-                runs += [
-                    evaluate_distilled.submit(subset, dataset, ev, s, store, RANDOM_REAL, setting(ipc, ev.net))
+                runs.extend(
+                    evaluate_full_real.submit(dataset, ev, s, rank.full_real_epochs, store)
                     for s in range(ev.num_models)
-                ]
+                )
     table = collect_metrics.submit([r.result() for r in runs], name, store).result()
     return TMResult(dataset=dataset, experts=experts, distilled=distilled, sets=sets, metrics=table)
 
@@ -161,6 +182,7 @@ def distill_tm_flow(config: DistillTMConfig) -> dict[str, Any]:
     result = run_tm(dataset, config, config.resources, store, f"distill-tm-{config.data.name}")
     out = {
         "summary": result.metrics.summary,
+        "ranking": result.metrics.ranking,
         "metrics_uri": result.metrics.ref.uri,
         "distilled": {label: ref.uri for label, ref in result.distilled.items()},
         "experts_uri": result.experts.uri,
@@ -170,6 +192,7 @@ def distill_tm_flow(config: DistillTMConfig) -> dict[str, Any]:
         json.dumps(
             {
                 "summary": out["summary"],
+                "ranking": out["ranking"],
                 "metrics": out["metrics_uri"],
                 "distilled": out["distilled"],
                 "experts": out["experts_uri"],

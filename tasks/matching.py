@@ -63,7 +63,8 @@ class TMResult(BaseModel):
 
 
 def method_name(cfg: MatchConfig) -> str:
-    """'mtt' with every AST switch off, else 'ast' (the label in tables and artifact keys)."""
+    """'mtt' with every AST switch off, else 'ast', then '+soft' / '+window' / '+ema' for the follow-up
+    switches that are on (the label in tables; two entries of a flow differ in it or in ipc)."""
     ast = (
         cfg.init == "representative"
         or cfg.balance_loss
@@ -71,7 +72,12 @@ def method_name(cfg: MatchConfig) -> str:
         or cfg.weight_perturb > 0
         or cfg.student_momentum > 0
     )
-    return "ast" if ast else "mtt"
+    switches = [
+        ("+soft", cfg.soft_labels),
+        ("+window", cfg.min_start_epoch > 0 or cfg.initial_max_start_epoch is not None),
+        ("+ema", cfg.ema_decay > 0),
+    ]
+    return ("ast" if ast else "mtt") + "".join(tag for tag, on in switches if on)
 
 
 def tm_method(cfg: MatchConfig) -> str:
@@ -201,6 +207,7 @@ def distill_tm(
             method=tm_method(cfg),
             provenance=provenance,
             previews=previews,
+            soft_labels=result.soft_labels,
             learned_lr=result.lr,
             filesystem=staging.fs,
         )

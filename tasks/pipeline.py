@@ -136,14 +136,14 @@ def krr_rows(path: TransferPath) -> list[dict[str, Any]]:
 
 def tm_rows(result: TMResult) -> list[dict[str, Any]]:
     """One report row per (set, evaluation net) of a trajectory-matching run: distilled sets and their baselines."""
-    sets = {(s.method, s.setting): s for s in result.sets}
+    sets = {(s.method, s.setting, s.labels): s for s in result.sets}
     rows = []
     for summary in result.metrics.summary:
-        evaluated = sets[(summary["method"], summary["setting"])]
+        evaluated = sets[(summary["method"], summary["setting"], summary.get("labels") or "hard")]
         rows.append(
             {
                 "path": f"experts -> TM on target ({evaluated.setting})",
-                "method": evaluated.method,
+                "method": evaluated.method + (" (soft labels)" if evaluated.labels == "soft" else ""),
                 "kind": "baseline" if evaluated.baseline else "method",
                 **_EMPTY,
                 "test_acc_mean": summary["test_acc_mean"],
@@ -188,10 +188,26 @@ def report_rows(results: PipelineResults) -> list[dict[str, Any]]:
     return transfer + (tm_rows(results.target) if results.target else [])
 
 
+def ranking_note(result: TMResult) -> list[str]:
+    """DD-Ranking's scores of each distilled set, in words (accuracy points; LRS in [0, 1], higher is better)."""
+    out = []
+    for r in result.metrics.ranking:
+        if r.get("lrs") is None:
+            out.append(f"DD-Ranking {r['method']} {r['setting']}: not scored (missing {r['missing']})")
+            continue
+        out.append(
+            f"DD-Ranking {r['method']} {r['setting']} ({r['own_labels']} labels): HLR {100 * r['hlr']:.1f} points "
+            f"below full real, IOR {100 * r['ior']:+.1f} points over random real, LRS {r['lrs']:.3f}"
+        )
+    return out
+
+
 def report_notes(results: PipelineResults, notes: list[str]) -> list[str]:
-    """The plan's notes (e.g. a resized target), then what the run itself explains (the pruned source)."""
+    """The plan's notes (e.g. a resized target), then what the run itself explains (the pruned source,
+    the distilled sets' DD-Ranking scores)."""
     path = results.transfer
-    return notes + ([selection_note(path.selection, path.ratio)] if path is not None else [])
+    notes = notes + ([selection_note(path.selection, path.ratio)] if path is not None else [])
+    return notes + (ranking_note(results.target) if results.target is not None else [])
 
 
 def report_key(results: PipelineResults, notes: list[str], name: str) -> Key:

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from distill.data import load_images
 from distill.evaluate import EvalConfig, evaluate_set
+from distill.formats import read_distilled
 from distill.matching import MatchingError
 from distill.transforms import Preprocessor
 from flows.distill_tm import DistillTMConfig, distill_tm_flow
@@ -50,14 +51,36 @@ def test_bad_parameters_are_refused(change, message):
 def test_distill_tm_tiny_end_to_end(prefect_server, hf_datasets, tmp_path):
     data_path("cifar10", "train.parquet")
     preset = load_preset("distill-tm", "tiny")
-    cfg = DistillTMConfig(**{**preset, "store": str(tmp_path)})
+    # a second entry learns soft labels (DATM): it is trained on them and on its hard labels
+    soft_entry = {**preset["distill"][0], "soft_labels": True, "lr_labels": 2.0}
+    cfg = DistillTMConfig(**{**preset, "distill": [*preset["distill"], soft_entry], "store": str(tmp_path)})
     result = distill_tm_flow(cfg)
 
-    summary = {(r["method"], r["setting"]): r for r in result["summary"]}
-    assert set(summary) == {("tm-mtt", "ipc1/convnet"), ("random-real", "ipc1/convnet")}
+    summary = {(r["method"], r["setting"], r["labels"]): r for r in result["summary"]}
+    assert set(summary) == {
+        ("tm-mtt", "ipc1/convnet", "hard"),
+        ("tm-mtt+soft", "ipc1/convnet", "hard"),
+        ("tm-mtt+soft", "ipc1/convnet", "soft"),
+        ("random-real", "ipc1/convnet", "hard"),
+        ("random-real", "ipc1/convnet", "soft"),  # the experts' logits on the same random images
+        ("full-real", "full/convnet", "hard"),  # all 60 training images, same recipe
+    }
     assert all(r["seeds"] == 2 and 0 <= r["test_acc_mean"] <= 1 for r in summary.values())
 
-    (uri,) = result["distilled"].values()
+    # DD-Ranking scores per distilled set, from the mean accuracies, against the same kind of labels
+    ranking = {r["method"]: r for r in result["ranking"]}
+    assert set(ranking) == {"tm-mtt", "tm-mtt+soft"} and ranking["tm-mtt+soft"]["own_labels"] == "soft"
+    acc = {k: v["test_acc_mean"] for k, v in summary.items()}
+    for method, own in (("tm-mtt", "hard"), ("tm-mtt+soft", "soft")):
+        r = ranking[method]
+        hlr = acc[("full-real", "full/convnet", "hard")] - acc[(method, "ipc1/convnet", "hard")]
+        ior = acc[(method, "ipc1/convnet", own)] - acc[("random-real", "ipc1/convnet", own)]
+        assert r["hlr"] == pytest.approx(hlr) and r["ior"] == pytest.approx(ior) and 0 < r["lrs"] < 1
+    soft_uri = result["distilled"]["mtt+soft-ipc1"]
+    soft_set = read_distilled(soft_uri)
+    assert soft_set.soft_labels is not None and soft_set.soft_labels.shape == (3, 3)
+
+    uri = result["distilled"]["mtt-ipc1"]
     datasets, cache = hf_datasets
     ds = datasets.load_dataset("parquet", data_files=f"{uri}/data/*.parquet", split="train", cache_dir=cache)
     assert ds.features["label"].names == ["airplane", "automobile", "bird"]
@@ -87,7 +110,7 @@ def test_distill_tm_tiny_end_to_end(prefect_server, hf_datasets, tmp_path):
     from distill.formats import read_metrics
 
     rows = read_metrics(result["metrics_uri"] + "/metrics.parquet")
-    flow_row = next(r for r in rows if r["method"] == "tm-mtt" and r["seed"] == 0)
+    flow_row = next(r for r in rows if r["method"] == "tm-mtt" and r["seed"] == 0 and r["labels"] == "hard")
     assert again["lr"] == pytest.approx(meta["learned_lr"]) == pytest.approx(flow_row["lr"])
     assert again["test_acc"] == flow_row["test_acc"]
 
