@@ -124,29 +124,10 @@ def _parse_value(text: str):
 
 
 def pixel_zca(images_uint8, eps: float = 0.1):
-    """MTT's ZCA: kornia ZCAWhitening(eps) fitted on [0, 1] pixels (no per-channel standardization)."""
-    import torch
-
+    """MTT's ZCA: kornia's ZCAWhitening(eps) fitted on [0, 1] pixels (DataConfig zca='pixels')."""
     from distill.transforms import Preprocessor
 
-    n, c, h, w = images_uint8.shape
-    x = images_uint8.reshape(n, -1).double().div_(255.0)
-    mean = x.mean(0)
-    x -= mean
-    cov = (x.T @ x) / (n - 1)  # unbiased, as kornia
-    eigvals, eigvecs = torch.linalg.eigh(cov)
-    eigvals = eigvals.clamp_min(0)
-    whiten = (eigvecs * (eigvals + eps).rsqrt()) @ eigvecs.T
-    unwhiten = (eigvecs * (eigvals + eps).sqrt()) @ eigvecs.T
-    return Preprocessor(
-        torch.zeros(c),
-        torch.ones(c),
-        zca=whiten.float(),
-        zca_inv=unwhiten.float(),
-        zca_mean=mean.float(),
-        zca_eps=eps,
-        image_shape=(c, h, w),
-    )
+    return Preprocessor.fit(images_uint8, zca="pixels", zca_eps=eps)
 
 
 class Bench:

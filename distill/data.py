@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 from urllib.parse import urlparse
 
 import numpy as np
@@ -779,7 +779,11 @@ class DataConfig(BaseModel):
     )
     test_per_class: int | None = Field(None, ge=1, description="Seeded per-class cap on test images; None = all.")
     seed: int = Field(0, description="Seed of the per-class caps.")
-    zca: bool = Field(False, description="ZCA-whiten after normalization (MTT's ZCA, eps 0.1), fitted on train.")
+    zca: bool | Literal["pixels"] = Field(
+        False,
+        description="ZCA-whiten (eps 0.1), fitted on train: true = after per-channel normalization; "
+        "'pixels' = on [0, 1] pixels, exactly as MTT's kornia ZCAWhitening.",
+    )
 
     @model_validator(mode="after")
     def _distinct_splits(self) -> "DataConfig":

@@ -69,6 +69,23 @@ def test_zca_matches_kornia_recipe(cifar8: torch.Tensor):
     assert pre.config()["zca_eps"] == eps
 
 
+def test_pixel_zca_whitens_0_1_pixels_as_mtt_does(cifar8: torch.Tensor):
+    """zca='pixels': kornia's ZCAWhitening on x / 255 (no per-channel standardization), invertible, and
+    its own preprocessing (another fingerprint than the standardized ZCA's)."""
+    eps = 0.1
+    pre = Preprocessor.fit(cifar8, zca="pixels", zca_eps=eps)
+    x = cifar8.reshape(len(cifar8), -1).double() / 255
+    centered = x - x.mean(0)
+    u, s, _ = torch.linalg.svd(centered.T @ centered / (len(x) - 1))
+    expected = centered @ (u @ torch.diag((s + eps).rsqrt()) @ u.T)
+    assert torch.allclose(pre(cifar8).reshape(len(x), -1).double(), expected, atol=1e-4)
+    assert pre.mean.tolist() == [0.0] * 3 and pre.std.tolist() == [1.0] * 3
+    assert (pre.to_uint8(pre(cifar8)).int() - cifar8.int()).abs().max() <= 1
+    assert pre.fingerprint() != Preprocessor.fit(cifar8, zca=True, zca_eps=eps).fingerprint()
+    with pytest.raises(DataError, match="zca must be false, true or 'pixels'; got 'kornia'"):
+        Preprocessor.fit(cifar8, zca="kornia")
+
+
 @pytest.mark.parametrize("zca", [False, True])
 def test_to_uint8_inverts(cifar8: torch.Tensor, zca8: Preprocessor, zca: bool):
     pre = zca8 if zca else Preprocessor.fit(cifar8)
@@ -142,3 +159,14 @@ def test_nearly_constant_channels_are_refused():
     flat[0, 0, 0, 0] = 128  # one pixel off by one level: a spread far below any real image's
     with pytest.raises(DataError, match="constant"):
         Preprocessor.fit(flat)
+
+
+def test_data_config_takes_pixel_zca_and_names_the_choices():
+    from pydantic import ValidationError
+
+    from distill.data import DataConfig
+
+    assert DataConfig(source="x", zca="pixels").zca == "pixels"
+    assert DataConfig(source="x", zca=True).model_dump()["zca"] is True  # the keys of existing datasets hold
+    with pytest.raises(ValidationError, match="'pixels'"):
+        DataConfig(source="x", zca="kornia")
