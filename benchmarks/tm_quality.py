@@ -130,6 +130,14 @@ def pixel_zca(images_uint8, eps: float = 0.1):
     return Preprocessor.fit(images_uint8, zca="pixels", zca_eps=eps)
 
 
+# Evaluation architectures (issue 14 part 4): name -> (registered net, its kwargs) from the preset's ConvNet kwargs.
+ARCHS = {
+    "convnet": lambda kw: ("convnet", {**kw, "norm": "instance"}),
+    "convnet-w64": lambda kw: ("convnet", {**kw, "width": 64, "norm": "instance"}),
+    "resnet18": lambda kw: ("resnet18", {"norm": "batch"}),
+}
+
+
 class Bench:
     """Cached data, experts, matching runs and judgements for one preset and ZCA variant."""
 
@@ -206,14 +214,16 @@ class Bench:
                 link.symlink_to(directory / expert_file(i))
         return TrajectorySet(view)
 
-    def eval_cfg(self, soft: bool = False):
-        """MTT's evaluation recipe; soft: cross-entropy against soft labels (logits [N, K]) instead."""
+    def eval_cfg(self, soft: bool = False, arch: str = "convnet"):
+        """MTT's evaluation recipe; soft: cross-entropy against soft labels (logits [N, K]) instead.
+        arch: convnet (the experts' ConvNet), convnet-w64 (twice as wide) or resnet18 (batch norm)."""
         from distill.evaluate import EvalConfig
         from distill.train import TrainConfig
 
+        net, net_kwargs = ARCHS[arch](self.p["net_kwargs"])
         return EvalConfig(
-            net="convnet",
-            net_kwargs={**self.p["net_kwargs"], "norm": "instance"},
+            net=net,
+            net_kwargs=net_kwargs,
             train=TrainConfig(
                 epochs=self.eval_epochs,
                 batch_size=256,
@@ -227,11 +237,11 @@ class Bench:
             num_models=self.nets,
         )
 
-    def judge(self, key: str, x, y, lr: float | None) -> dict:
-        """Mean/std test accuracy (%) of `nets` fresh ConvNets trained on (x, y); cached by key."""
+    def judge(self, key: str, x, y, lr: float | None, arch: str = "convnet") -> dict:
+        """Mean/std test accuracy (%) of `nets` fresh nets of `arch` trained on (x, y); cached by key."""
         from distill.evaluate import evaluate_set, summarize
 
-        ecfg = self.eval_cfg(soft=y.dim() == 2)
+        ecfg = self.eval_cfg(soft=y.dim() == 2, arch=arch)
         full_key = f"{key}|{_hash([ecfg.model_dump(mode='json'), lr])}"
         if full_key not in self.judged:
             accs = [
@@ -257,11 +267,11 @@ class Bench:
             self.judged_file.write_text(json.dumps(self.judged))
         return self.judged[full_key]
 
-    def random_real(self, ipc: int, experts=None) -> dict:
+    def random_real(self, ipc: int, experts=None, arch: str = "convnet") -> dict:
         """The random real subset with hard labels; with `experts`, with the experts' mean logits as soft labels."""
         import torch
 
-        from distill.matching import MatchConfig, initial_soft_labels
+        from distill.matching import expert_logits
 
         y = self.d["train_y"]
         idx = torch.cat(
@@ -273,12 +283,13 @@ class Bench:
             ]
         )
         x = self.d["train_x"][idx]
+        where = "" if arch == "convnet" else f"/{arch}"
         if experts is None:
-            return self.judge(f"random/{self.zca}/ipc{ipc}", x, y[idx], None)
-        soft = initial_soft_labels(MatchConfig(ipc=ipc, soft_labels=True), experts, x, torch.device("cpu"))
-        return self.judge(f"random-soft/{self.zca}/ipc{ipc}/{experts.directory}", x, soft, None)
+            return self.judge(f"random/{self.zca}/ipc{ipc}{where}", x, y[idx], None, arch)
+        soft = expert_logits(experts, x, "cpu")
+        return self.judge(f"random-soft/{self.zca}/ipc{ipc}/{experts.directory}{where}", x, soft, None, arch)
 
-    def run(self, experts, ipc: int, overrides: dict, marks: list[tuple[str, float]]) -> dict:
+    def run(self, experts, ipc: int, overrides: dict, marks: list[tuple[str, float]], archs=()) -> dict:
         """Match with the preset's settings + overrides; judge the images at each mark (its or minutes)."""
         import torch
 
@@ -380,7 +391,22 @@ class Bench:
                 + "".join(f"  {k} {v['mean']:.2f} +- {v['std']:.2f}" for k, v in extra.items()),
                 flush=True,
             )
-        return {"config": cfg.identity(), "run_key": run_key, "points": points}
+        across = {}
+        if points and archs:  # the last judged set, trained by other architectures (issue 14 part 4)
+            last = SimpleNamespace(**torch.load(snapshot_dir / f"it{points[-1]['its']}.pt"))
+            for arch in archs:
+                across[arch] = {
+                    "its": last.its,
+                    "set": self.judge(f"run/{run_key}/it{last.its}/{arch}", last.images, last.labels, last.lr, arch),
+                    "random_real": self.random_real(ipc, arch=arch),
+                }
+                a = across[arch]
+                print(
+                    f"  ipc{ipc} it {last.its} on {arch}: {a['set']['mean']:.2f} +- {a['set']['std']:.2f}, random real "
+                    f"{a['random_real']['mean']:.2f} +- {a['random_real']['std']:.2f}",
+                    flush=True,
+                )
+        return {"config": cfg.identity(), "run_key": run_key, "points": points, "architectures": across}
 
 
 def main() -> None:
@@ -402,7 +428,23 @@ def main() -> None:
     parser.add_argument("--prepare", action="store_true", help="only cache the data and train the experts")
     parser.add_argument("--no-record", action="store_true", help="do not append to the records (smoke tests)")
     parser.add_argument("--experts", type=int, help="use the first N experts (default: the preset's number)")
+    parser.add_argument(
+        "--archs",
+        default="",
+        help="also train the last judged set and the random real subset on these, comma-separated: "
+        + ", ".join(a for a in ARCHS if a != "convnet"),
+    )
+    parser.add_argument(
+        "--ranking",
+        action="store_true",
+        help="DD-Ranking scores of the last judged set: random real with the experts' soft labels, and HLR "
+        "against the experts' own test accuracy (nets trained on the full real set, MTT's expert recipe)",
+    )
     args = parser.parse_args()
+    archs = [a for a in args.archs.split(",") if a]
+    unknown = sorted(set(archs) - set(ARCHS))
+    if unknown:
+        parser.error(f"unknown --archs {unknown}; valid: {', '.join(sorted(ARCHS))}")
 
     import torch
 
@@ -446,15 +488,38 @@ def main() -> None:
                 f"random real ipc{ipc}: {entry['random_real']['mean']:.2f} +- {entry['random_real']['std']:.2f}",
                 flush=True,
             )
-        if overrides.get("soft_labels") and not args.no_random:
+        if (overrides.get("soft_labels") or args.ranking) and not args.no_random:
             entry["random_real_soft"] = bench.random_real(ipc, experts)
             print(
                 f"random real ipc{ipc}, experts' soft labels: {entry['random_real_soft']['mean']:.2f} +- "
                 f"{entry['random_real_soft']['std']:.2f}",
                 flush=True,
             )
-        entry.update(bench.run(experts, ipc, overrides, marks))
+        entry.update(bench.run(experts, ipc, overrides, marks, archs))
         pts = entry["points"]
+        if args.ranking and pts and "random_real" in entry:
+            from distill.ranking import scores
+
+            last = pts[-1]
+            own = "own_labels" if "own_labels" in last else None
+            real = 100 * sum(e["test_acc"] for e in bench.expert_stats) / len(bench.expert_stats)
+            random_own = entry["random_real_soft" if own else "random_real"]["mean"]
+            set_own = last[own]["mean"] if own else last["mean"]
+            entry["ranking"] = {
+                "its": last["its"],
+                "own_labels": "soft" if own else "hard",
+                "full_real": round(real, 2),
+                "full_real_is": "the experts' mean test accuracy (full real set, MTT's expert recipe)",
+                **{
+                    k: round(v, 4)
+                    for k, v in scores(real / 100, last["mean"] / 100, set_own / 100, random_own / 100).items()
+                },
+            }
+            r = entry["ranking"]
+            print(
+                f"  DD-Ranking ipc{ipc} it {r['its']}: HLR {r['hlr']:.4f}  IOR {r['ior']:.4f}  LRS {r['lrs']:.4f}",
+                flush=True,
+            )
         if ipc in p["anchor"]:
             anchor_acc, anchor_min = p["anchor"][ipc]
             reached = [q["minutes"] for q in pts if q["mean"] >= anchor_acc]

@@ -75,7 +75,6 @@ Pure: imports neither prefect nor ray.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
 import time
@@ -98,7 +97,7 @@ from distill.nets import create_net, fast_net_kwargs, unflatten_params
 from distill.precision import Precision, precision_context
 from distill.registry import Registry
 from distill.trajectory import TrajectorySet, layout_from_json
-from distill.utils import Progress, resolve_device
+from distill.utils import Progress, resolve_device, tensor_digest
 
 
 class MatchingError(ValueError):
@@ -915,14 +914,6 @@ class _Checkpoint:
         )
 
 
-def _tensor_digest(*tensors: torch.Tensor) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(json.dumps([list(t.shape), str(t.dtype)]).encode())
-        h.update(t.detach().cpu().contiguous().numpy().data)
-    return h.hexdigest()[:16]
-
-
 # ---------------------------------------------------------------- the loop
 
 
@@ -995,7 +986,7 @@ def match_trajectories(
             "recipe": experts.meta.get("recipe"),
             "dataset": experts.meta.get("dataset_fingerprint"),
         },
-        "data": dataset_fingerprint or _tensor_digest(train_x, train_y),
+        "data": dataset_fingerprint or tensor_digest(train_x, train_y),
         "dtype": str(dtype),
     }
     checkpoint = _Checkpoint(work_dir, json.loads(json.dumps(identity))) if work_dir is not None else None

@@ -24,6 +24,13 @@ from pydantic import BaseModel, Field, model_validator
 
 from distill.allocator import keep_freed_memory
 from distill.augment import AUGMENTS, AugmentName
+from distill.checkpoint import (
+    Checkpoint,
+    load_module_tensors,
+    load_optimizer_tensors,
+    module_tensors,
+    optimizer_tensors,
+)
 from distill.registry import Registry
 from distill.utils import Progress, peak_memory_mb, resolve_device
 
@@ -187,6 +194,8 @@ def train(
     seed: int = 0,
     eval_data: tuple[torch.Tensor, torch.Tensor] | None = None,
     progress: Progress | None = None,
+    checkpoint: Checkpoint | None = None,
+    checkpoint_every: int = 1,
 ) -> TrainResult:
     """Train `net` in place on (x, y) and return per-epoch history and final-epoch numbers.
 
@@ -195,6 +204,10 @@ def train(
     progress(epoch, epochs, loss=..., acc=..., [test_acc=..., test_loss=...]) once per epoch.
     train_acc is measured on the augmented batches while training (for soft_ce and mse: argmax
     agreement with the target).
+    checkpoint: commits the net, optimizer, schedule and sampling generator every
+    `checkpoint_every` epochs (before the last); a run restarted with the same checkpoint (the
+    caller's identity names the config, seed and data) resumes after its last commit and ends
+    bit-identical to an uninterrupted run. `net` must be freshly built as for the first start.
     Raises FloatingPointError, naming epoch and step, when the loss stops being finite.
     """
     dev = resolve_device(device)
@@ -218,8 +231,19 @@ def train(
         torch.cuda.reset_peak_memory_stats(dev)
 
     history: list[dict] = []
-    start = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+    start, seconds_before, first_epoch = time.perf_counter(), 0.0, 1
+    if checkpoint is not None:
+        if checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1 epoch; got {checkpoint_every}")
+        saved = checkpoint.load()
+        if saved is not None:
+            load_module_tensors("net", net, saved.tensors)
+            load_optimizer_tensors("optimizer", optimizer, saved.tensors, saved.record["optimizer"])
+            scheduler.load_state_dict(saved.record["scheduler"])
+            generator.set_state(saved.tensors["generator"])
+            history, seconds_before = saved.record["history"], saved.record["seconds"]
+            first_epoch = saved.step + 1
+    for epoch in range(first_epoch, cfg.epochs + 1):
         net.train()
         order = torch.randperm(n, generator=generator).to(dev)
         # Per-step losses stay on the device and are checked once per epoch: no host sync per step.
@@ -241,10 +265,23 @@ def train(
             metrics = evaluate(net, *eval_data, device=dev)
             record.update(test_acc=metrics["acc"], test_loss=metrics["loss"])
         history.append(record)
+        if checkpoint is not None and epoch < cfg.epochs and epoch % checkpoint_every == 0:
+            opt_tensors, opt_rest = optimizer_tensors("optimizer", optimizer)
+            scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+            checkpoint.save(
+                epoch,
+                {**module_tensors("net", net), **opt_tensors, "generator": generator.get_state()},
+                {
+                    "optimizer": opt_rest,
+                    "scheduler": {**scheduler_state, "lr_lambdas": [None]},
+                    "history": history,
+                    "seconds": seconds_before + time.perf_counter() - start,
+                },
+            )
         if progress is not None:
             extra = {k: record[k] for k in ("test_acc", "test_loss") if k in record}
             progress(epoch, cfg.epochs, loss=record["loss"], acc=record["train_acc"], **extra)
-    return TrainResult(history, dict(history[-1]), time.perf_counter() - start, peak_memory_mb(dev))
+    return TrainResult(history, dict(history[-1]), seconds_before + time.perf_counter() - start, peak_memory_mb(dev))
 
 
 @torch.no_grad()

@@ -26,15 +26,17 @@ from __future__ import annotations
 
 import copy
 import time
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
 import torch.nn as nn
 from pydantic import Field
 
+from distill.checkpoint import Checkpoint
 from distill.nets import NetFields, NetName, create_net
 from distill.train import TrainConfig, TrainResult, extract_features, train
-from distill.utils import Progress, resolve_device
+from distill.utils import Progress, resolve_device, tensor_digest
 
 Mode = Literal["linear_probe", "fine_tune"]
 PretrainLoss = Literal["ce", "mse", "none"]
@@ -169,8 +171,13 @@ def pretrain(
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: Progress | None = None,
+    work_dir: str | Path | None = None,
+    checkpoint_every: int = 1,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """A fresh backbone pretrained on (images, y) with cfg.pretrain and `loss`; returns (net, info).
+
+    work_dir: where the run commits a checkpoint every `checkpoint_every` epochs (distill.checkpoint);
+    restarted with the same arguments, it resumes there and ends bit-identical to an uninterrupted run.
 
     ce: y int labels [N], the head has `out_dim` outputs (default max label + 1; DP4TL passes
     the source's class count so pruned sources keep every class). mse: y float targets [N, D].
@@ -187,8 +194,27 @@ def pretrain(
         return net, {"pretrain_seconds": 0.0, "train_images": 0, "images_seen": 0}
     if images is None or len(images) == 0:
         raise ValueError(f"pretraining with loss {loss!r} needs images")
+    recipe = cfg.pretrain.model_copy(update={"loss": loss})
+    checkpoint = None
+    if work_dir is not None:
+        identity = {
+            "pretraining": cfg.pretraining(),
+            "loss": loss,
+            "out_dim": dim,
+            "seed": seed,
+            "data": tensor_digest(images, y),
+        }
+        checkpoint = Checkpoint(Path(work_dir) / "pretrain-ckpt", identity, kind="pretrain")
     result: TrainResult = train(
-        net, images, y, cfg.pretrain.model_copy(update={"loss": loss}), device=device, seed=seed, progress=progress
+        net,
+        images,
+        y,
+        recipe,
+        device=device,
+        seed=seed,
+        progress=progress,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
     )
     return net, {
         "pretrain_seconds": result.seconds,

@@ -8,6 +8,7 @@ given no GPU, without threading a flag through every call.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import re
@@ -43,6 +44,15 @@ def derive_seed(*parts: Any, sep: str = "/") -> int:
     """
     digest = hashlib.sha256(sep.join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def tensor_digest(*tensors: torch.Tensor) -> str:
+    """16 hex digits of sha256 over the tensors' shapes, dtypes and bytes: what a resumed loop's data must match."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(json.dumps([list(t.shape), str(t.dtype)]).encode())
+        h.update(t.detach().cpu().contiguous().numpy().data)
+    return h.hexdigest()[:16]
 
 
 def peak_memory_mb(device: torch.device) -> float:

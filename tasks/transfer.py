@@ -98,7 +98,9 @@ def pretrain_weights(
     progress = reports.progress(
         f"pretrain {label or dataset.key} seed {seed} ({len(y)} images)", "pretrain", label, "seed", seed
     )
-    net, result = pretrain(cfg, x, y, loss="ce", out_dim=len(names), seed=seed, device=device, progress=progress)
+    net, result = pretrain(
+        cfg, x, y, loss="ce", out_dim=len(names), seed=seed, device=device, progress=progress, work_dir=run.work_dir()
+    )
     source_test = evaluate(net, test_x, test_y, device=device) if len(test_y) else {"acc": float("nan")}
     meta = {
         "net": cfg.net,

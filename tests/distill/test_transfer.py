@@ -108,6 +108,38 @@ def test_pretrain_by_loss():
     assert _same(_state(fresh), _state(backbone(SMALL, (3, 8, 8), 1, 4))) and info["images_seen"] == 0
 
 
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("net_kwargs", [{"width": 4, "depth": 2}, {"width": 4, "depth": 2, "norm": "batch"}])
+def test_pretraining_killed_mid_run_resumes_bit_identical(tmp_path, net_kwargs):
+    """Issue 17: pretraining commits a checkpoint per epoch (net incl. batch-norm statistics, momentum,
+    cosine schedule, sampling and augmentation generator) and a restart continues from it."""
+    cfg = SMALL.model_copy(update={"net_kwargs": net_kwargs, "pretrain": QUICK.model_copy(update={"epochs": 4})})
+    x, labels = _images(40, 1), torch.arange(40) % 5
+    whole, info = pretrain(cfg, x, labels, loss="ce", seed=3)
+
+    def kill_after_epoch_2(epoch, epochs, **_):
+        if epoch == 2:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        pretrain(cfg, x, labels, loss="ce", seed=3, work_dir=tmp_path, progress=kill_after_epoch_2)
+    seen = []
+    resumed, again = pretrain(
+        cfg, x, labels, loss="ce", seed=3, work_dir=tmp_path, progress=lambda e, n, **_: seen.append(e)
+    )
+    assert seen == [3, 4], "the two committed epochs are not trained again"
+    assert _same(_state(resumed), _state(whole))
+    assert again["pretrain_loss"] == info["pretrain_loss"] and again["pretrain_train_acc"] == info["pretrain_train_acc"]
+    # another recipe or other data is refused, naming the difference
+    from distill.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="data: stored"):
+        pretrain(cfg, x + 1, labels, loss="ce", seed=3, work_dir=tmp_path)
+
+
 def test_pretrain_refuses_mismatched_inputs():
     x = _images(8, 0)
     with pytest.raises(ValueError, match="'ce' needs integer labels"):
