@@ -176,12 +176,13 @@ class Bench:
         self.judged_file = work / "judged.json"
         self.judged = json.loads(self.judged_file.read_text()) if self.judged_file.exists() else {}
 
-    def experts(self, count: int | None = None):
-        """Train (or reuse) the preset's experts; `count` uses only the first ones (a view of symlinks)."""
+    def experts(self, count: int | None = None, recipe: str = "mtt"):
+        """Train (or reuse) the preset's experts with `recipe` (mtt, ast, sam); `count` uses only the first
+        ones (a view of symlinks)."""
         from distill.experts import ExpertConfig, train_expert
         from distill.trajectory import TrajectorySet, expert_file
 
-        cfg = ExpertConfig(recipe="mtt", net="convnet", net_kwargs=self.p["net_kwargs"], **self.p["experts"])
+        cfg = ExpertConfig(recipe=recipe, net="convnet", net_kwargs=self.p["net_kwargs"], **self.p["experts"])
         count = count or cfg.num_experts
         directory = self.work / f"experts-{_hash([cfg.expert_recipe(), self.d['pre_fingerprint']])}"
         self.expert_stats = []
@@ -429,6 +430,9 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true", help="do not append to the records (smoke tests)")
     parser.add_argument("--experts", type=int, help="use the first N experts (default: the preset's number)")
     parser.add_argument(
+        "--recipe", default="mtt", help="expert recipe (distill.experts RECIPES: mtt, ast, sam); default mtt"
+    )
+    parser.add_argument(
         "--archs",
         default="",
         help="also train the last judged set and the random real subset on these, comma-separated: "
@@ -468,7 +472,7 @@ def main() -> None:
         f"(pixel std {float(bench.d['train_x'].std()):.3f})",
         flush=True,
     )
-    experts = bench.experts(args.experts)
+    experts = bench.experts(args.experts, args.recipe)
     if args.prepare:
         return
 
@@ -537,6 +541,7 @@ def main() -> None:
         "zca": zca,
         "overrides": overrides,
         "eval": {"epochs": bench.eval_epochs, "num_models": bench.nets, "test_images": len(bench.d["test_y"])},
+        "expert_recipe": args.recipe,
         "experts": bench.expert_stats,
         "expert_dir": experts.directory,
         "results": results,
