@@ -1,8 +1,9 @@
-"""Supervised training and evaluation loops: plain training, evaluation, linear probe, fine-tuning.
+"""Supervised training and evaluation loops: plain training, evaluation, feature extraction.
 
 One loop serves every stage that trains a net on in-memory tensors: expert training, evaluating
 a distilled set (MTT/DC recipe: SGD 0.01, momentum 0.9, wd 5e-4, batch 256, lr x0.1 at half),
-KRR-ST pretraining (MSE to representations) and transfer (linear probe, fine-tune).
+KRR-ST pretraining (MSE to representations) and transfer (distill.transfer's linear probe and
+fine-tune train through it).
 Data lives on the device for the whole run (no DataLoader), and all randomness (shuffling,
 augmentation) comes from one CPU torch.Generator seeded by `seed`, so a run is reproducible and
 gives the same batches on CPU and GPU. Reported numbers are final-epoch numbers, never the max
@@ -11,7 +12,6 @@ over evaluations (the test set is not a validation set).
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass
@@ -323,91 +323,3 @@ def extract_features(
 ) -> torch.Tensor:
     """net.embed(x) in eval mode without gradients, as a CPU float32 tensor [N, feature_dim]."""
     return _batched_eval(net, net.embed, x, resolve_device(device), batch_size)
-
-
-def _fresh_linear(in_features: int, out_features: int, seed: int) -> nn.Linear:
-    """A new head whose init depends on `seed` only, without touching the caller's global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return nn.Linear(in_features, out_features)
-
-
-def _transfer_summary(result: TrainResult, seconds: float) -> dict:
-    final = result.final
-    return {
-        "test_acc": final["test_acc"],
-        "test_loss": final["test_loss"],
-        "train_acc": final["train_acc"],
-        "train_loss": final["loss"],
-        "seconds": seconds,
-        "peak_memory_mb": result.peak_memory_mb,
-        "history": result.history,
-    }
-
-
-def _num_classes(train_y: torch.Tensor, test_y: torch.Tensor) -> int:
-    if train_y.dim() == 2:
-        return train_y.shape[1]
-    return int(max(train_y.max(), test_y.max())) + 1
-
-
-def linear_probe(
-    net: nn.Module,
-    train_x: torch.Tensor,
-    train_y: torch.Tensor,
-    test_x: torch.Tensor,
-    test_y: torch.Tensor,
-    cfg: TrainConfig,
-    *,
-    device: str | torch.device | None = None,
-    seed: int = 0,
-    progress: Progress | None = None,
-) -> dict:
-    """Frozen backbone: embed once, train a fresh linear head on the features, report final test acc.
-
-    cfg.augment is ignored (features are fixed); the net is not modified.
-    Returns {"test_acc", "test_loss", "train_acc", "train_loss", "seconds", "peak_memory_mb", "history"}.
-    """
-    dev = resolve_device(device)
-    start = time.perf_counter()
-    train_f = extract_features(net, train_x, device=dev)
-    test_f = extract_features(net, test_x, device=dev)
-    head = _fresh_linear(train_f.shape[1], _num_classes(train_y, test_y), seed)
-    result = train(
-        head,
-        train_f,
-        train_y,
-        cfg.model_copy(update={"augment": "none"}),
-        device=dev,
-        seed=seed,
-        eval_data=(test_f, test_y),
-        progress=progress,
-    )
-    return _transfer_summary(result, time.perf_counter() - start)
-
-
-def fine_tune(
-    net: nn.Module,
-    train_x: torch.Tensor,
-    train_y: torch.Tensor,
-    test_x: torch.Tensor,
-    test_y: torch.Tensor,
-    cfg: TrainConfig,
-    *,
-    num_classes: int,
-    device: str | torch.device | None = None,
-    seed: int = 0,
-    progress: Progress | None = None,
-) -> dict:
-    """Fresh Linear(feature_dim, num_classes) head, train all weights, report final test acc.
-
-    A copy of `net` is tuned, so one pretrained backbone serves many targets and seeds.
-    Returns the same keys as linear_probe.
-    """
-    start = time.perf_counter()
-    tuned = copy.deepcopy(net)
-    tuned.classifier = _fresh_linear(tuned.feature_dim, num_classes, seed)
-    result = train(
-        tuned, train_x, train_y, cfg, device=device, seed=seed, eval_data=(test_x, test_y), progress=progress
-    )
-    return _transfer_summary(result, time.perf_counter() - start)

@@ -3,6 +3,10 @@
 Exploratory screen of issue 13 (reads /tmp/i13/data.pt from issue13_cache.py, appends to /tmp/i13/*.jsonl;
 its lines are kept in benchmarks/records/transfer_screens.jsonl). One thread.
 
+Its lines in benchmarks/records/transfer_screens.jsonl were made (up to revision fa5e213) with
+distill.train's linear probe (unstandardized features), removed since; it now probes with
+distill.transfer's, the project's one transfer recipe, so its probe numbers differ.
+
     .venv/bin/python benchmarks/screens/issue13_recipe_screen.py --nets /tmp/i13/nets/s2_n50_e6_s0.pt --k 20 --lp '{...TrainConfig json...}' --std 0 1
 """
 
@@ -17,7 +21,8 @@ torch.set_num_threads(1)
 from issue13_cache import per_class  # run as a script from this folder
 
 from distill.nets import create_net
-from distill.train import TrainConfig, extract_features, fine_tune, linear_probe, train
+from distill.train import TrainConfig, extract_features, train
+from distill.transfer import fine_tune, linear_probe
 from distill.transforms import Preprocessor
 
 p = argparse.ArgumentParser()
@@ -73,12 +78,12 @@ for path in a.nets:
                         ).final
                         acc = r["test_acc"]
                     else:
-                        acc = linear_probe(n, xf, y, txf, ty, cfg, seed=seed)["test_acc"]
+                        acc = linear_probe(n, xf, y, txf, ty, cfg, num_classes=10, seed=seed)[1]["test_acc"]
                     log(kind="lp", net=path, arm=arm, seed=seed, k=k, cfg=lps, std=std, acc=acc)
             for fts in a.ft:
                 cfg = TrainConfig(**json.loads(fts))
                 t = time.time()
-                r = fine_tune(n, xf, y, txf, ty, cfg, num_classes=10, seed=seed)
+                r = fine_tune(n, xf, y, txf, ty, cfg, num_classes=10, seed=seed)[1]
                 log(
                     kind="ft",
                     net=path,

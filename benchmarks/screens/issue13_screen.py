@@ -3,6 +3,10 @@
 Exploratory screen of issue 13 (reads /tmp/i13/data.pt from issue13_cache.py, appends to /tmp/i13/*.jsonl;
 its lines are kept in benchmarks/records/transfer_screens.jsonl). One thread.
 
+Its lines in benchmarks/records/transfer_screens.jsonl were made (up to revision fa5e213) with
+distill.train's linear probe (unstandardized features), removed since; it now probes with
+distill.transfer's, the project's one transfer recipe, so its probe numbers differ.
+
     .venv/bin/python benchmarks/screens/issue13_screen.py --src-per-class 100 --epochs 5 --tgt-per-class 10 20 50 --seeds 0 1 2
 """
 
@@ -16,7 +20,8 @@ from issue13_cache import per_class  # noqa: E402  (run as a script from this fo
 
 torch.set_num_threads(1)
 from distill.nets import create_net
-from distill.train import TrainConfig, evaluate, fine_tune, linear_probe, train
+from distill.train import TrainConfig, evaluate, train
+from distill.transfer import fine_tune, linear_probe
 from distill.transforms import Preprocessor
 
 p = argparse.ArgumentParser()
@@ -111,10 +116,10 @@ for seed in a.seeds:
         xf, txf = tpre(x), tpre(tx)
         for arm, n_ in nets.items():
             t = time.time()
-            lp = linear_probe(n_, xf, y, txf, ty, lp_cfg, seed=seed)
+            lp = linear_probe(n_, xf, y, txf, ty, lp_cfg, num_classes=10, seed=seed)[1]
             lt = time.time() - t
             t = time.time()
-            f = fine_tune(n_, xf, y, txf, ty, ft_cfg, num_classes=10, seed=seed)
+            f = fine_tune(n_, xf, y, txf, ty, ft_cfg, num_classes=10, seed=seed)[1]
             ftt = time.time() - t
             log(
                 kind="transfer",

@@ -14,8 +14,6 @@ from distill.train import (
     TrainConfig,
     evaluate,
     extract_features,
-    fine_tune,
-    linear_probe,
     train,
 )
 from distill.utils import resolve_device, seed_everything
@@ -82,22 +80,6 @@ def test_soft_targets_decrease_loss(data, loss):
         net, name = _net(), "soft_ce"
     result = train(net, x, targets, TrainConfig(epochs=10, batch_size=50, loss=name, augment="none"))
     assert result.history[-1]["loss"] < 0.7 * result.history[0]["loss"]
-
-
-def test_linear_probe_and_fine_tune(data):
-    (x, y), (tx, ty) = data
-    backbone = _net()
-    train(backbone, x, y, TrainConfig(epochs=10, batch_size=32))
-    before = flatten_params(backbone)
-    probe = linear_probe(backbone, x, y, tx, ty, TrainConfig(epochs=30, batch_size=64, lr=0.05))
-    assert 0.6 < probe["test_acc"] <= 1.0 and 0 <= probe["train_acc"] <= 1.0
-    # Transfer to a different label space: 2 classes (first five vs last five).
-    tuned = fine_tune(
-        backbone, x, (y >= 5).long(), tx, (ty >= 5).long(), TrainConfig(epochs=3, batch_size=64), num_classes=2
-    )
-    assert 0.0 <= tuned["test_acc"] <= 1.0 and len(tuned["history"]) == 3
-    assert torch.equal(flatten_params(backbone), before), "probe and fine-tune must leave the backbone untouched"
-    assert backbone.classifier.out_features == NUM_CLASSES
 
 
 def test_non_finite_loss_raises(data):
