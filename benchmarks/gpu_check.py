@@ -600,8 +600,8 @@ def check_precision(p: dict, size: str) -> dict[str, Any]:
 
     from distill.augment import DSAConfig, sample_params
     from distill.matching import Segment, Student, matching_grad
-    from distill.nets import create_net, flatten_params, param_layout
-    from distill.trajectory import layout_to_json
+    from distill.nets import create_net, flatten_params
+    from distill.trajectory import net_meta
 
     dev = _device()
     cuda = dev.type == "cuda"
@@ -611,15 +611,7 @@ def check_precision(p: dict, size: str) -> dict[str, Any]:
     torch.manual_seed(0)
     kwargs = {"width": p["width"], "depth": 3}
     net = create_net("convnet", num_classes=10, **kwargs)
-    meta = {
-        "layout": layout_to_json(param_layout(net)),
-        "net": "convnet",
-        "net_kwargs": kwargs,
-        "num_classes": 10,
-        "channels": 3,
-        "image_size": 32,
-    }
-    student = Student(meta, dev)
+    student = Student(net_meta(net, "convnet", kwargs, num_classes=10), dev)
     start = flatten_params(net).detach().to(dev)
     target = start + 0.01 * torch.randn_like(start)
     n = 10 * p["ipc"]

@@ -96,23 +96,15 @@ def problem(width: int, ipc: int, steps: int, layers: str, device: str):
 
     from distill.augment import DSAConfig, sample_params
     from distill.matching import Segment, Student
-    from distill.nets import create_net, flatten_params, param_layout
-    from distill.trajectory import layout_to_json
+    from distill.nets import create_net, flatten_params
+    from distill.trajectory import net_meta
 
     torch.manual_seed(0)
     dev = torch.device(device)
     norm, fast = LAYERS[layers]
     kwargs = {"width": width, "depth": 3, "norm": norm}
     net = create_net("convnet", num_classes=10, **kwargs)
-    meta = {
-        "layout": layout_to_json(param_layout(net)),
-        "net": "convnet",
-        "net_kwargs": kwargs,
-        "num_classes": 10,
-        "channels": 3,
-        "image_size": 32,
-    }
-    student = Student(meta, dev, fast=fast)
+    student = Student(net_meta(net, "convnet", kwargs, num_classes=10), dev, fast=fast)
     start = flatten_params(net).to(dev)
     target = start + 0.01 * torch.randn_like(start)
     n = 10 * ipc

@@ -138,6 +138,22 @@ def _schema(num_params: int, meta: dict) -> pa.Schema:
     return pa.schema(columns, metadata=metadata)
 
 
+def net_meta(
+    net: nn.Module, name: str, net_kwargs: dict, *, num_classes: int, channels: int = 3, image_size: int = 32
+) -> dict:
+    """What a matching student needs to rebuild `net` (built as create_net(name, **net_kwargs)): its
+    parameter layout and constructor arguments, the subset of expert metadata that benchmarks and
+    tests make without training an expert."""
+    return {
+        "layout": layout_to_json(param_layout(net)),
+        "net": name,
+        "net_kwargs": dict(net_kwargs),
+        "num_classes": num_classes,
+        "channels": channels,
+        "image_size": image_size,
+    }
+
+
 def _full_meta(layout: Layout, meta: dict) -> dict:
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:

@@ -13,7 +13,7 @@ from distill.augment import DSAConfig, sample_params
 from distill.fused_norm import InstanceNorm, instance_norm
 from distill.matching import Segment, Student, matching_grad
 from distill.nets import create_net, flatten_params, param_layout
-from distill.trajectory import layout_to_json
+from distill.trajectory import net_meta
 
 
 def _inputs(shape=(3, 4, 5, 5), seed=0, offset=0.0):
@@ -81,14 +81,7 @@ def _student(norm: str, width: int = 6, depth: int = 2, size: int = 16) -> tuple
     torch.manual_seed(0)
     kwargs = {"width": width, "depth": depth, "norm": norm}
     net = create_net("convnet", num_classes=4, image_size=size, **kwargs)
-    meta = {
-        "layout": layout_to_json(param_layout(net)),
-        "net": "convnet",
-        "net_kwargs": kwargs,
-        "num_classes": 4,
-        "channels": 3,
-        "image_size": size,
-    }
+    meta = net_meta(net, "convnet", kwargs, num_classes=4, image_size=size)
     return Student(meta, torch.device("cpu"), torch.float64, fast=False), flatten_params(net).double()
 
 
@@ -193,11 +186,4 @@ def test_fast_student_gives_the_native_matching_gradient_in_float64():
 def native_meta() -> dict:
     kwargs = {"width": 6, "depth": 2, "norm": "instance"}
     net = create_net("convnet", num_classes=4, image_size=16, **kwargs)
-    return {
-        "layout": layout_to_json(param_layout(net)),
-        "net": "convnet",
-        "net_kwargs": kwargs,
-        "num_classes": 4,
-        "channels": 3,
-        "image_size": 16,
-    }
+    return net_meta(net, "convnet", kwargs, num_classes=4, image_size=16)

@@ -11,8 +11,8 @@ import distill.matching as matching
 from distill.augment import DSAConfig, sample_params
 from distill.graph_memory import GraphMemoryMeter
 from distill.matching import MatchConfig, Segment, Student, matching_grad, step_graph_mb
-from distill.nets import create_net, flatten_params, param_layout
-from distill.trajectory import layout_to_json
+from distill.nets import create_net, flatten_params
+from distill.trajectory import net_meta
 
 STEPS = 5
 
@@ -22,15 +22,9 @@ def _problem(norm: str = "instance", momentum: float = 0.5, soft: bool = False, 
     torch.manual_seed(0)
     kwargs = {"width": 6, "depth": 2, "norm": norm}
     net = create_net("convnet", num_classes=4, image_size=16, **kwargs)
-    meta = {
-        "layout": layout_to_json(param_layout(net)),
-        "net": "convnet",
-        "net_kwargs": kwargs,
-        "num_classes": 4,
-        "channels": 3,
-        "image_size": 16,
-    }
-    student = Student(meta, torch.device("cpu"), torch.float64)
+    student = Student(
+        net_meta(net, "convnet", kwargs, num_classes=4, image_size=16), torch.device("cpu"), torch.float64
+    )
     start = flatten_params(net).double()
     g = torch.Generator().manual_seed(1)
     images = torch.randn(8, 3, 16, 16, generator=g, dtype=torch.float64)
@@ -257,14 +251,8 @@ def test_bf16_matching_runs_on_cpu_close_to_fp32(fast):
 
     student, images, labels, lr, seg = _float32_problem()
     if not fast:
-        meta = {
-            "layout": layout_to_json(param_layout(student.net)),
-            "net": "convnet",
-            "net_kwargs": {"width": 6, "depth": 2, "norm": "instance"},
-            "num_classes": 4,
-            "channels": 3,
-            "image_size": 16,
-        }
+        kwargs = {"width": 6, "depth": 2, "norm": "instance"}
+        meta = net_meta(student.net, "convnet", kwargs, num_classes=4, image_size=16)
         student = Student(meta, torch.device("cpu"), torch.float32, fast=False)
     want = matching_grad("unrolled", student, images, labels, lr, seg)
     with precision_context("tf32", "cpu"):
