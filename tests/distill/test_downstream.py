@@ -121,15 +121,16 @@ def test_train_on_refuses_unknown_arch_listing_valid_ones(tmp_path):
     assert proc.returncode == 2 and "unknown architecture 'vgg11'; valid: convnet" in proc.stderr
 
 
-def test_train_on_matches_classes_by_name_and_trains_another_arch():
-    cifar = data_path("cifar10")
+def _cat_dog_set(name: str, epochs: int) -> Path:
+    """4 real cats and 4 dogs of CIFAR-10 as a verified distilled-format set, labels renumbered 0/1
+    (so the test split must be relabelled by name, not by id), with a tiny ConvNet recipe."""
     from distill.data import DataConfig
 
-    real = DataConfig(source=str(cifar), classes=[3, 5], train_per_class=4, test_per_class=10).load("train")
+    data = {"source": str(data_path("cifar10")), "classes": [3, 5], "train_per_class": 4, "test_per_class": 10}
+    real = DataConfig(**data).load("train")
     pre = Preprocessor.fit(real.images)
-    out = ROOT / ".pytest_cache" / "train_on_set"
+    out = ROOT / ".pytest_cache" / name
     shutil.rmtree(out, ignore_errors=True)
-    # labels renumbered 0/1 = cat/dog: the test split must be relabelled by name, not by id
     write_distilled(
         str(out),
         pixels=pre(real.images),
@@ -140,12 +141,17 @@ def test_train_on_matches_classes_by_name_and_trains_another_arch():
         recipe={
             "net": "convnet",
             "net_kwargs": {"width": 8, "depth": 2},
-            "train": {"epochs": 2, "batch_size": 8, "augment": "none"},
+            "train": {"epochs": epochs, "batch_size": 8, "augment": "none"},
         },
         method="test",
-        provenance={"data": {"source": str(cifar), "classes": [3, 5], "test_per_class": 10}},
+        provenance={"data": data},
     )
     write_folder_manifest(str(out))
+    return out
+
+
+def test_train_on_matches_classes_by_name_and_trains_another_arch():
+    out = _cat_dog_set("train_on_set", epochs=2)
     result = run(str(out), arch="resnet18", seeds=[0, 1])
     assert result["summary"]["net"] == "resnet18" and len(result["rows"]) == 2
     assert all(0.0 <= r["test_acc"] <= 1.0 and r["train_images"] == 8 for r in result["rows"])
@@ -268,30 +274,7 @@ def test_train_on_bad_arguments_are_one_line_and_exit_2(tmp_path, args, message)
 def test_train_on_prints_progress_and_a_table_or_json(capsys):
     from distill.train_on import main
 
-    cifar = data_path("cifar10")
-    from distill.data import DataConfig
-
-    data = {"source": str(cifar), "classes": [3, 5], "train_per_class": 4, "test_per_class": 10}
-    real = DataConfig(**data).load("train")
-    pre = Preprocessor.fit(real.images)
-    out = ROOT / ".pytest_cache" / "train_on_table"
-    shutil.rmtree(out, ignore_errors=True)
-    write_distilled(
-        str(out),
-        pixels=pre(real.images),
-        labels=real.labels,
-        class_names=real.class_names,
-        preprocessor_config=pre.config(),
-        preprocessor_tensors=pre.state_dict(),
-        recipe={
-            "net": "convnet",
-            "net_kwargs": {"width": 8, "depth": 2},
-            "train": {"epochs": 3, "batch_size": 8, "augment": "none"},
-        },
-        method="test",
-        provenance={"data": data},
-    )
-    write_folder_manifest(str(out))
+    out = _cat_dog_set("train_on_table", epochs=3)
     assert main([str(out), "--seeds", "0", "1"]) == 0
     captured = capsys.readouterr()
     assert "seed 1: epoch 3/3" in captured.err and "100%" in captured.err
