@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict
 
 from distill.formats import read_metrics, write_metrics
 from distill.krr import METHODS
+from distill.ranking import FULL_REAL
 from tasks import reports
 from tasks.artifacts import ArtifactRef
 from tasks.krr import KRRResult
@@ -149,11 +150,16 @@ def tm_rows(result: TMResult) -> list[dict[str, Any]]:
                 "test_acc_mean": summary["test_acc_mean"],
                 "test_acc_std": summary["test_acc_std"],
                 "seeds": summary["seeds"],
-                "data_mib": round(data_bytes(evaluated.made_from[-1], ("data/",)) / 2**20, 3),
+                # a distilled-format set keeps its pixels under data/; the full real set is the dataset's train split
+                "data_mib": round(data_bytes(evaluated.made_from[-1], _data_files(evaluated.method)) / 2**20, 3),
                 **chain_cost(evaluated.made_from),
             }
         )
     return rows
+
+
+def _data_files(method: str) -> tuple[str, ...]:
+    return ("train",) if method == FULL_REAL else ("data/",)
 
 
 def selection_note(selection_ref: ArtifactRef, ratio: float) -> str:

@@ -79,7 +79,10 @@ def test_tiny_pipeline_runs_both_paths_and_reports_every_one(prefect_server, tmp
         assert r["wall_s"] >= 0.0
     krr = next(r for r in rows if r["method"] == "krr-st")
     assert krr["data_mib"] > 0 and krr["wall_s"] > 0 and krr["peak_rss_mb"] > 0
+    full = next(r for r in rows if r["method"] == "full-real")  # DD-Ranking's reference: the whole train split
+    assert full["data_mib"] > next(r for r in rows if r["method"] == "random-real")["data_mib"] > 0
     notes = " ".join(result["notes"])
+    assert "DD-Ranking tm-mtt ipc1/convnet (hard labels): HLR" in notes
     assert "resized from 32 px" in notes and "kept 5 of 10 source classes" in notes
     stored = read_metrics(result["report_uri"] + "/report.parquet")
     assert len(stored) == len(rows)
