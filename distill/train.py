@@ -267,13 +267,12 @@ def train(
         history.append(record)
         if checkpoint is not None and epoch < cfg.epochs and epoch % checkpoint_every == 0:
             opt_tensors, opt_rest = optimizer_tensors("optimizer", optimizer)
-            scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
             checkpoint.save(
                 epoch,
                 {**module_tensors("net", net), **opt_tensors, "generator": generator.get_state()},
                 {
                     "optimizer": opt_rest,
-                    "scheduler": {**scheduler_state, "lr_lambdas": [None]},
+                    "scheduler": scheduler.state_dict(),  # JSON: a plain lambda is stored as None
                     "history": history,
                     "seconds": seconds_before + time.perf_counter() - start,
                 },

@@ -53,31 +53,11 @@ Layout = list[tuple[str, tuple[int, ...]]]
 # Keys every trajectory's `distillery` metadata must carry besides format/version/layout:
 # enough to rebuild the net (net, net_kwargs, num_classes, channels, image_size) and to
 # refuse mixing experts trained differently or on different data (recipe, fingerprints).
-REQUIRED_META = (
-    "net",
-    "net_kwargs",
-    "num_classes",
-    "channels",
-    "image_size",
-    "recipe",
-    "dataset_fingerprint",
-    "preprocessor_fingerprint",
-    "seed",
-    "complete",
-    "epochs_planned",
-)
+_NET_META = ("net", "net_kwargs", "num_classes", "channels", "image_size")
+_ORIGIN_META = ("recipe", "dataset_fingerprint", "preprocessor_fingerprint")
+REQUIRED_META = (*_NET_META, *_ORIGIN_META, "seed", "complete", "epochs_planned")
 # Keys all experts of one TrajectorySet must agree on.
-SHARED_META = (
-    "layout",
-    "net",
-    "net_kwargs",
-    "num_classes",
-    "channels",
-    "image_size",
-    "recipe",
-    "dataset_fingerprint",
-    "preprocessor_fingerprint",
-)
+SHARED_META = ("layout", *_NET_META, *_ORIGIN_META)
 _EXPERT_FILE = re.compile(r"^expert-(\d{5,})\.parquet$")
 
 

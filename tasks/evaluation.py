@@ -21,7 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from distill.data import check_ipc, load_images, read_labels, sample_per_class
-from distill.evaluate import EvalConfig, evaluate_set, summarize
+from distill.evaluate import EvalConfig, evaluate_set, summarize_groups
 from distill.formats import read_distilled, read_metrics, write_distilled, write_metrics
 from distill.ranking import FULL_REAL, HARD, SOFT, full_setting, ranking_rows
 from distill.transforms import Preprocessor
@@ -157,7 +157,6 @@ def soft_subset(subset: ArtifactRef, experts: ArtifactRef, store: str, run: Stag
     from distill.matching import expert_logits
     from distill.trajectory import TrajectorySet
 
-    art = subset.open()
     syn = read_distilled(str(subset.local_dir()))
     trajectories = TrajectorySet(experts.local_dir())
     if trajectories.meta.get("num_classes", len(syn.class_names)) != len(syn.class_names):
@@ -166,7 +165,7 @@ def soft_subset(subset: ArtifactRef, experts: ArtifactRef, store: str, run: Stag
             f"the subset {subset.uri} has {len(syn.class_names)}"
         )
     logits = expert_logits(trajectories, syn.pixels, task_device()).cpu().float()
-    pre = Preprocessor.from_state(syn.preprocessor_config, syn.preprocessor_tensors)
+    previews = Preprocessor.from_state(syn.preprocessor_config, syn.preprocessor_tensors).to_uint8(syn.pixels)
 
     def write(staging: Staging) -> DistilledInfo:
         return DistilledInfo(
@@ -175,17 +174,17 @@ def soft_subset(subset: ArtifactRef, experts: ArtifactRef, store: str, run: Stag
                 pixels=syn.pixels,
                 labels=syn.labels,
                 class_names=syn.class_names,
-                preprocessor_config=pre.config(),
-                preprocessor_tensors=pre.state_dict(),
+                preprocessor_config=syn.preprocessor_config,
+                preprocessor_tensors=syn.preprocessor_tensors,
                 recipe=syn.recipe,
                 method=RANDOM_REAL,
                 provenance={
-                    **art.manifest.get("provenance", {}),
+                    **syn.provenance,  # the subset's own: dataset, seed, indices
                     "subset": subset.uri,
                     "experts": experts.uri,
                     "soft_labels": "mean logits of the experts at their last epoch",
                 },
-                previews=pre.to_uint8(syn.pixels),
+                previews=previews,
                 soft_labels=logits,
                 filesystem=staging.fs,
             )
@@ -245,9 +244,14 @@ def evaluate_distilled(
         device=device,
         progress=progress,
     )
-    row = {"method": method, "setting": setting, "labels": labels, "net": eval.net, **row, "eval_key": run.key}
+    return _publish_row({"method": method, "setting": setting, "labels": labels, "net": eval.net, **row}, seed, run)
+
+
+def _publish_row(row: dict[str, Any], seed: int, run: StageRun) -> Publish:
+    """Log one evaluation row and publish it as the stage's metrics.parquet (eval and eval-real)."""
+    row = {**row, "eval_key": run.key}
     reports.run_logger().info(
-        "%s %s (%s labels) seed %d: test acc %.4f", method, setting, labels, seed, row["test_acc"]
+        "%s %s (%s labels) seed %d: test acc %.4f", row["method"], row["setting"], row["labels"], seed, row["test_acc"]
     )
 
     def write(staging: Staging) -> EvalInfo:
@@ -284,35 +288,13 @@ def evaluate_full_real(
     row = evaluate_set(
         train_x, train_y, test_x, test_y, cfg, num_classes=len(names), seed=seed, device=device, progress=progress
     )
-    row = {"method": FULL_REAL, "setting": setting_, "labels": HARD, "net": eval.net, **row, "eval_key": run.key}
-    reports.run_logger().info("%s %s seed %d: test acc %.4f", FULL_REAL, setting_, seed, row["test_acc"])
-
-    def write(staging: Staging) -> EvalInfo:
-        write_metrics(staging.file("metrics.parquet"), [row], filesystem=staging.fs)
-        return EvalInfo(rows=1, test_acc=row["test_acc"])
-
-    return Publish(write, seeds={"train": seed})
+    return _publish_row({"method": FULL_REAL, "setting": setting_, "labels": HARD, "net": eval.net, **row}, seed, run)
 
 
 def summary_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and std of final-epoch test accuracy over seeds, per (method, setting, labels)."""
-    groups: dict[tuple[str, str, str], list[float]] = {}
-    for r in rows:
-        groups.setdefault((r["method"], r["setting"], r.get("labels") or HARD), []).append(r["test_acc"])
-    summary = []
-    for (method, setting, labels), accs in sorted(groups.items()):
-        s = summarize(accs)
-        summary.append(
-            {
-                "method": method,
-                "setting": setting,
-                "labels": labels,
-                "test_acc_mean": s["mean"],
-                "test_acc_std": s["std"],
-                "seeds": s["n"],
-            }
-        )
-    return summary
+    rows = [{**r, "labels": r.get("labels") or HARD} for r in rows]  # rows from before label kinds: hard
+    return summarize_groups(rows, ("method", "setting", "labels"), ("test_acc",), sort_key=lambda group: group)
 
 
 def metrics_key(rows: list[dict[str, Any]], name: str) -> Key:

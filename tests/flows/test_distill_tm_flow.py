@@ -76,6 +76,10 @@ def test_distill_tm_tiny_end_to_end(prefect_server, hf_datasets, tmp_path):
         hlr = acc[("full-real", "full/convnet", "hard")] - acc[(method, "ipc1/convnet", "hard")]
         ior = acc[(method, "ipc1/convnet", own)] - acc[("random-real", "ipc1/convnet", own)]
         assert r["hlr"] == pytest.approx(hlr) and r["ior"] == pytest.approx(ior) and 0 < r["lrs"] < 1
+    # the soft-label baseline keeps its random subset's provenance (which images) beside the experts'
+    (soft_random,) = (tmp_path / "random-real-soft").iterdir()
+    provenance = read_distilled(str(soft_random)).provenance
+    assert len(provenance["indices"]) == 3 and provenance["experts"] == result["experts_uri"]
     soft_uri = result["distilled"]["mtt+soft-ipc1"]
     soft_set = read_distilled(soft_uri)
     assert soft_set.soft_labels is not None and soft_set.soft_labels.shape == (3, 3)
