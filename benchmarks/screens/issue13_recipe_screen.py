@@ -3,7 +3,7 @@
 Exploratory screen of issue 13 (reads /tmp/i13/data.pt from issue13_cache.py, appends to /tmp/i13/*.jsonl;
 its lines are kept in benchmarks/records/transfer_screens.jsonl). One thread.
 
-Its lines in benchmarks/records/transfer_screens.jsonl were made (up to revision fa5e213) with
+Its lines in benchmarks/records/transfer_screens.jsonl were made at revision 38310b4 (their `git` field) with
 distill.train's linear probe (unstandardized features), removed since; it now probes with
 distill.transfer's, the project's one transfer recipe, so its probe numbers differ.
 
