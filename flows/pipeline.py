@@ -32,6 +32,7 @@ from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from distill.data import DataConfig, DataError
+from distill.transfer import TransferConfig
 from dp4tl.methods import PruneMethodName, SelectionConfig, check_ratio, get_method, num_kept_classes
 from dp4tl.surrogate import SurrogateConfig
 from flows.distill_krr import KRRStage, run_krr
@@ -42,6 +43,7 @@ from tasks.datasets import materialize_dataset, validate_data
 from tasks.pipeline import PipelineResults, TransferPath, headline_report, report_pipeline
 from tasks.prune import materialize_pruned, report_selection, select, surrogate
 from tasks.runtime import Resources, heavy, ray_task_runner
+from tasks.transfer import FULL, SCRATCH, pretrain_transfer, report_transfer
 
 
 class PruneStage(BaseModel):
@@ -61,6 +63,12 @@ class PruneStage(BaseModel):
         None, description="Your surrogate weights (safetensors) instead of training one."
     )
     k_clusters: int | None = Field(None, ge=1, description="fm_kmeans groups; default the number of source classes.")
+    transfer: TransferConfig | None = Field(
+        None,
+        description="DP4TL's own comparison: pretrain a fresh net on the pruned source, on the full source and "
+        "not at all, then transfer each to the target (distill.transfer: linear probe and fine-tune); null skips it.",
+    )
+    transfer_seeds: int = Field(2, ge=1, description="Seeds of that comparison (pretraining and transfer).")
 
     @model_validator(mode="after")
     def _valid(self) -> PruneStage:
@@ -148,17 +156,34 @@ def check_plan(config: PipelineConfig) -> None:
 def _transfer_path(
     config: PipelineConfig, source: ArtifactRef, target: ArtifactRef, store: str, name: str
 ) -> TransferPath:
-    """Prune the source for the target -> teacher -> KRR-ST -> pretrain -> transfer, with KRR-ST's baselines."""
+    """Prune the source for the target -> teacher -> KRR-ST -> pretrain -> transfer, with KRR-ST's baselines;
+    beside it (when `prune.transfer` is set) DP4TL's comparison: pretrain on the pruned source, the full source
+    and nothing, then transfer each to the target."""
     assert config.krr is not None
+    prune = config.prune
     with heavy(config.resources):
-        sur = surrogate.submit(source, config.prune.surrogate, store, config.prune.surrogate_weights).result()
-        selection = select.submit(
-            source, target, sur, config.prune.method, config.prune.seed, config.prune.selection(), store
-        ).result()
+        sur = surrogate.submit(source, prune.surrogate, store, prune.surrogate_weights).result()
+        selection = select.submit(source, target, sur, prune.method, prune.seed, prune.selection(), store).result()
     report_selection([selection], f"{name}-selection", 10)
-    pruned = materialize_pruned(source, selection, config.prune.ratio, store)
+    pruned = materialize_pruned(source, selection, prune.ratio, store)
+    arms = []
+    if prune.transfer is not None:
+        # submitted before KRR-ST's stages, so these Ray tasks fill the CPUs its serial stages leave idle
+        with heavy(config.resources):
+            arms = [
+                pretrain_transfer.submit(data, target, prune.transfer, seed, store, method, ratio)
+                for seed in range(prune.transfer_seeds)
+                for data, method, ratio in (
+                    (pruned, prune.method, prune.ratio),
+                    (source, FULL, 0.0),
+                    (None, SCRATCH, 0.0),
+                )
+            ]
     krr = run_krr(pruned, target, config.krr, config.resources, store, f"{name}-krr-st")
-    return TransferPath(chain=[source, sur, selection, pruned], selection=selection, ratio=config.prune.ratio, krr=krr)
+    dp4tl = report_transfer([a.result() for a in arms], f"{name}-dp4tl", store) if arms else None
+    return TransferPath(
+        chain=[source, sur, selection, pruned], selection=selection, ratio=prune.ratio, krr=krr, dp4tl=dp4tl
+    )
 
 
 @flow(name="pipeline", task_runner=ray_task_runner(), log_prints=True)

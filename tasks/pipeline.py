@@ -21,17 +21,20 @@ from distill.krr import METHODS
 from distill.ranking import FULL_REAL
 from tasks import reports
 from tasks.artifacts import ArtifactRef
+from tasks.evaluation import MetricsTable
 from tasks.krr import KRRResult
 from tasks.matching import TMResult
 from tasks.stage import Key, Manifest, Publish, StageInfo, StageRun, stage
 from tasks.store import Staging
-from tasks.tables import path_report
+from tasks.tables import path_report, pct_diff
+from tasks.transfer import FULL, SCRATCH
 
 STAGE = "pipeline-report"
 
 
 class TransferPath(BaseModel):
-    """The transfer path's results: the pruning chain and KRR-ST on the pruned source."""
+    """The transfer path's results: the pruning chain, KRR-ST on the pruned source and, when run, DP4TL's
+    comparison (pretraining on the pruned source, the full source and nothing; tasks.transfer)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -39,6 +42,7 @@ class TransferPath(BaseModel):
     selection: ArtifactRef
     ratio: float
     krr: KRRResult
+    dp4tl: MetricsTable | None = None
 
 
 class PipelineResults(BaseModel):
@@ -50,7 +54,8 @@ class PipelineResults(BaseModel):
     target: TMResult | None = None
 
     def metrics_keys(self) -> list[str]:
-        return [r.metrics.ref.key for r in (self.transfer and self.transfer.krr, self.target) if r is not None]
+        keys = [r.metrics.ref.key for r in (self.transfer and self.transfer.krr, self.target) if r is not None]
+        return keys + ([self.transfer.dp4tl.ref.key] if self.transfer and self.transfer.dp4tl else [])
 
 
 class ReportInfo(StageInfo):
@@ -135,6 +140,61 @@ def krr_rows(path: TransferPath) -> list[dict[str, Any]]:
     return rows
 
 
+DP4TL_PATH = "prune -> pretrain -> transfer (DP4TL)"
+_ACC_KEYS = ("linear_probe_acc_mean", "linear_probe_acc_std", "fine_tune_acc_mean", "fine_tune_acc_std")
+
+
+def dp4tl_rows(path: TransferPath) -> list[dict[str, Any]]:
+    """DP4TL's comparison: the pruned source against the full source and no pretraining (same recipe and
+    epoch budget; the pruned source's cost includes the surrogate and selection that made it)."""
+    if path.dp4tl is None:
+        return []
+    source, pruned = path.chain[0], path.chain[-1]
+    rows = []
+    for s in path.dp4tl.summary:
+        method = s["method"]
+        if method == FULL:
+            label, kind, made_from, data = "full source", "baseline", [source], data_bytes(source, ("train",))
+        elif method == SCRATCH:
+            label, kind, made_from, data = "no pretraining", "baseline", [], 0
+        else:
+            label, kind, made_from = f"{method} (pruned {100 * s['ratio']:.0f}% of classes)", "method", path.chain
+            data = data_bytes(pruned, ("train",))
+        cost = chain_cost(made_from)
+        cost["wall_s"] = round(cost["wall_s"] + s["pretrain_seconds"], 1)  # plus the (mean) pretraining itself
+        rows.append(
+            {
+                "path": DP4TL_PATH,
+                "method": label,
+                "kind": kind,
+                **_EMPTY,
+                **{k: s.get(k) for k in _ACC_KEYS},
+                "seeds": s["seeds"],
+                "data_mib": round(data / 2**20, 3),
+                **cost,
+            }
+        )
+    order = {"method": 0, "baseline": 1}
+    return sorted(rows, key=lambda r: order[r["kind"]])
+
+
+def regime_note(path: TransferPath) -> list[str]:
+    """Whether source pretraining matters at all in this regime: the full source against no pretraining."""
+    if path.dp4tl is None:
+        return []
+    by = {s["method"]: s for s in path.dp4tl.summary}
+    if FULL not in by or SCRATCH not in by:
+        return []
+    parts = [
+        f"{label} {pct_diff(by[FULL], by[SCRATCH], key)}"
+        for key, label in (("linear_probe_acc", "linear probe"), ("fine_tune_acc", "fine-tune"))
+    ]
+    return [
+        "source pretraining in this regime (full source minus no pretraining, points): " + "; ".join(parts) + " "
+        "(pruning can only matter where this gap is large)"
+    ]
+
+
 def tm_rows(result: TMResult) -> list[dict[str, Any]]:
     """One report row per (set, evaluation net) of a trajectory-matching run: distilled sets and their baselines."""
     sets = {(s.method, s.setting, s.labels): s for s in result.sets}
@@ -190,7 +250,7 @@ def selection_note(selection_ref: ArtifactRef, ratio: float) -> str:
 
 
 def report_rows(results: PipelineResults) -> list[dict[str, Any]]:
-    transfer = krr_rows(results.transfer) if results.transfer else []
+    transfer = dp4tl_rows(results.transfer) + krr_rows(results.transfer) if results.transfer else []
     return transfer + (tm_rows(results.target) if results.target else [])
 
 
@@ -212,7 +272,7 @@ def report_notes(results: PipelineResults, notes: list[str]) -> list[str]:
     """The plan's notes (e.g. a resized target), then what the run itself explains (the pruned source,
     the distilled sets' DD-Ranking scores)."""
     path = results.transfer
-    notes = notes + ([selection_note(path.selection, path.ratio)] if path is not None else [])
+    notes = notes + ([selection_note(path.selection, path.ratio), *regime_note(path)] if path is not None else [])
     return notes + (ranking_note(results.target) if results.target is not None else [])
 
 

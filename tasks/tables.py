@@ -35,16 +35,29 @@ def pct(mean: float | None, std: float | None = None) -> str:
     return f"{100 * mean:.1f}" + (f" +- {100 * std:.1f}" if std is not None and math.isfinite(std) else "")
 
 
-def verdict(method: dict[str, Any], baseline: dict[str, Any], metric: str) -> str | None:
-    """'+4.1 +- 1.2 over <baseline>: gain' (difference of the means in points, spread = the two stds
-    combined as for independent runs); 'no clear gain' when the difference is within that spread."""
-    m, b = method.get(f"{metric}_mean"), baseline.get(f"{metric}_mean")
-    if m is None or b is None:
+def _diff(a: dict[str, Any], b: dict[str, Any], metric: str) -> tuple[float, float] | None:
+    # difference of the means and the two stds combined as for independent runs
+    m, base = a.get(f"{metric}_mean"), b.get(f"{metric}_mean")
+    if m is None or base is None:
         return None
-    spread = math.hypot(method.get(f"{metric}_std") or 0.0, baseline.get(f"{metric}_std") or 0.0)
-    diff = m - b
+    return m - base, math.hypot(a.get(f"{metric}_std") or 0.0, b.get(f"{metric}_std") or 0.0)
+
+
+def pct_diff(a: dict[str, Any], b: dict[str, Any], metric: str) -> str:
+    """a's mean minus b's in points, with the spread of the difference: '+4.1 +- 1.2'."""
+    d = _diff(a, b, metric)
+    return "-" if d is None else f"{100 * d[0]:+.1f} +- {100 * d[1]:.1f}"
+
+
+def verdict(method: dict[str, Any], baseline: dict[str, Any], metric: str) -> str | None:
+    """'+4.1 +- 1.2 points over <baseline>: gain' (difference of the means, spread = the two stds combined
+    as for independent runs); 'no clear gain' when the difference is within that spread."""
+    d = _diff(method, baseline, metric)
+    if d is None:
+        return None
+    diff, spread = d
     word = "gain" if diff > spread else "loss" if diff < -spread else "no clear gain (within the spread)"
-    return f"{100 * diff:+.1f} +- {100 * spread:.1f} points over {baseline['method']}: {word}"
+    return f"{pct_diff(method, baseline, metric)} points over {baseline['method']}: {word}"
 
 
 def path_report(rows: list[dict[str, Any]]) -> str:

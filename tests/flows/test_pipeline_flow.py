@@ -77,6 +77,12 @@ def test_tiny_pipeline_runs_both_paths_and_reports_every_one(prefect_server, tmp
         accs = [r[k] for k in ("linear_probe_acc_mean", "fine_tune_acc_mean", "test_acc_mean") if r[k] is not None]
         assert accs and all(0.0 <= a <= 1.0 for a in accs), r
         assert r["wall_s"] >= 0.0
+    # DP4TL's comparison: the pruned source against the full source and no pretraining, one table
+    dp4tl = {r["method"]: r for r in rows if r["path"] == "prune -> pretrain -> transfer (DP4TL)"}
+    assert set(dp4tl) == {"lm (pruned 50% of classes)", "full source", "no pretraining"}
+    assert dp4tl["lm (pruned 50% of classes)"]["kind"] == "method"
+    assert 0 < dp4tl["lm (pruned 50% of classes)"]["data_mib"] < dp4tl["full source"]["data_mib"]
+    assert dp4tl["no pretraining"]["data_mib"] == 0
     krr = next(r for r in rows if r["method"] == "krr-st")
     assert krr["data_mib"] > 0 and krr["wall_s"] > 0 and krr["peak_rss_mb"] > 0
     full = next(r for r in rows if r["method"] == "full-real")  # DD-Ranking's reference: the whole train split
@@ -84,6 +90,7 @@ def test_tiny_pipeline_runs_both_paths_and_reports_every_one(prefect_server, tmp
     notes = " ".join(result["notes"])
     assert "DD-Ranking tm-mtt ipc1/convnet (hard labels): HLR" in notes
     assert "resized from 32 px" in notes and "kept 5 of 10 source classes" in notes
+    assert "full source minus no pretraining, points): linear probe " in notes
     stored = read_metrics(result["report_uri"] + "/report.parquet")
     assert len(stored) == len(rows)
 
@@ -92,5 +99,16 @@ def test_tiny_pipeline_runs_both_paths_and_reports_every_one(prefect_server, tmp
     params["krr"]["seeds"] = 2
     pipeline(PipelineConfig(**{**params, "store": str(tmp_path)}))
     after = {p.name: sorted(x.name for x in p.iterdir() if not x.name.startswith(".")) for p in tmp_path.iterdir()}
-    for stage in ("dataset", "surrogate", "selection", "pruned", "ssl-teacher", "krr-st", "experts", "distill-tm"):
+    stages = (
+        "dataset",
+        "surrogate",
+        "selection",
+        "pruned",
+        "pretrain",
+        "ssl-teacher",
+        "krr-st",
+        "experts",
+        "distill-tm",
+    )
+    for stage in stages:
         assert after.get(stage) == before.get(stage), f"stage {stage} was recomputed"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tasks.tables import path_report, pct, verdict
+from tasks.tables import path_report, pct, pct_diff, verdict
 
 
 def _row(path, method, kind, **acc):
@@ -27,6 +27,7 @@ def test_pct_and_verdict():
     assert verdict(m, b, "linear_probe_acc").endswith(": gain")
     b["linear_probe_acc_mean"] = 0.50
     assert verdict(m, b, "linear_probe_acc").endswith(": loss")
+    assert pct_diff(m, b, "linear_probe_acc") == "-5.0 +- 1.4" and pct_diff(m, {}, "linear_probe_acc") == "-"
 
 
 def test_one_table_per_path_without_empty_accuracy_cells():
