@@ -14,6 +14,10 @@ decoded by the browser. Screenshots are written to `test-output/ui/` in the repo
     .venv/bin/python -m pytest tests/flows/test_ui_browser.py -s -m ""    # + experts (plot)
     # -> test-output/ui/baseline-flow-run.png, baseline-artifacts.png, baseline-table.png
 
+The run-form test registers a `baseline` deployment and opens its custom-run form: the evaluation
+net must be a drop-down of the net registry, with the field's description as help text
+(`baseline-run-form.png`).
+
 The browser is installed by scripts/install.sh (apt, as root); without it the test skips
 and says why.
 """
@@ -238,3 +242,23 @@ def test_ui_shows_last_flow_run_and_its_artifacts(flow_name, prefect_server, bro
             )
         )
         _screenshot(browser, f"{flow_name}-image.png", tmp_path)
+
+
+@pytest.mark.integration
+def test_ui_run_form_has_registry_drop_downs_and_field_descriptions(prefect_server, browser, tmp_path):
+    """A deployment's custom-run form, as a person fills it: the evaluation net is a drop-down listing
+    exactly the net registry, and a field's description is shown as its help text."""
+    from distill.evaluate import EvalConfig
+    from distill.nets import NETS
+    from flows.baseline import baseline
+
+    deployment_id = baseline.to_deployment(name="ui-run-form").apply()
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    browser.get(f"{prefect_server.removesuffix('/api')}/deployments/deployment/{deployment_id}/run")
+    _wait_for_text(browser, EvalConfig.model_fields["net"].description, "run form (field description)")
+    choices = browser.execute_script(
+        "return [...document.querySelectorAll('select')].map(s => [...s.options].map(o => o.value))"
+    )
+    assert NETS.choices() in choices, f"no drop-down lists the nets {NETS.choices()}; the form's drop-downs: {choices}"
+    _scroll_to(browser, "Net (Optional)")
+    _screenshot(browser, "baseline-run-form.png", tmp_path)
