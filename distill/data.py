@@ -2,7 +2,9 @@
 
 `load_images` reads a labelled image dataset from Parquet (the layout Hugging Face `datasets`
 writes and the hub serves), an ImageFolder tree, an `.npz` file or the Hugging Face hub, and
-returns an `ImageSet`: uint8 RGB images [N, 3, H, W], int64 labels and the dataset's class names.
+returns an `ImageSet`: uint8 images [N, C, H, W], int64 labels and the dataset's class names.
+Images are RGB (C = 3; grey images replicated) unless `channels=1` asks for one channel (grey
+kept exactly; colour converted to luma as Pillow's "L" mode does), as MTT trains on MNIST.
 
 Selection happens before decoding: the label column is read first, the class subset and the
 seeded per-class sample are chosen from it, and only the chosen images are decoded, row group
@@ -34,7 +36,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from distill.registry import Registry
 from distill.utils import derive_seed
@@ -68,7 +70,7 @@ class DataError(ValueError):
 
 @dataclass(frozen=True, eq=False)
 class ImageSet:
-    """Labelled uint8 RGB images: `images` [N, 3, H, W], `labels` int64 [N] indexing `class_names`.
+    """Labelled uint8 images: `images` [N, C, H, W] (C = 3 RGB or 1 grey), `labels` int64 [N] indexing `class_names`.
 
     `class_names` always lists every class of the source dataset, so labels keep the ids the
     dataset gave them even after a class subset was taken (unless it was remapped on load).
@@ -80,8 +82,11 @@ class ImageSet:
     source: str
 
     def __post_init__(self) -> None:
-        if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] != 3:
-            raise DataError(f"images must be uint8 [N, 3, H, W]; got {self.images.dtype} {list(self.images.shape)}")
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4 or self.images.shape[1] not in (1, 3):
+            raise DataError(
+                f"images must be uint8 [N, C, H, W] with C = 3 (RGB) or 1 (grey); "
+                f"got {self.images.dtype} {list(self.images.shape)}"
+            )
         if self.labels.dtype != torch.int64 or self.labels.shape != (self.images.shape[0],):
             raise DataError(
                 f"labels must be int64 [N] with N = {self.images.shape[0]} images; "
@@ -191,8 +196,9 @@ def load_images(
     seed: int = 0,
     num_workers: int | None = None,
     remap_labels: bool = False,
+    channels: Literal[1, 3] = 3,
 ) -> ImageSet:
-    """Load one split of a labelled image dataset as uint8 RGB [N, 3, H, W], rows in dataset order.
+    """Load one split of a labelled image dataset as uint8 [N, channels, H, W], rows in dataset order.
 
     source: a `.parquet` file (the file is the split; `split` is not consulted), a folder of `<split>.parquet`,
         `<split>-*.parquet` or `data/<split>-*.parquet`, an ImageFolder `root/<split>/<class>/`,
@@ -204,8 +210,11 @@ def load_images(
     per_class: seeded random sample of this many images per kept class (see sample_per_class);
         the same seed gives the same images whatever num_workers is.
     num_workers: decoding processes; default: the CPUs this process may use.
+    channels: 3 = RGB (grey images replicated to 3 channels); 1 = one channel (see `to_grey`).
     """
     src = str(source)
+    if channels not in (1, 3):
+        raise DataError(f"channels must be 3 (RGB) or 1 (grey); got {channels!r}")
     fmt = _resolve_format(src, format)
     if image_size is not None and image_size < 1:
         raise DataError(f"image_size must be a positive number of pixels or None; got {image_size}")
@@ -221,6 +230,8 @@ def load_images(
     _check_label_range(labels, len(class_names), reader.where)
     rows = _select_rows(labels, class_names, classes, per_class, seed)
     images = reader.read(rows, image_size, workers)
+    if channels == 1:
+        images = to_grey(images)
     kept_labels = labels[rows]
     if remap_labels and classes is not None:
         mapping = torch.full((len(class_names),), -1, dtype=torch.int64)
@@ -228,6 +239,14 @@ def load_images(
         kept_labels = mapping[kept_labels]
         class_names = [class_names[c] for c in classes]
     return ImageSet(images, kept_labels, list(class_names), reader.where)
+
+
+def to_grey(images: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB [N, 3, H, W] -> uint8 luma [N, 1, H, W] with Pillow's "L" formula (ITU-R 601-2, in
+    16-bit fixed point), so a grey image replicated to RGB comes back exactly: 19595 + 38470 + 7471 = 2^16."""
+    x = images.to(torch.int32)
+    luma = (x[:, 0] * 19595 + x[:, 1] * 38470 + x[:, 2] * 7471 + 0x8000) >> 16
+    return luma.to(torch.uint8).unsqueeze(1)
 
 
 def _select_rows(
@@ -784,6 +803,21 @@ class DataConfig(BaseModel):
         description="ZCA-whiten (eps 0.1), fitted on train: true = after per-channel normalization; "
         "'pixels' = on [0, 1] pixels, exactly as MTT's kornia ZCAWhitening.",
     )
+    channels: Literal[3, 1] = Field(
+        3,
+        description="3 = RGB, grey images replicated to 3 channels (what ImageNet-style nets expect); "
+        "1 = one channel: grey images kept exactly, colour converted to luma (Pillow's 'L'). Nets adapt "
+        "their first layer, as MTT does for MNIST.",
+    )
+
+    @model_serializer(mode="wrap")
+    def _drop_default_channels(self, handler: Any) -> dict[str, Any]:
+        # `channels` joined the config after stores were filled: at its default it is left out of the
+        # dump, so every artifact keyed by an RGB config keeps its key (a grey config gets its own).
+        out = handler(self)
+        if self.channels == 3:
+            out.pop("channels", None)
+        return out
 
     @model_validator(mode="after")
     def _distinct_splits(self) -> "DataConfig":
@@ -840,4 +874,5 @@ class DataConfig(BaseModel):
             per_class=cap,
             seed=self.seed,
             remap_labels=self.remap_labels,
+            channels=self.channels,
         )

@@ -101,7 +101,8 @@ def materialize_dataset(data: DataConfig, store: str, run: StageRun) -> Publish:
 
 def load_split(ref: ArtifactRef, split: str) -> ImageSet:
     """One split of a materialized dataset as uint8 images (decoded with both cores)."""
-    return load_images(str(ref.local_dir()), split)
+    # the stored channel count, so a one-channel dataset is not read back as replicated RGB
+    return load_images(str(ref.local_dir()), split, channels=DatasetInfo.of(ref).image_shape[0])
 
 
 def load_preprocessor(ref: ArtifactRef) -> Preprocessor:

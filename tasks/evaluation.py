@@ -118,7 +118,14 @@ def random_subset(dataset: ArtifactRef, ipc: int, seed: int, eval: EvalConfig, s
     labels, _ = read_labels(source, "train")
     idx = torch.sort(sample_per_class(labels, ipc, seed)).values
     # Decode only the chosen images: load_images draws the same per-class sample.
-    picked = load_images(source, "train", classes=torch.unique(labels).tolist(), per_class=ipc, seed=seed)
+    picked = load_images(
+        source,
+        "train",
+        classes=torch.unique(labels).tolist(),
+        per_class=ipc,
+        seed=seed,
+        channels=info.image_shape[0],
+    )
     assert torch.equal(picked.labels, labels[idx]), "per-class sampling disagrees with load_images"
 
     def write(staging: Staging) -> DistilledInfo:

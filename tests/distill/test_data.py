@@ -18,16 +18,19 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from pydantic import ValidationError
 
 from distill import data
 from distill.data import (
     SOURCE_FORMATS,
+    DataConfig,
     DataError,
     ImageSet,
     check_ipc,
     dataset_splits,
     load_images,
     sample_per_class,
+    to_grey,
 )
 
 DATA = Path(os.environ.get("DISTILLERY_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
@@ -450,3 +453,28 @@ def test_npz_bad_values(tmp_path: Path):
         load_images(_npz(tmp_path, np.full((2, 4, 4, 3), 2.0, np.float32)))
     with pytest.raises(DataError, match="expected uint8, or float"):
         load_images(_npz(tmp_path, np.zeros((2, 4, 4, 3), np.int32)))
+
+
+def test_one_channel_keeps_grey_exactly_and_converts_colour_as_pillow(tmp_path: Path):
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (6, 28, 28), dtype=np.uint8)  # MNIST-shaped, every grey level likely
+    source = _npz(tmp_path, grey)
+    kept = load_images(source, channels=1)  # native size
+    assert kept.images.shape == (6, 1, 28, 28) and torch.equal(kept.images[:, 0], torch.from_numpy(grey))
+    assert load_images(source).images.shape == (6, 3, 28, 28)  # the default stays RGB (replicated)
+    assert torch.equal(to_grey(load_images(source).images), kept.images)  # replicate then luma: exact
+
+    colour = [Image.fromarray(rng.integers(0, 256, (9, 7, 3), dtype=np.uint8)) for _ in range(3)]
+    write_raw_parquet(tmp_path / "c.parquet", [png_bytes(im) for im in colour], [0, 1, 2])
+    luma = load_images(tmp_path / "c.parquet", channels=1).images
+    expected = torch.stack([torch.from_numpy(np.array(im.convert("L"))) for im in colour]).unsqueeze(1)
+    assert torch.equal(luma, expected)
+
+    cfg = DataConfig(source=str(source), image_size=None, channels=1, test_split="valid")
+    assert cfg.load("train").images.shape == (6, 1, 28, 28)
+    assert "channels" not in DataConfig(source=str(source)).model_dump()  # RGB configs keep their keys
+    assert cfg.model_dump()["channels"] == 1
+    with pytest.raises(DataError, match="channels must be 3 \\(RGB\\) or 1 \\(grey\\); got 2"):
+        load_images(source, channels=2)
+    with pytest.raises(ValidationError, match="channels"):
+        DataConfig(source=str(source), channels=2)

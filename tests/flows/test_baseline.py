@@ -52,3 +52,28 @@ def test_k_larger_than_a_class_fails_before_any_stage(prefect_server, tmp_path):
     with pytest.raises(DataError, match="ipc=25 images per class is larger than a class of .*has 20"):
         baseline(cfg)
     assert not (tmp_path / "dataset").exists(), "nothing may be materialized for a refused run"
+
+
+@pytest.mark.integration
+def test_grey_native_size_data_keeps_one_channel_end_to_end(prefect_server, tmp_path):
+    """MNIST-like data (grey 28 x 28) with channels 1 at native size: stored, subset and trained on as
+    [1, 28, 28], the nets adapting their first layer, not as replicated RGB resized to 32 px."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from distill.downstream import load_distilled
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 10)
+    x = (rng.integers(0, 60, (30, 28, 28)) + 60 * y[:, None, None]).astype(np.uint8)  # class = brightness
+    np.savez(tmp_path / "grey.npz", x_train=x, y_train=y, x_test=x[::2], y_test=y[::2])
+    params = load_preset("baseline", "tiny")
+    data = {"source": str(tmp_path / "grey.npz"), "image_size": None, "channels": 1}
+    result = baseline(BaselineConfig(**{**params, "data": data, "store": str(tmp_path / "store")}))
+    manifest = json.loads((Path(result["dataset_uri"]) / "manifest.json").read_text())
+    assert manifest["image_shape"] == [1, 28, 28]
+    subset = load_distilled(result["subset_uri"])
+    assert tuple(subset.pixels.shape) == (3 * params["ipc"], 1, 28, 28)
+    assert 0.0 <= result["summary"][0]["test_acc_mean"] <= 1.0
