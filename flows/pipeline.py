@@ -161,24 +161,24 @@ def _transfer_path(
     and nothing, then transfer each to the target."""
     assert config.krr is not None
     prune = config.prune
+    seeds = range(prune.transfer_seeds) if prune.transfer is not None else range(0)
     with heavy(config.resources):
+        # DP4TL's comparison arms that need no selection first: they fill the CPUs the surrogate leaves idle
+        arms = [
+            pretrain_transfer.submit(data, target, prune.transfer, seed, store, method, 0.0)
+            for seed in seeds
+            for data, method in ((source, FULL), (None, SCRATCH))
+        ]
         sur = surrogate.submit(source, prune.surrogate, store, prune.surrogate_weights).result()
         selection = select.submit(source, target, sur, prune.method, prune.seed, prune.selection(), store).result()
     report_selection([selection], f"{name}-selection", 10)
     pruned = materialize_pruned(source, selection, prune.ratio, store)
-    arms = []
-    if prune.transfer is not None:
-        # submitted before KRR-ST's stages, so these Ray tasks fill the CPUs its serial stages leave idle
-        with heavy(config.resources):
-            arms = [
-                pretrain_transfer.submit(data, target, prune.transfer, seed, store, method, ratio)
-                for seed in range(prune.transfer_seeds)
-                for data, method, ratio in (
-                    (pruned, prune.method, prune.ratio),
-                    (source, FULL, 0.0),
-                    (None, SCRATCH, 0.0),
-                )
-            ]
+    with heavy(config.resources):
+        # before KRR-ST's stages, so these Ray tasks fill the CPUs its serial stages leave idle
+        arms += [
+            pretrain_transfer.submit(pruned, target, prune.transfer, seed, store, prune.method, prune.ratio)
+            for seed in seeds
+        ]
     krr = run_krr(pruned, target, config.krr, config.resources, store, f"{name}-krr-st")
     dp4tl = report_transfer([a.result() for a in arms], f"{name}-dp4tl", store) if arms else None
     return TransferPath(

@@ -111,11 +111,16 @@ def _check_against_data(config: PruneConfig) -> None:
         raise ValueError(f"k_clusters={k} is larger than the {sum(present)} source samples; lower it")
 
 
-def _select_all(config: PruneConfig, store: str) -> tuple[ArtifactRef, ArtifactRef, dict[tuple[str, int], ArtifactRef]]:
+def _datasets(config: PruneConfig, store: str) -> tuple[ArtifactRef, ArtifactRef]:
     _check_against_data(config)  # in the flow process: fails fast, before any Ray worker starts
     source_f = materialize_dataset.submit(config.source, store)
     target_f = materialize_dataset.submit(config.target, store)
-    source, target = source_f.result(), target_f.result()
+    return source_f.result(), target_f.result()
+
+
+def _select_all(
+    config: PruneConfig, source: ArtifactRef, target: ArtifactRef, store: str
+) -> dict[tuple[str, int], ArtifactRef]:
     with heavy(config.resources):
         sur = surrogate.submit(source, config.surrogate, store, config.surrogate_weights).result()
         futures = {
@@ -126,14 +131,15 @@ def _select_all(config: PruneConfig, store: str) -> tuple[ArtifactRef, ArtifactR
     selections = {k: f.result() for k, f in futures.items()}
     name = f"prune-{config.source.name}-to-{config.target.name}"
     report_selection(list(selections.values()), name, config.top_classes)
-    return source, target, selections
+    return selections
 
 
 @flow(name="prune", task_runner=ray_task_runner(), log_prints=True)
 def prune(config: PruneConfig) -> dict[str, Any]:
     """Select the source classes (or samples) each method keeps, per ratio and seed; no pretraining."""
     store = start(config.store, config.resources)
-    source, target, selections = _select_all(config, store)
+    source, target = _datasets(config, store)
+    selections = _select_all(config, source, target, store)
     out = {f"{m}/seed{s}": ref.uri for (m, s), ref in selections.items()}
     print(json.dumps(out, indent=1))
     return {"source_uri": source.uri, "target_uri": target.uri, "selections": out}
@@ -143,8 +149,18 @@ def prune(config: PruneConfig) -> dict[str, Any]:
 def prune_eval(config: PruneEvalConfig) -> dict[str, Any]:
     """Selection, then pretrain on every pruned source and transfer to the target; accuracy table and plot."""
     store = start(config.store, config.resources)
-    source, target, selections = _select_all(config, store)
+    source, target = _datasets(config, store)
     sel = config.selection
+    # The comparison arms (the whole source, no pretraining at all) need no selection: submitted
+    # first, they train on the CPUs the surrogate leaves idle.
+    arms = [(source, FULL)] * config.full_source + [(None, SCRATCH)] * config.no_pretraining
+    with heavy(config.resources):
+        runs = [
+            pretrain_transfer.submit(arm, target, config.transfer, s, store, method, 0.0)
+            for s in sel.seeds
+            for arm, method in arms
+        ]
+    selections = _select_all(config, source, target, store)
     # Cheap (row copies, no decoding), so in the flow process: no Ray round trip per view.
     pruned = {
         (m, r, s): materialize_pruned(source, selections[(m, s)], r, store)
@@ -153,15 +169,8 @@ def prune_eval(config: PruneEvalConfig) -> dict[str, Any]:
         for s in sel.seeds
     }
     with heavy(config.resources):
-        runs = [
-            pretrain_transfer.submit(ref, target, config.transfer, s, store, m, r) for (m, r, s), ref in pruned.items()
-        ]
-        # the comparison arms: the whole source, and no pretraining at all
-        arms = [(source, FULL)] * config.full_source + [(None, SCRATCH)] * config.no_pretraining
         runs += [
-            pretrain_transfer.submit(arm, target, config.transfer, s, store, method, 0.0)
-            for s in sel.seeds
-            for arm, method in arms
+            pretrain_transfer.submit(ref, target, config.transfer, s, store, m, r) for (m, r, s), ref in pruned.items()
         ]
     rows = [r.result() for r in runs]
     table = report_transfer(rows, f"prune-eval-{config.source.name}-to-{config.target.name}", store)
