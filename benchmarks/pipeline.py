@@ -1,14 +1,17 @@
-"""Benchmark: the whole `pipeline` flow, cold (empty store) and warm (everything cached), with peak memory.
+"""Benchmark: a whole flow (default `pipeline`), cold (empty store) and warm (everything cached), with peak memory.
 
     .venv/bin/python benchmarks/pipeline.py --preset cpu     # goal: cold < 15 min, warm < 1 min on 2 cores
     .venv/bin/python benchmarks/pipeline.py --preset tiny    # about a minute
+    .venv/bin/python benchmarks/pipeline.py --flow distill-krr --preset cpu   # any flow's budget (15 min)
+    .venv/bin/python benchmarks/pipeline.py --flow prune-eval --preset cpu
 
 It starts a private Prefect server (SQLite in a temporary PREFECT_HOME, free loopback port)
-and an empty artifact store, runs `python -m flows.pipeline --preset P` twice against them
-and samples the resident memory of the whole process tree (flow process, Ray's GCS, raylet
-and workers) every 0.2 s. The accuracy table is the pipeline's own final report. The last
-line of output is one JSON object; each run is appended to benchmarks/records/pipeline.jsonl
-(--no-record for smoke runs).
+and an empty artifact store, runs the flow's module entry point (`python -m flows.pipeline
+--preset P`) twice against them and samples the resident memory of the whole process tree
+(flow process, Ray's GCS, raylet and workers) every 0.2 s. For the pipeline the accuracy table
+is its own final report. The last line of output is one JSON object; each run is appended to
+benchmarks/records/pipeline.jsonl (the pipeline) or flow_time.jsonl (other flows; --no-record
+for smoke runs).
 """
 
 from __future__ import annotations
@@ -78,10 +81,22 @@ class TreeMemory:
         return self.peak
 
 
-def run_flow(preset: str, env: dict[str, str]) -> tuple[float, int, dict]:
+# flow name -> its module entry point's command line (prune-eval shares flows.prune with prune)
+FLOW_COMMANDS = {
+    "pipeline": ["flows.pipeline"],
+    "distill-krr": ["flows.distill_krr"],
+    "distill-tm": ["flows.distill_tm"],
+    "prune-eval": ["flows.prune", "--flow", "prune-eval"],
+    "prune": ["flows.prune"],
+    "experts": ["flows.experts"],
+    "baseline": ["flows.baseline"],
+}
+
+
+def run_flow(flow: str, preset: str, env: dict[str, str]) -> tuple[float, int, dict]:
     start = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.pipeline", "--preset", preset],
+        [sys.executable, "-m", *FLOW_COMMANDS[flow], "--preset", preset],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -93,7 +108,7 @@ def run_flow(preset: str, env: dict[str, str]) -> tuple[float, int, dict]:
     seconds = time.perf_counter() - start
     peak = mem.stop()
     if proc.returncode != 0:
-        sys.exit(f"pipeline --preset {preset} failed ({proc.returncode}):\n{out[-4000:]}")
+        sys.exit(f"{flow} --preset {preset} failed ({proc.returncode}):\n{out[-4000:]}")
     last = [line for line in out.splitlines() if line.startswith("{")]
     return seconds, peak, json.loads(last[-1]) if last else {}
 
@@ -101,6 +116,7 @@ def run_flow(preset: str, env: dict[str, str]) -> tuple[float, int, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=["tiny", "cpu", "paper"], default="cpu")
+    parser.add_argument("--flow", choices=sorted(FLOW_COMMANDS), default="pipeline", help="the flow to time")
     parser.add_argument("--keep", action="store_true", help="keep the temporary store and Prefect home")
     parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/records")
     args = parser.parse_args()
@@ -132,9 +148,9 @@ def main() -> None:
             if server.poll() is not None or time.monotonic() > deadline:
                 sys.exit("the Prefect server did not start")
             time.sleep(0.5)
-        cold_s, cold_peak, report = run_flow(args.preset, env)
+        cold_s, cold_peak, report = run_flow(args.flow, args.preset, env)
         print(f"cold run: {cold_s:.1f} s, peak {cold_peak / 2**20:.0f} MiB", flush=True)
-        warm_s, warm_peak, _ = run_flow(args.preset, env)
+        warm_s, warm_peak, _ = run_flow(args.flow, args.preset, env)
         print(f"warm run: {warm_s:.1f} s, peak {warm_peak / 2**20:.0f} MiB", flush=True)
         store_bytes = sum(f.stat().st_size for f in (state / "artifacts").rglob("*") if f.is_file())
     finally:
@@ -145,8 +161,10 @@ def main() -> None:
         locked = (state / "server.log").read_text(errors="replace").count("database is locked")
         if not args.keep:
             shutil.rmtree(state, ignore_errors=True)
+    pipeline = args.flow == "pipeline"
     out = {
-        "benchmark": "pipeline",
+        "benchmark": "pipeline" if pipeline else "flow_time",
+        "flow": args.flow,
         "preset": args.preset,
         "cold_s": round(cold_s, 1),
         "warm_s": round(warm_s, 1),
@@ -156,12 +174,11 @@ def main() -> None:
         "server_database_locked_errors": locked,
         "goal_cold_under_15_min": cold_s < 900,
         "goal_warm_under_1_min": warm_s < 60,
-        "results": report.get("results", report),
-        "notes": report.get("notes", []),
+        **({"results": report.get("results", report), "notes": report.get("notes", [])} if pipeline else {}),
         "wall_note": "upper bound when loadavg exceeds the 2 cores (other processes shared them)",
     }
     if not args.no_record:
-        append_record("pipeline", out, preset=args.preset, loadavg_start=load_start)
+        append_record(out["benchmark"], out, preset=args.preset, loadavg_start=load_start)
     print(json.dumps(out, default=str))
 
 
