@@ -21,6 +21,7 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import socket
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -32,12 +33,14 @@ from urllib.parse import urlparse
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
+from distill.manifest import sha256_of, source_files
 from distill.registry import Registry
 from distill.utils import derive_seed
 
@@ -55,6 +58,7 @@ SOURCE_FORMATS: Registry[str] = Registry(
 SourceFormat = SOURCE_FORMATS.name_type()
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 HUB_PREFIX = "hub:"
+_VERIFIED_FILES: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, see verify_source
 
 # Rows decoded per worker task: large enough that process overhead is noise (a 64x64 JPEG
 # decodes in ~0.1 ms), small enough that 2 workers get several tasks each to balance.
@@ -810,14 +814,62 @@ class DataConfig(BaseModel):
         "their first layer, as MTT does for MNIST.",
     )
 
+    checksums: dict[str, str] | None = Field(
+        None,
+        description="sha256 of every file of a local source, by name relative to `source` (print them with "
+        "`python -m flows.cli checksums SOURCE`): checked before any image is decoded, so a corrupted or "
+        "swapped file stops the run. Image bytes carry no checksum of their own (JPEG has none, nor do the "
+        "hub layout's Parquet pages), so this pin is what catches a flipped bit inside an image.",
+    )
+
+    @field_validator("checksums")
+    @classmethod
+    def _hex_digests(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is None:
+            return v
+        bad = sorted(name for name, digest in v.items() if not re.fullmatch(r"[0-9a-fA-F]{64}", digest))
+        if bad:
+            raise ValueError(f"checksums must be 64-hex-digit sha256 digests; not one for {', '.join(bad)}")
+        return {name: digest.lower() for name, digest in v.items()}
+
     @model_serializer(mode="wrap")
-    def _drop_default_channels(self, handler: Any) -> dict[str, Any]:
-        # `channels` joined the config after stores were filled: at its default it is left out of the
-        # dump, so every artifact keyed by an RGB config keeps its key (a grey config gets its own).
+    def _drop_fields_at_their_old_defaults(self, handler: Any) -> dict[str, Any]:
+        # `channels` and `checksums` joined the config after stores were filled: at their defaults they
+        # are left out of the dump, so every artifact keyed by an older config keeps its key.
         out = handler(self)
         if self.channels == 3:
             out.pop("channels", None)
+        if self.checksums is None:
+            out.pop("checksums", None)
         return out
+
+    def verify_source(self) -> None:
+        """Refuse a source whose files differ from `checksums` (a no-op without them). Each (file, size,
+        mtime) is hashed once per process: flows check at validation and again where they decode."""
+        if self.checksums is None:
+            return
+        if self.source.startswith(HUB_PREFIX) or "://" in self.source or not os.path.exists(self.source):
+            raise DataError(f"checksums pin local files, but {self.source!r} is not a local file or folder")
+        got = {}
+        for name, path in source_files(self.source):
+            st = os.stat(path)
+            stamp = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+            if stamp not in _VERIFIED_FILES:
+                _VERIFIED_FILES[stamp] = sha256_of(pafs.LocalFileSystem(), os.path.abspath(path))
+            got[name] = _VERIFIED_FILES[stamp]
+        problems = [
+            f"{name}: sha256 {got[name][:16]}..., expected {digest[:16]}..."
+            for name, digest in self.checksums.items()
+            if name in got and got[name] != digest
+        ]
+        problems += [f"{name}: listed in checksums but not in the source" for name in self.checksums if name not in got]
+        problems += [f"{name}: in the source but not in checksums" for name in got if name not in self.checksums]
+        if problems:
+            raise DataError(
+                f"{self.source} does not match data.checksums ({'; '.join(problems)}): a file is corrupt, "
+                "missing or was replaced; fetch it again, or print the current digests with "
+                "`python -m flows.cli checksums SOURCE` if the change is intended"
+            )
 
     @model_validator(mode="after")
     def _distinct_splits(self) -> "DataConfig":
@@ -841,6 +893,7 @@ class DataConfig(BaseModel):
         class of a subset); a class with fewer selected train images is refused here.
         Returns the selected images per class of each split.
         """
+        self.verify_source()
         counts: dict[str, list[int]] = {}
         for split, cap in ((self.train_split, self.train_per_class), (self.test_split, self.test_per_class)):
             labels, names = read_labels(self.source, split, format=self.format)
@@ -864,6 +917,7 @@ class DataConfig(BaseModel):
 
     def load(self, split: str) -> ImageSet:
         """One split with this config's size, classes and per-class cap."""
+        self.verify_source()
         cap = self.train_per_class if split == self.train_split else self.test_per_class
         return load_images(
             self.source,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pathlib
 import posixpath
 import re
 from typing import Any, Literal
@@ -106,6 +107,28 @@ def sha256_of(fs: pafs.FileSystem, path: str) -> str:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def source_files(source: str) -> list[tuple[str, str]]:
+    """(name, path) of every file a local data source holds: the file itself (named by its base name), or
+    every file under a folder (named by its path relative to it, '/'-separated), sorted; [] for a hub
+    name or a remote URI, which are not files here."""
+    if not os.path.exists(source):
+        return []
+    if os.path.isfile(source):
+        return [(os.path.basename(source), source)]
+    out = []
+    for root, _, files in os.walk(source):
+        for f in files:
+            path = os.path.join(root, f)
+            out.append((os.path.relpath(path, source).replace(os.sep, "/"), path))
+    return sorted(out, key=lambda entry: pathlib.PurePath(entry[1]))  # by path parts: the order keys were made in
+
+
+def source_checksums(source: str) -> dict[str, str]:
+    """sha256 of every file of a local data source, by `source_files` name (what `data.checksums` pins)."""
+    fs = pafs.LocalFileSystem()
+    return {name: sha256_of(fs, os.path.abspath(path)) for name, path in source_files(source)}
 
 
 def _is_link_or_escapes(root: str, name: str) -> bool:

@@ -3,6 +3,7 @@
 python -m flows.cli results            # newest pipeline report or metrics summary in the store
 python -m flows.cli results --all      # every one of them, newest last
 python -m flows.cli datasets           # published datasets: folder and a ready train_on command
+python -m flows.cli checksums SOURCE   # sha256 of a data source's files, to pin as data.checksums
 """
 
 from __future__ import annotations
@@ -92,6 +93,18 @@ def datasets(store_uri: str | None = None, since: float | None = None, newest: i
     return "\n".join(lines) if lines else f"no published datasets in {store.uri}"
 
 
+def checksums(source: str) -> str:
+    """The `checksums:` block of a data config that pins `source`'s files (YAML)."""
+    from distill.manifest import source_checksums
+
+    digests = source_checksums(source)
+    if not digests:
+        raise SystemExit(f"{source}: no local files to hash (a hub name or remote URI cannot be pinned)")
+    return f"checksums:   # sha256 of every file of {source} (data.checksums)\n" + "".join(
+        f"  {name}: {digest}\n" for name, digest in digests.items()
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -101,11 +114,15 @@ def main() -> None:
     ds = sub.add_parser("datasets", help="published datasets with their folder and a train_on command")
     ds.add_argument("--store", default=None, help="store URI (default $DISTILLERY_STORE or ./artifacts)")
     ds.add_argument("--since", type=float, default=None, help="only those created after this Unix time")
+    ck = sub.add_parser("checksums", help="sha256 of a data source's files, to pin as data.checksums")
+    ck.add_argument("source", help="a Parquet file or folder, ImageFolder root or .npz file")
     args = parser.parse_args()
     if args.command == "results":
         print(results(args.all, args.store))
     elif args.command == "datasets":
         print(datasets(args.store, args.since))
+    elif args.command == "checksums":
+        print(checksums(args.source), end="")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ preprocessing.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
+import os
 from typing import Any
 
 import torch
@@ -20,6 +20,7 @@ from prefect import task
 from distill.data import DataConfig, ImageSet, load_images
 from distill.formats import PREPROCESSOR_FILE, write_image_dataset
 from distill.fsio import read_bytes, write_bytes
+from distill.manifest import source_files
 from distill.transforms import Preprocessor
 from tasks.artifacts import ArtifactRef
 from tasks.reports import run_logger
@@ -34,11 +35,8 @@ def source_stamp(source: str) -> list[tuple[str, int, int]]:
 
     Hub names and remote URIs are identified by their name only.
     """
-    path = Path(source)
-    if not path.exists():
-        return []
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return [(str(f.relative_to(path) if f != path else f.name), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    stats = [(name, os.stat(path)) for name, path in source_files(source)]
+    return [(name, st.st_size, st.st_mtime_ns) for name, st in stats]
 
 
 class DatasetInfo(StageInfo):

@@ -71,6 +71,8 @@ CASES: list[tuple[str, dict, str]] = [
     ("baseline", {"data": {"image_size": 0}}, "greater than or equal to 1"),
     ("baseline", {"data": {"train_per_class": 0}}, "greater than or equal to 1"),
     ("baseline", {"data": {"surprise": 1}}, "Extra inputs are not permitted"),
+    ("baseline", {"data": {"channels": 2}}, "channels"),
+    ("baseline", {"data": {"checksums": {"train.parquet": "abc"}}}, "64-hex-digit sha256 digests; not one for train"),
     ("baseline", {"ipc": 0}, "greater than or equal to 1"),
     ("baseline", {"surprise": True}, "Extra inputs are not permitted"),
     # networks: unknown names, unknown arguments, out-of-range values

@@ -478,3 +478,72 @@ def test_one_channel_keeps_grey_exactly_and_converts_colour_as_pillow(tmp_path: 
         load_images(source, channels=2)
     with pytest.raises(ValidationError, match="channels"):
         DataConfig(source=str(source), channels=2)
+
+
+def test_pinned_checksums_catch_a_flipped_bit_inside_an_image_before_decoding(tmp_path: Path):
+    from distill.manifest import source_checksums
+
+    folder = tmp_path / "src"
+    images = make_images(6, seed=3)
+    write_raw_parquet(folder / "train.parquet", [jpeg_bytes(im) for im in images], [0, 1, 2, 0, 1, 2])
+    write_raw_parquet(folder / "test.parquet", [jpeg_bytes(im) for im in images[:3]], [0, 1, 2])
+    pinned = DataConfig(source=str(folder), image_size=None, checksums=source_checksums(str(folder)))
+    before = pinned.load("train").images
+    assert pinned.check()  # the intact source passes
+
+    # One flipped bit inside one JPEG's entropy-coded data: the Parquet stays valid and the JPEG
+    # decodes, to other pixels, without any error (JPEG carries no checksum)
+    rows = pq.read_table(folder / "train.parquet").to_pylist()
+    encoded = [r["image"]["bytes"] for r in rows]
+    encoded[1] = _silently_corrupt(encoded[1])
+    write_raw_parquet(folder / "train.parquet", encoded, [r["label"] for r in rows])
+    unpinned = DataConfig(source=str(folder), image_size=None)
+    assert not torch.equal(unpinned.load("train").images, before)  # the old behaviour: garbage, silently
+    with pytest.raises(DataError, match=r"does not match data.checksums \(train.parquet: sha256 .*, expected"):
+        pinned.check()
+    with pytest.raises(DataError, match="train.parquet: sha256"):
+        pinned.load("train")
+
+    (folder / "extra.txt").write_text("x")
+    names = source_checksums(str(folder))
+    gone = {k: v for k, v in names.items() if k != "test.parquet"}
+    with pytest.raises(DataError, match="test.parquet: in the source but not in checksums"):
+        DataConfig(source=str(folder), checksums=gone).check()
+    with pytest.raises(DataError, match="missing.parquet: listed in checksums but not in the source"):
+        DataConfig(source=str(folder), checksums={**names, "missing.parquet": "0" * 64}).check()
+    with pytest.raises(DataError, match="checksums pin local files"):
+        DataConfig(source="hub:cifar10", checksums=names).verify_source()
+    assert "checksums" not in unpinned.model_dump()  # unpinned configs keep their keys
+
+
+def _silently_corrupt(jpeg: bytes) -> bytes:
+    """The first single-bit flip past the headers that Pillow still decodes, to different pixels."""
+    original = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+    for pos in range(len(jpeg) // 2, len(jpeg) - 2):
+        flipped = bytearray(jpeg)
+        flipped[pos] ^= 0x04
+        try:
+            pixels = np.asarray(Image.open(io.BytesIO(bytes(flipped))).convert("RGB"))
+        except OSError:
+            continue
+        if pixels.shape == original.shape and (pixels != original).any():
+            return bytes(flipped)
+    raise AssertionError("no silently decodable flip found")
+
+
+def test_checksums_cli_prints_a_block_that_pins_the_source(tmp_path: Path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    write_raw_parquet(tmp_path / "d" / "train.parquet", [png_bytes(im) for im in make_images(3)], [0, 1, 2])
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "checksums", str(tmp_path / "d")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    block = yaml.safe_load(out)["checksums"]
+    assert list(block) == ["train.parquet"]
+    DataConfig(source=str(tmp_path / "d"), test_split="valid", checksums=block).verify_source()
