@@ -262,3 +262,42 @@ def test_ui_run_form_has_registry_drop_downs_and_field_descriptions(prefect_serv
     assert NETS.choices() in choices, f"no drop-down lists the nets {NETS.choices()}; the form's drop-downs: {choices}"
     _scroll_to(browser, "Net (Optional)")
     _screenshot(browser, "baseline-run-form.png", tmp_path)
+
+
+@pytest.mark.integration
+def test_ui_pipeline_report_heads_the_run_and_image_grids_are_readable(prefect_server, browser, tmp_path):
+    """The pipeline's report is the flow run's own artifact (no task run), listed on the Artifacts tab
+    before every task's card, and the distilled-image grid is drawn upscaled, not as a thumbnail strip."""
+    data_path("cifar10", "train.parquet")
+    data_path("tiny-imagenet-200", "train.parquet")
+    found = _last_run_with_artifacts(prefect_server, "pipeline")
+    if found is None:
+        _run_in_process("pipeline", tmp_path / "store")
+        found = _last_run_with_artifacts(prefect_server, "pipeline")
+    assert found is not None
+    run, artifacts = found
+    keyed = [a for a in artifacts if a.get("key")]
+    report = next((a for a in keyed if a["key"].endswith("-report-plot")), None)
+    assert report is not None, sorted(a["key"] for a in keyed)
+    assert report["task_run_id"] is None, "the report must belong to the flow run itself, not to a task"
+    task_keys = sorted({a["key"] for a in keyed if a["task_run_id"] is not None and a["type"] == "markdown"})
+    assert task_keys
+
+    ui = prefect_server.removesuffix("/api")
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    browser.get(f"{ui}/runs/flow-run/{run['id']}")
+    _wait_for_text(browser, run["name"], "flow-run page")
+    _click_tab(browser, "Artifacts")
+    _wait_for_text(browser, report["key"], "artifacts tab")
+    for key in task_keys:
+        _wait_for_text(browser, key, "artifacts tab")
+    text = browser.execute_script("return document.body.innerText")
+    assert text.index(report["key"]) < min(text.index(k) for k in task_keys), "the report is not listed first"
+
+    grid = next(a for a in keyed if a["key"].startswith("distill-tm-") and "data:image/png" in (a.get("data") or ""))
+    browser.get(f"{ui}/artifacts/artifact/{grid['id']}")
+    sizes = "return [...document.images].filter(i => i.alt === 'images').map(i => [i.naturalWidth, i.naturalHeight])"
+    WebDriverWait(browser, WAIT_S, poll_frequency=0.5).until(lambda d: d.execute_script(sizes))
+    (width, height), *_ = browser.execute_script(sizes)
+    assert min(width, height) >= 64, f"the image grid is {width} x {height} px: too small to read"
+    _screenshot(browser, "pipeline-image-grid.png", tmp_path)
