@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from distill.data import DataConfig, DataError
 from distill.transfer import TransferConfig
-from dp4tl.methods import SelectionConfig, check_ratio
+from dp4tl.methods import SelectionConfig, check_ratio, get_method
 from dp4tl.surrogate import SurrogateConfig
 from flows.presets import build_config, flow_params, start
 from tasks.artifacts import ArtifactRef
@@ -118,20 +118,23 @@ def _datasets(config: PruneConfig, store: str) -> tuple[ArtifactRef, ArtifactRef
     return source_f.result(), target_f.result()
 
 
-def _select_all(
-    config: PruneConfig, source: ArtifactRef, target: ArtifactRef, store: str
-) -> dict[tuple[str, int], ArtifactRef]:
+def _submit_selections(config: PruneConfig, source: ArtifactRef, target: ArtifactRef, store: str) -> dict:
+    """The surrogate (waited for), then one selection task per (method, seed), cheapest first: those that
+    read only the target (label mapping, random) before those that embed the whole source (feature
+    mapping, K-means), so a caller consuming them in order starts work while the slow ones run."""
     with heavy(config.resources):
         sur = surrogate.submit(source, config.surrogate, store, config.surrogate_weights).result()
-        futures = {
+        order = sorted(config.selection.methods, key=lambda m: get_method(m).needs_source_images)
+        return {
             (m, s): select.submit(source, target, sur, m, s, config.selection, store)
-            for m in config.selection.methods
+            for m in order
             for s in config.selection.seeds
         }
-    selections = {k: f.result() for k, f in futures.items()}
+
+
+def _report_selections(config: PruneConfig, selections: dict[tuple[str, int], ArtifactRef]) -> None:
     name = f"prune-{config.source.name}-to-{config.target.name}"
     report_selection(list(selections.values()), name, config.top_classes)
-    return selections
 
 
 @flow(name="prune", task_runner=ray_task_runner(), log_prints=True)
@@ -139,7 +142,8 @@ def prune(config: PruneConfig) -> dict[str, Any]:
     """Select the source classes (or samples) each method keeps, per ratio and seed; no pretraining."""
     store = start(config.store, config.resources)
     source, target = _datasets(config, store)
-    selections = _select_all(config, source, target, store)
+    selections = {k: f.result() for k, f in _submit_selections(config, source, target, store).items()}
+    _report_selections(config, selections)
     out = {f"{m}/seed{s}": ref.uri for (m, s), ref in selections.items()}
     print(json.dumps(out, indent=1))
     return {"source_uri": source.uri, "target_uri": target.uri, "selections": out}
@@ -160,18 +164,17 @@ def prune_eval(config: PruneEvalConfig) -> dict[str, Any]:
             for s in sel.seeds
             for arm, method in arms
         ]
-    selections = _select_all(config, source, target, store)
-    # Cheap (row copies, no decoding), so in the flow process: no Ray round trip per view.
-    pruned = {
-        (m, r, s): materialize_pruned(source, selections[(m, s)], r, store)
-        for m in sel.methods
-        for r in sel.ratios
-        for s in sel.seeds
-    }
-    with heavy(config.resources):
-        runs += [
-            pretrain_transfer.submit(ref, target, config.transfer, s, store, m, r) for (m, r, s), ref in pruned.items()
-        ]
+    selections = {}
+    # Each selection's arms are submitted as soon as it is ready (cheap selections come first), so
+    # label mapping's pretraining runs while K-means clusters the source.
+    for (m, s), future in _submit_selections(config, source, target, store).items():
+        selections[(m, s)] = future.result()
+        for r in sel.ratios:
+            # cheap (row copies, no decoding), so in the flow process: no Ray round trip per view
+            pruned = materialize_pruned(source, selections[(m, s)], r, store)
+            with heavy(config.resources):
+                runs.append(pretrain_transfer.submit(pruned, target, config.transfer, s, store, m, r))
+    _report_selections(config, selections)
     rows = [r.result() for r in runs]
     table = report_transfer(rows, f"prune-eval-{config.source.name}-to-{config.target.name}", store)
     print(json.dumps({"summary": table.summary, "metrics": table.ref.uri}, indent=1))
