@@ -109,6 +109,8 @@ def run_flow(flow: str, preset: str, env: dict[str, str]) -> tuple[float, int, d
     peak = mem.stop()
     if proc.returncode != 0:
         sys.exit(f"{flow} --preset {preset} failed ({proc.returncode}):\n{out[-4000:]}")
+    if flow != "pipeline":  # only the pipeline ends with its report as one JSON line
+        return seconds, peak, {}
     last = [line for line in out.splitlines() if line.startswith("{")]
     return seconds, peak, json.loads(last[-1]) if last else {}
 
