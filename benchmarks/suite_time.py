@@ -49,6 +49,8 @@ def main() -> None:
         "returncode": proc.returncode,
         "wall_s": round(wall, 1),
         "counts": counts,
+        # pytest's short summary (-ra) names each failure: what to look at when goal_passed is false
+        "failed_tests": re.findall(r"^(?:FAILED|ERROR) (\S+)", proc.stdout + proc.stderr, re.M),
         "goal_passed": proc.returncode == 0 and counts.get("failed", 0) == 0,
         "goal_under_15_min": wall < GOAL_S,
     }

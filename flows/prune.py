@@ -134,7 +134,9 @@ def _submit_selections(config: PruneConfig, source: ArtifactRef, target: Artifac
 
 def _report_selections(config: PruneConfig, selections: dict[tuple[str, int], ArtifactRef]) -> None:
     name = f"prune-{config.source.name}-to-{config.target.name}"
-    report_selection(list(selections.values()), name, config.top_classes)
+    # in the order the user listed the methods (they were run cheapest first)
+    ordered = [selections[(m, s)] for m in config.selection.methods for s in config.selection.seeds]
+    report_selection(ordered, name, config.top_classes)
 
 
 @flow(name="prune", task_runner=ray_task_runner(), log_prints=True)
@@ -144,7 +146,7 @@ def prune(config: PruneConfig) -> dict[str, Any]:
     source, target = _datasets(config, store)
     selections = {k: f.result() for k, f in _submit_selections(config, source, target, store).items()}
     _report_selections(config, selections)
-    out = {f"{m}/seed{s}": ref.uri for (m, s), ref in selections.items()}
+    out = {f"{m}/seed{s}": selections[(m, s)].uri for m in config.selection.methods for s in config.selection.seeds}
     print(json.dumps(out, indent=1))
     return {"source_uri": source.uri, "target_uri": target.uri, "selections": out}
 

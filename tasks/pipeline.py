@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 from distill.formats import read_metrics, write_metrics
 from distill.krr import METHODS
 from distill.ranking import FULL_REAL
+from dp4tl.methods import get_method
 from tasks import reports
 from tasks.artifacts import ArtifactRef
 from tasks.evaluation import MetricsTable
@@ -101,6 +102,10 @@ _EMPTY = {
 }
 
 
+DP4TL_PATH = "prune -> pretrain -> transfer (DP4TL)"
+_ACC_KEYS = ("linear_probe_acc_mean", "linear_probe_acc_std", "fine_tune_acc_mean", "fine_tune_acc_std")
+
+
 def krr_rows(path: TransferPath) -> list[dict[str, Any]]:
     """One report row per compared method of the transfer path (KRR-ST and its baselines)."""
     chain, teacher, distilled = path.chain, path.krr.teacher, path.krr.distilled
@@ -123,25 +128,13 @@ def krr_rows(path: TransferPath) -> list[dict[str, Any]]:
                 "method": s["method"],
                 "kind": "method" if spec.data == "distilled" else "baseline",
                 **_EMPTY,
-                **{
-                    k: s.get(k)
-                    for k in (
-                        "linear_probe_acc_mean",
-                        "linear_probe_acc_std",
-                        "fine_tune_acc_mean",
-                        "fine_tune_acc_std",
-                    )
-                },
+                **{k: s.get(k) for k in _ACC_KEYS},
                 "seeds": s["seeds"],
                 "data_mib": round(data / 2**20, 3),
                 **chain_cost(made_from),
             }
         )
     return rows
-
-
-DP4TL_PATH = "prune -> pretrain -> transfer (DP4TL)"
-_ACC_KEYS = ("linear_probe_acc_mean", "linear_probe_acc_std", "fine_tune_acc_mean", "fine_tune_acc_std")
 
 
 def dp4tl_rows(path: TransferPath) -> list[dict[str, Any]]:
@@ -158,7 +151,8 @@ def dp4tl_rows(path: TransferPath) -> list[dict[str, Any]]:
         elif method == SCRATCH:
             label, kind, made_from, data = "no pretraining", "baseline", [], 0
         else:
-            label, kind, made_from = f"{method} (pruned {100 * s['ratio']:.0f}% of classes)", "method", path.chain
+            unit = "images" if get_method(method).data_wise else "classes"
+            label, kind, made_from = f"{method} (pruned {100 * s['ratio']:.0f}% of {unit})", "method", path.chain
             data = data_bytes(pruned, ("train",))
         cost = chain_cost(made_from)
         cost["wall_s"] = round(cost["wall_s"] + s["pretrain_seconds"], 1)  # plus the (mean) pretraining itself

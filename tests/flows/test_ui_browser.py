@@ -98,8 +98,11 @@ def _run_in_process(flow_name: str, store: Path) -> None:
     flow(config_cls(**params))
 
 
-def _last_run_with_artifacts(api: str, flow_name: str) -> tuple[dict, list[dict]] | None:
-    """The newest completed run of the flow that published artifacts (a fully cached re-run publishes none)."""
+def _last_run_with_artifacts(
+    api: str, flow_name: str, wanted: typing.Callable[[list[dict]], bool] | None = None
+) -> tuple[dict, list[dict]] | None:
+    """The newest completed run of the flow that published artifacts (a fully cached re-run publishes none),
+    and, with `wanted`, whose artifacts satisfy it (a partly cached re-run publishes only some)."""
     with httpx.Client(base_url=api, timeout=30) as client:
         runs = (
             client.post(
@@ -125,7 +128,7 @@ def _last_run_with_artifacts(api: str, flow_name: str) -> tuple[dict, list[dict]
                 .raise_for_status()
                 .json()
             )
-            if any(a.get("key") for a in artifacts):
+            if any(a.get("key") for a in artifacts) and (wanted is None or wanted(artifacts)):
                 return run, artifacts
     return None
 
@@ -270,10 +273,15 @@ def test_ui_pipeline_report_heads_the_run_and_image_grids_are_readable(prefect_s
     before every task's card, and the distilled-image grid is drawn upscaled, not as a thumbnail strip."""
     data_path("cifar10", "train.parquet")
     data_path("tiny-imagenet-200", "train.parquet")
-    found = _last_run_with_artifacts(prefect_server, "pipeline")
+
+    def complete(artifacts: list[dict]) -> bool:  # a run that published its report and an image grid
+        keys = [a.get("key") or "" for a in artifacts]
+        return any(k.endswith("-report-plot") for k in keys) and any(k.startswith("distill-tm-") for k in keys)
+
+    found = _last_run_with_artifacts(prefect_server, "pipeline", complete)
     if found is None:
         _run_in_process("pipeline", tmp_path / "store")
-        found = _last_run_with_artifacts(prefect_server, "pipeline")
+        found = _last_run_with_artifacts(prefect_server, "pipeline", complete)
     assert found is not None
     run, artifacts = found
     keyed = [a for a in artifacts if a.get("key")]
