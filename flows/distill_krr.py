@@ -90,7 +90,7 @@ def run_krr(
 ) -> KRRResult:
     """Teacher, distilled set and comparison table for a materialized source and target (inside a flow)."""
     check_inputs(source, target, stage.krr, stage.methods)  # from manifests: before any training
-    with heavy(resources):
+    with heavy(resources.serial()):  # nothing runs beside these two: they may take every core
         teacher = train_teacher_task.submit(source, stage.teacher, store).result()
         distilled = distill_krr_st.submit(source, teacher, stage.krr, stage.transfer, store).result()
     grid = report_distilled.submit(distilled, name)

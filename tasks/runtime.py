@@ -36,6 +36,19 @@ class Resources(BaseModel):
         "'auto' = 1 when the Ray cluster has GPUs, else 0.",
     )
     num_cpus: float = Field(1.0, gt=0, description="CPU cores per task (also torch's thread count).")
+    serial_cpus: float | None = Field(
+        None,
+        gt=0,
+        description="CPU cores (and torch threads) for the stages a flow runs alone, one after another "
+        "(distill-krr's SSL teacher and KRR-ST distillation): nothing runs beside them, so more threads "
+        "finish them sooner; default num_cpus.",
+    )
+
+    def serial(self) -> Resources:
+        """The resources of a stage that runs alone: serial_cpus cores when set."""
+        if self.serial_cpus is None:
+            return self
+        return self.model_copy(update={"num_cpus": self.serial_cpus, "serial_cpus": None})
 
     def resolved_gpus(self) -> float:
         """The GPU request after resolving 'auto' against the connected Ray cluster.
@@ -72,12 +85,13 @@ class Resources(BaseModel):
         nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
         best_cpu = max((r.get("CPU", 0.0) for r in nodes), default=0.0)
         best_gpu = max((r.get("GPU", 0.0) for r in nodes), default=0.0)
-        if self.num_cpus > best_cpu:
-            raise ValueError(
-                f"tasks request num_cpus={self.num_cpus:g} but the largest Ray node has {best_cpu:g} CPUs "
-                f"({len(nodes)} node(s)); set resources.num_cpus <= {best_cpu:g}, "
-                "or join a bigger cluster via RAY_ADDRESS"
-            )
+        for name, cpus in (("num_cpus", self.num_cpus), ("serial_cpus", self.serial_cpus)):
+            if cpus is not None and cpus > best_cpu:
+                raise ValueError(
+                    f"tasks request {name}={cpus:g} but the largest Ray node has {best_cpu:g} CPUs "
+                    f"({len(nodes)} node(s)); set resources.{name} <= {best_cpu:g}, "
+                    "or join a bigger cluster via RAY_ADDRESS"
+                )
         if gpus > best_gpu:
             raise ValueError(
                 f"tasks request num_gpus={gpus:g} but the largest Ray node has {best_gpu:g} GPUs; "

@@ -169,3 +169,11 @@ def test_local_ray_keeps_token_auth_without_warning_on_every_run():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "started" in proc.stdout
     assert "Token authentication is enabled" not in proc.stderr
+
+
+def test_serial_stages_may_take_more_cores_and_are_checked_up_front(ray_logical_gpu):
+    res = Resources(num_gpus=0, num_cpus=1, serial_cpus=2)
+    assert res.serial() == Resources(num_gpus=0, num_cpus=2) and Resources(num_cpus=1).serial().num_cpus == 1
+    assert res.check_feasible()["num_cpus"] == 1  # the other stages keep their request
+    with pytest.raises(ValueError, match="serial_cpus=3 but the largest Ray node has 2 CPUs"):
+        Resources(num_gpus=0, serial_cpus=3).check_feasible()
