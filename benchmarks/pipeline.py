@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.records import append_record, loadavg  # noqa: E402
+from flows.deployments import FLOWS  # noqa: E402
 
 
 def _free_port() -> int:
@@ -81,22 +82,18 @@ class TreeMemory:
         return self.peak
 
 
-# flow name -> its module entry point's command line (prune-eval shares flows.prune with prune)
-FLOW_COMMANDS = {
-    "pipeline": ["flows.pipeline"],
-    "distill-krr": ["flows.distill_krr"],
-    "distill-tm": ["flows.distill_tm"],
-    "prune-eval": ["flows.prune", "--flow", "prune-eval"],
-    "prune": ["flows.prune"],
-    "experts": ["flows.experts"],
-    "baseline": ["flows.baseline"],
-}
+def flow_command(flow: str) -> list[str]:
+    """`python -m` arguments of a flow's module entry point (flows.deployments.FLOWS); a module that hosts
+    several flows (flows.prune: prune, prune-eval) is told which one."""
+    module = FLOWS[flow]["entrypoint"].split(":")[0]
+    shared = sum(spec["entrypoint"].startswith(f"{module}:") for spec in FLOWS.values()) > 1
+    return [module, *(["--flow", flow] if shared else [])]
 
 
 def run_flow(flow: str, preset: str, env: dict[str, str]) -> tuple[float, int, dict]:
     start = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-m", *FLOW_COMMANDS[flow], "--preset", preset],
+        [sys.executable, "-m", *flow_command(flow), "--preset", preset],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -118,7 +115,7 @@ def run_flow(flow: str, preset: str, env: dict[str, str]) -> tuple[float, int, d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=["tiny", "cpu", "paper"], default="cpu")
-    parser.add_argument("--flow", choices=sorted(FLOW_COMMANDS), default="pipeline", help="the flow to time")
+    parser.add_argument("--flow", choices=sorted(FLOWS), default="pipeline", help="the flow to time")
     parser.add_argument("--keep", action="store_true", help="keep the temporary store and Prefect home")
     parser.add_argument("--no-record", action="store_true", help="do not append to benchmarks/records")
     args = parser.parse_args()

@@ -33,14 +33,13 @@ from urllib.parse import urlparse
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
-from distill.manifest import sha256_of, source_files
+from distill.manifest import source_checksums
 from distill.registry import Registry
 from distill.utils import derive_seed
 
@@ -58,7 +57,6 @@ SOURCE_FORMATS: Registry[str] = Registry(
 SourceFormat = SOURCE_FORMATS.name_type()
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 HUB_PREFIX = "hub:"
-_VERIFIED_FILES: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, see verify_source
 
 # Rows decoded per worker task: large enough that process overhead is noise (a 64x64 JPEG
 # decodes in ~0.1 ms), small enough that 2 workers get several tasks each to balance.
@@ -844,19 +842,12 @@ class DataConfig(BaseModel):
         return out
 
     def verify_source(self) -> None:
-        """Refuse a source whose files differ from `checksums` (a no-op without them). Each (file, size,
-        mtime) is hashed once per process: flows check at validation and again where they decode."""
+        """Refuse a source whose files differ from `checksums` (a no-op without them)."""
         if self.checksums is None:
             return
         if self.source.startswith(HUB_PREFIX) or "://" in self.source or not os.path.exists(self.source):
             raise DataError(f"checksums pin local files, but {self.source!r} is not a local file or folder")
-        got = {}
-        for name, path in source_files(self.source):
-            st = os.stat(path)
-            stamp = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
-            if stamp not in _VERIFIED_FILES:
-                _VERIFIED_FILES[stamp] = sha256_of(pafs.LocalFileSystem(), os.path.abspath(path))
-            got[name] = _VERIFIED_FILES[stamp]
+        got = source_checksums(self.source)
         problems = [
             f"{name}: sha256 {got[name][:16]}..., expected {digest[:16]}..."
             for name, digest in self.checksums.items()

@@ -125,10 +125,21 @@ def source_files(source: str) -> list[tuple[str, str]]:
     return sorted(out, key=lambda entry: pathlib.PurePath(entry[1]))  # by path parts: the order keys were made in
 
 
+_SOURCE_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256
+
+
 def source_checksums(source: str) -> dict[str, str]:
-    """sha256 of every file of a local data source, by `source_files` name (what `data.checksums` pins)."""
-    fs = pafs.LocalFileSystem()
-    return {name: sha256_of(fs, os.path.abspath(path)) for name, path in source_files(source)}
+    """sha256 of every file of a local data source, by `source_files` name (what `data.checksums` pins).
+    Each (file, size, mtime) is hashed once per process: flows check a pinned source at validation and
+    again where they decode it."""
+    out = {}
+    for name, path in source_files(source):
+        st = os.stat(path)
+        stamp = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+        if stamp not in _SOURCE_DIGESTS:
+            _SOURCE_DIGESTS[stamp] = sha256_of(pafs.LocalFileSystem(), stamp[0])
+        out[name] = _SOURCE_DIGESTS[stamp]
+    return out
 
 
 def _is_link_or_escapes(root: str, name: str) -> bool:

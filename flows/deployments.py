@@ -47,7 +47,8 @@ FLOWS: dict[str, dict[str, str]] = {
     },
     "pipeline": {
         "entrypoint": "flows.pipeline:pipeline",
-        "description": "The whole pipeline for a (source, target) pair: DP4TL pruning -> Barlow Twins teacher -> "
+        "description": "The whole pipeline for a (source, target) pair: DP4TL pruning (with its own comparison: "
+        "pretraining on the pruned source, the full source and none) -> Barlow Twins teacher -> "
         "KRR-ST -> pretrain -> transfer, beside experts -> trajectory matching on the target; one report of "
         "accuracy, wall time, peak memory and data size of every path and its baselines.",
     },

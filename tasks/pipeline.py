@@ -28,7 +28,7 @@ from tasks.matching import TMResult
 from tasks.stage import Key, Manifest, Publish, StageInfo, StageRun, stage
 from tasks.store import Staging
 from tasks.tables import path_report, pct_diff
-from tasks.transfer import FULL, SCRATCH
+from tasks.transfer import ACCURACIES, FULL, SCRATCH
 
 STAGE = "pipeline-report"
 
@@ -103,7 +103,23 @@ _EMPTY = {
 
 
 DP4TL_PATH = "prune -> pretrain -> transfer (DP4TL)"
-_ACC_KEYS = ("linear_probe_acc_mean", "linear_probe_acc_std", "fine_tune_acc_mean", "fine_tune_acc_std")
+
+
+def _transfer_row(
+    path: str, method: str, kind: str, summary: dict[str, Any], data: int, cost: dict[str, float | None]
+) -> dict[str, Any]:
+    """A report row of a transfer comparison: linear-probe and fine-tune accuracy from its summary row."""
+    accuracies = {f"{k}_{stat}": summary.get(f"{k}_{stat}") for k, _ in ACCURACIES for stat in ("mean", "std")}
+    return {
+        "path": path,
+        "method": method,
+        "kind": kind,
+        **_EMPTY,
+        **accuracies,
+        "seeds": summary["seeds"],
+        "data_mib": round(data / 2**20, 3),
+        **cost,
+    }
 
 
 def krr_rows(path: TransferPath) -> list[dict[str, Any]]:
@@ -122,18 +138,8 @@ def krr_rows(path: TransferPath) -> list[dict[str, Any]]:
             "initial": chain + [teacher] if spec.loss == "mse" else chain,
         }[spec.data]
         data = {"none": 0, "teacher": data_bytes(chain[-1])}.get(spec.data, distilled_bytes)
-        rows.append(
-            {
-                "path": "prune -> KRR-ST -> transfer",
-                "method": s["method"],
-                "kind": "method" if spec.data == "distilled" else "baseline",
-                **_EMPTY,
-                **{k: s.get(k) for k in _ACC_KEYS},
-                "seeds": s["seeds"],
-                "data_mib": round(data / 2**20, 3),
-                **chain_cost(made_from),
-            }
-        )
+        kind = "method" if spec.data == "distilled" else "baseline"
+        rows.append(_transfer_row("prune -> KRR-ST -> transfer", s["method"], kind, s, data, chain_cost(made_from)))
     return rows
 
 
@@ -156,18 +162,7 @@ def dp4tl_rows(path: TransferPath) -> list[dict[str, Any]]:
             data = data_bytes(pruned, ("train",))
         cost = chain_cost(made_from)
         cost["wall_s"] = round(cost["wall_s"] + s["pretrain_seconds"], 1)  # plus the (mean) pretraining itself
-        rows.append(
-            {
-                "path": DP4TL_PATH,
-                "method": label,
-                "kind": kind,
-                **_EMPTY,
-                **{k: s.get(k) for k in _ACC_KEYS},
-                "seeds": s["seeds"],
-                "data_mib": round(data / 2**20, 3),
-                **cost,
-            }
-        )
+        rows.append(_transfer_row(DP4TL_PATH, label, kind, s, data, cost))
     order = {"method": 0, "baseline": 1}
     return sorted(rows, key=lambda r: order[r["kind"]])
 
@@ -179,10 +174,7 @@ def regime_note(path: TransferPath) -> list[str]:
     by = {s["method"]: s for s in path.dp4tl.summary}
     if FULL not in by or SCRATCH not in by:
         return []
-    parts = [
-        f"{label} {pct_diff(by[FULL], by[SCRATCH], key)}"
-        for key, label in (("linear_probe_acc", "linear probe"), ("fine_tune_acc", "fine-tune"))
-    ]
+    parts = [f"{label} {pct_diff(by[FULL], by[SCRATCH], key)}" for key, label in ACCURACIES]
     return [
         "source pretraining in this regime (full source minus no pretraining, points): " + "; ".join(parts) + " "
         "(pruning can only matter where this gap is large)"
