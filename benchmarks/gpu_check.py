@@ -15,10 +15,10 @@ everything passed within the time allowed:
                      MTT needed two 24 GB GPUs; goal: it fits in 24 GiB
   krr_st             KRR-ST at the CIFAR-100 paper size: 1000 synthetic images, ConvNet
                      128-256-512 pool of 10, real batch 1024, ResNet-18 teacher
-  precision          the matching gradient (CIFAR-10 IPC 10 shape) under float32, torch's
-                     defaults, TF32 and bf16 autocast: time and relative difference to float32.
-                     The core has no precision option yet; autocast is applied here, around
-                     distill.matching.matching_grad.
+  precision          the matching gradient (CIFAR-10 IPC 10 shape) under the core's precisions
+                     fp32, tf32 and bf16 (distill.precision.precision_context, as matching,
+                     experts and evaluation apply their `precision` option) and torch's
+                     defaults: time and relative difference to fp32.
   expert_packing     experts/hour with 4 experts per GPU (num_gpus=0.25) and with 1 per GPU,
                      through the real path: Prefect task `train-expert` on the RayTaskRunner
                      under `tasks.runtime.heavy(Resources(...))`, after the `dataset` stage
@@ -580,20 +580,9 @@ def check_krr_st(p: dict, size: str) -> dict[str, Any]:
     return row
 
 
-def _set_fp32_precision(matmul: str, conv: str) -> None:
-    """'ieee' (true float32) or 'tf32' for CUDA matmuls and cuDNN convolutions."""
-    import torch
-
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
-        torch.backends.cuda.matmul.fp32_precision = matmul
-        torch.backends.cudnn.conv.fp32_precision = conv
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = matmul == "tf32"
-        torch.backends.cudnn.allow_tf32 = conv == "tf32"
-
-
 def check_precision(p: dict, size: str) -> dict[str, Any]:
-    """matching_grad under float32 / torch defaults / TF32 / bf16 autocast vs float32: time and relative error."""
+    """matching_grad under the core's precisions (fp32, tf32, bf16) and torch's defaults vs fp32:
+    time and relative difference, through distill.precision.precision_context as the loops use it."""
     import contextlib
 
     import torch
@@ -601,13 +590,11 @@ def check_precision(p: dict, size: str) -> dict[str, Any]:
     from distill.augment import DSAConfig, sample_params
     from distill.matching import Segment, Student, matching_grad
     from distill.nets import create_net, flatten_params
+    from distill.precision import cuda_fp32_precision, precision_context
     from distill.trajectory import net_meta
 
     dev = _device()
     cuda = dev.type == "cuda"
-    defaults = None
-    if cuda and hasattr(torch.backends.cuda.matmul, "fp32_precision"):
-        defaults = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
     torch.manual_seed(0)
     kwargs = {"width": p["width"], "depth": 3}
     net = create_net("convnet", num_classes=10, **kwargs)
@@ -625,27 +612,20 @@ def check_precision(p: dict, size: str) -> dict[str, Any]:
     lr = torch.tensor(0.001, device=dev)
 
     def run(mode: str) -> tuple[float, float, torch.Tensor, torch.Tensor]:
-        if cuda:
-            if mode == "torch_default":
-                if defaults:
-                    _set_fp32_precision(*defaults)
-            else:
-                _set_fp32_precision(*(("tf32", "tf32") if mode == "tf32" else ("ieee", "ieee")))
-        autocast = (
-            torch.autocast(dev.type, dtype=torch.bfloat16) if mode == "bf16_autocast" else contextlib.nullcontext()
-        )
+        # torch_default: no context, i.e. whatever torch does unasked (cuDNN convolutions on TF32)
+        context = contextlib.nullcontext() if mode == "torch_default" else precision_context(mode, dev)
         times = []
-        for i in range(p["repeats"] + 1):  # the first call warms up (cuDNN plans, allocator)
-            t0 = time.perf_counter()
-            with autocast:
+        with context:
+            for i in range(p["repeats"] + 1):  # the first call warms up (cuDNN plans, allocator)
+                t0 = time.perf_counter()
                 loss, g_images, g_lr = matching_grad("unrolled", student, images, labels, lr, seg)
-            if cuda:
-                torch.cuda.synchronize()
-            if i:
-                times.append(time.perf_counter() - t0)
+                if cuda:
+                    torch.cuda.synchronize()
+                if i:
+                    times.append(time.perf_counter() - t0)
         return min(times), loss, g_images.float(), g_lr.float()
 
-    modes = ["float32", "torch_default", "tf32", "bf16_autocast"]
+    modes = ["fp32", "torch_default", "tf32", "bf16"]
     rows: dict[str, Any] = {}
     _PARTIAL["modes"] = rows
     ref = None
@@ -665,12 +645,10 @@ def check_precision(p: dict, size: str) -> dict[str, Any]:
             "rel_diff_loss": abs(loss - ref[0]) / max(abs(ref[0]), 1e-30),
             "finite": bool(torch.isfinite(g_images).all()) and loss == loss,
         }
-    if defaults:
-        _set_fp32_precision(*defaults)
     row = {
         "device": str(dev),
         "modes": rows,
-        "reference": "float32 (TF32 off for matmul and cuDNN conv)",
+        "reference": "fp32 (precision_context: TF32 off for matmul and cuDNN conv)",
         "setting": {
             "ipc": p["ipc"],
             "classes": 10,
@@ -678,15 +656,13 @@ def check_precision(p: dict, size: str) -> dict[str, Any]:
             "net_kwargs": kwargs,
             "memory": "unrolled",
         },
-        "note": "the core has no precision option; torch.autocast wraps distill.matching.matching_grad here",
     }
     bad = [m for m, r in rows.items() if isinstance(r, dict) and not r["finite"]]
     if bad:
         row["status"], row["error"] = "failed", f"non-finite gradient under {bad}"
     if cuda:
-        row["torch_defaults"] = (
-            {"matmul": defaults[0], "cudnn_conv": defaults[1]} if defaults else "legacy allow_tf32 flags"
-        )
+        matmul, conv = cuda_fp32_precision()
+        row["torch_defaults"] = {"matmul": matmul, "cudnn_conv": conv}
     return row
 
 

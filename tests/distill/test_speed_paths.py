@@ -313,3 +313,33 @@ def test_keep_freed_memory_applies_once_and_can_be_opted_out(monkeypatch):
     assert allocator.keep_freed_memory() is True  # idempotent
     big = torch.ones(64, 2**20)  # 256 MB: from the heap now, and correct
     assert float(big.sum()) == 64 * 2**20
+
+
+def test_precision_context_sets_true_fp32_or_tf32_on_cuda_and_restores_the_exact_flags():
+    """On CUDA, fp32 turns TF32 off for matmuls and cuDNN convolutions (torch's default runs cuDNN
+    convolutions on TF32) and tf32 turns it on; the flags as set before come back afterwards, also
+    when the new fp32_precision API was used first (reading the legacy flags would then raise).
+    The flags exist in every CUDA build, so this runs without a GPU."""
+    from distill.precision import cuda_fp32_precision, precision_context, set_cuda_fp32_precision
+
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = (matmul.fp32_precision, conv.fp32_precision)
+    try:
+        conv.fp32_precision = "tf32"  # the new API, as gpu_check or a user may have used it
+        matmul.fp32_precision = "none"
+        with precision_context("fp32", "cuda"):
+            assert cuda_fp32_precision() == ("ieee", "ieee")
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("none", "tf32")
+        with precision_context("tf32", torch.device("cuda")):
+            assert cuda_fp32_precision() == ("tf32", "tf32")
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("none", "tf32")
+        with pytest.raises(RuntimeError, match="inside"):
+            with precision_context("tf32", "cuda"):
+                raise RuntimeError("inside")
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("none", "tf32")
+        with precision_context("fp32", "cpu"):  # CPU kernels ignore the flags: left alone
+            assert (matmul.fp32_precision, conv.fp32_precision) == ("none", "tf32")
+        with pytest.raises(ValueError, match="unknown float32 mode 'high'; valid: ieee, tf32"):
+            set_cuda_fp32_precision("high", "ieee")
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = before

@@ -63,7 +63,7 @@ def test_gpu_check_smoke_runs_every_check_and_summarizes(prefect_server, tmp_pat
     assert by["tm_cifar100_ipc50"]["setting"]["memory"] == "constant"
     assert by["tm_cifar10_ipc10"]["setting"]["memory"] == "unrolled"
     modes = by["precision"]["modes"]
-    assert modes["float32"]["rel_diff_grad_images"] == 0.0 and modes["bf16_autocast"]["finite"]
+    assert modes["fp32"]["rel_diff_grad_images"] == 0.0 and modes["bf16"]["finite"]
     if not torch.cuda.is_available():
         assert by["gpu_tests"]["status"] == "skipped"
         assert by["tm_cifar10_ipc10"]["peak_gpu_mib"] == NO_CUDA and modes["tf32"] == NO_CUDA
