@@ -14,6 +14,9 @@ random target. Parts (--part, default all):
            constant memory at 80 steps <= 1.3x at 10.
   threads  the same unrolled iteration at 1 and 2 torch threads (speedup = t1 / t2).
   allocator  glibc's default malloc vs freed blocks kept for reuse (distill.allocator; width 128).
+  profile  shares of one iteration's CPU time by op category (convolution, norm, pooling,
+           activation, other) for native and fast layers at the norm settings: what is left to
+           gain outside the convolutions.
 Runs keep freed memory (as the library's heavy loops do) unless --default-malloc.
 
 Timing: every variant of a setting runs in the same process, one iteration each in turn (order
@@ -28,6 +31,7 @@ depend on the load or the allocator. The whole process's peak RSS is reported to
     .venv/bin/python benchmarks/matching_speed.py --preset cpu --part modes
     .venv/bin/python benchmarks/matching_speed.py --preset cpu --part threads
     .venv/bin/python benchmarks/matching_speed.py --preset cpu --part allocator
+    .venv/bin/python benchmarks/matching_speed.py --preset cpu --part profile
 Last line: one JSON object; every run is appended to benchmarks/records/matching_speed.jsonl.
 """
 
@@ -277,7 +281,75 @@ def part_allocator(p: dict, device: str) -> dict:
     }
 
 
-PARTS = {"norm": part_norm, "modes": part_modes, "threads": part_threads, "allocator": part_allocator}
+# Self time of each profiled op, by the first category whose pattern its name contains.
+OP_CATEGORIES = {
+    "convolution": ("conv",),
+    "norm": ("group_norm", "instance_norm", "batch_norm"),
+    "pooling": ("pool",),
+    "activation": ("threshold", "relu", "clamp_min"),
+}
+
+
+def op_seconds(events) -> dict[str, float]:
+    """Self CPU seconds per OP_CATEGORIES entry (the rest is "other")."""
+    totals = dict.fromkeys([*OP_CATEGORIES, "other"], 0.0)
+    for event in events:
+        name = event.key.lower()
+        category = next((c for c, keys in OP_CATEGORIES.items() if any(k in name for k in keys)), "other")
+        totals[category] += event.self_cpu_time_total / 1e6
+    return totals
+
+
+def part_profile(p: dict, device: str) -> dict:
+    """Where one unrolled iteration's time goes, per layer set: the convolutions' seconds bound
+    what faster non-convolution layers can save (torch.profiler; a profiled warm-up iteration of
+    each is discarded, since the process's first profiled iteration carries the profiler's start-up,
+    then `norm_rounds` rounds in turn, summed)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from distill.matching import matching_grad
+
+    rows = []
+    for width, ipc, steps in p["norm"]:
+        problems = {layers: problem(width, ipc, steps, layers, device) for layers in ("native", "fast")}
+        seconds = {layers: dict.fromkeys([*OP_CATEGORIES, "other"], 0.0) for layers in problems}
+        for round_ in range(p["norm_rounds"] + 1):
+            for layers, args in problems.items():
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    matching_grad("unrolled", *args)
+                if round_:
+                    for category, t in op_seconds(prof.key_averages()).items():
+                        seconds[layers][category] += t
+        row: dict = {"width": width, "ipc": ipc, "syn_steps": steps}
+        for layers, by in seconds.items():
+            whole = sum(by.values())
+            row[layers] = {
+                "shares": {c: round(t / whole, 3) for c, t in by.items()},
+                "s_per_iteration": round(whole / p["norm_rounds"], 3),
+                "convolution_s": round(by["convolution"] / p["norm_rounds"], 3),
+            }
+        rows.append(row)
+        print(
+            f"profile w{width} ipc{ipc} steps {steps}: native {row['native']}, fast {row['fast']}",
+            flush=True,
+        )
+    return {
+        "profile_rows": rows,
+        "profile_note": (
+            "self CPU time under torch.profiler, which inflates the native layers' many small ops more "
+            "(compare times with part norm); convolution = every aten conv op; the native layers' norm "
+            "double backward is composite elementwise ops, counted in other"
+        ),
+    }
+
+
+PARTS = {
+    "norm": part_norm,
+    "modes": part_modes,
+    "threads": part_threads,
+    "allocator": part_allocator,
+    "profile": part_profile,
+}
 
 
 def main() -> None:
