@@ -21,7 +21,7 @@ everything passed within the time allowed:
                      defaults: time and relative difference to fp32.
   expert_packing     experts/hour with 4 experts per GPU (num_gpus=0.25) and with 1 per GPU,
                      through the real path: Prefect task `train-expert` on the RayTaskRunner
-                     under `tasks.runtime.heavy(Resources(...))`, after the `dataset` stage
+                     under `tasks.runtime.heavy(Resources(...), "experts")`, after the `dataset` stage
                      (its Prefect server starts in the background while the other checks run)
 
 Trajectory matching needs experts: the checks write random-walk trajectories from a fresh
@@ -319,7 +319,7 @@ def _packing_flow(data, cfgs, num_cpus: float, store: str) -> list[dict[str, Any
     _PARTIAL["rounds"] = rounds
     _log(f"dataset stage done in {rounds[0]['wall_s']} s")
     for number, (label, gpus, cfg) in enumerate(cfgs):
-        with heavy(Resources(num_gpus=gpus, num_cpus=num_cpus)):
+        with heavy(Resources(num_gpus=gpus, num_cpus=num_cpus), "experts"):
             start = time.perf_counter()
             futures = [train_one_expert.submit(dataset, cfg, i, store) for i in range(cfg.num_experts)]
             probed = probe.submit() if number == 0 else None

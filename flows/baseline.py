@@ -49,7 +49,7 @@ def baseline(config: BaselineConfig) -> dict[str, Any]:
     dataset = materialize_dataset.submit(config.data, store).result()
     subset = random_subset.submit(dataset, config.ipc, config.subset_seed, config.eval, store).result()
     setting = f"ipc{config.ipc}"
-    with heavy(config.resources):
+    with heavy(config.resources, "eval"):
         runs = [
             evaluate_distilled.submit(subset, dataset, config.eval, seed, store, "random-real", setting)
             for seed in range(config.eval.num_models)

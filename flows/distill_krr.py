@@ -90,11 +90,13 @@ def run_krr(
 ) -> KRRResult:
     """Teacher, distilled set and comparison table for a materialized source and target (inside a flow)."""
     check_inputs(source, target, stage.krr, stage.methods)  # from manifests: before any training
-    with heavy(resources.serial()):  # nothing runs beside these two: they may take every core
+    # nothing runs beside these two: they may take every core
+    with heavy(resources.serial(), "ssl-teacher"):
         teacher = train_teacher_task.submit(source, stage.teacher, store).result()
+    with heavy(resources.serial(), "krr-st"):
         distilled = distill_krr_st.submit(source, teacher, stage.krr, stage.transfer, store).result()
     grid = report_distilled.submit(distilled, name)
-    with heavy(resources):
+    with heavy(resources, "krr-eval"):
         runs = [
             evaluate_method.submit(method, seed, source, teacher, distilled, target, stage.transfer, store)
             for method in stage.methods

@@ -121,7 +121,7 @@ def _expert_set(stage: TMStage, resources: Resources, dataset: ArtifactRef, stor
             raise ValueError(f"no published expert set {stage.experts_key!r} in {store}/{EXPERTS_STAGE}")
         return ArtifactRef(store=store, stage=EXPERTS_STAGE, key=stage.experts_key)
     cfg = stage.experts
-    with heavy(resources):
+    with heavy(resources, "experts"):
         runs = [train_one_expert.submit(dataset, cfg, i, store) for i in range(cfg.num_experts)]
     return publish_experts.submit(dataset, cfg, store, [r.result() for r in runs]).result()
 
@@ -131,7 +131,7 @@ def run_tm(dataset: ArtifactRef, stage: TMStage, resources: Resources, store: st
     experts = _expert_set(stage, resources, dataset, store)
     for m in stage.distill:  # a mismatched or too-short expert set is refused before any distillation
         check_expert_set(m, experts, dataset, net=stage.experts.net, net_kwargs=stage.experts.net_kwargs)
-    with heavy(resources):
+    with heavy(resources, "distill-tm"):
         futures = {tm_label(m): distill_tm.submit(dataset, experts, m, stage.eval[0], store) for m in stage.distill}
     distilled = {label: f.result() for label, f in futures.items()}
     rank = stage.ranking
@@ -146,7 +146,7 @@ def run_tm(dataset: ArtifactRef, stage: TMStage, resources: Resources, store: st
             for s in range(ev.num_models)
         )
 
-    with heavy(resources):
+    with heavy(resources, "eval"):
         for m in stage.distill:
             ref = distilled[tm_label(m)]
             for ev in stage.eval:
@@ -160,7 +160,8 @@ def run_tm(dataset: ArtifactRef, stage: TMStage, resources: Resources, store: st
                 if soft:
                     labelled = soft_subset.submit(subset, experts, store).result()
                     evaluate(labelled, RANDOM_REAL, setting(ipc, ev.net), ev, SOFT, [dataset, experts, labelled])
-        if rank is not None and rank.full_real:
+    if rank is not None and rank.full_real:
+        with heavy(resources, "eval-real"):
             for ev in stage.eval:
                 sets.append(
                     EvaluatedSet(method=FULL_REAL, setting=full_setting(ev.net), baseline=True, made_from=[dataset])

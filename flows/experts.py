@@ -56,7 +56,7 @@ def experts(config: ExpertsConfig) -> list[dict[str, Any]]:
     validate_data(config.data)  # in the flow process: fails fast, before any Ray worker starts
     dataset = materialize_dataset.submit(config.data, store).result()
     pending = []
-    with heavy(config.resources):
+    with heavy(config.resources, "experts"):
         for cfg in config.experts:
             runs = [train_one_expert.submit(dataset, cfg, i, store) for i in range(cfg.num_experts)]
             pending.append((cfg, runs))

@@ -162,18 +162,20 @@ def _transfer_path(
     assert config.krr is not None
     prune = config.prune
     seeds = range(prune.transfer_seeds) if prune.transfer is not None else range(0)
-    with heavy(config.resources):
+    with heavy(config.resources, "transfer"):
         # DP4TL's comparison arms that need no selection first: they fill the CPUs the surrogate leaves idle
         arms = [
             pretrain_transfer.submit(data, target, prune.transfer, seed, store, method, 0.0)
             for seed in seeds
             for data, method in ((source, FULL), (None, SCRATCH))
         ]
+    with heavy(config.resources, "surrogate"):
         sur = surrogate.submit(source, prune.surrogate, store, prune.surrogate_weights).result()
+    with heavy(config.resources, "selection"):
         selection = select.submit(source, target, sur, prune.method, prune.seed, prune.selection(), store).result()
     report_selection([selection], f"{name}-selection", 10)
     pruned = materialize_pruned(source, selection, prune.ratio, store)
-    with heavy(config.resources):
+    with heavy(config.resources, "transfer"):
         # before KRR-ST's stages, so these Ray tasks fill the CPUs its serial stages leave idle
         arms += [
             pretrain_transfer.submit(pruned, target, prune.transfer, seed, store, prune.method, prune.ratio)

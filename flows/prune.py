@@ -122,9 +122,10 @@ def _submit_selections(config: PruneConfig, source: ArtifactRef, target: Artifac
     """The surrogate (waited for), then one selection task per (method, seed), cheapest first: those that
     read only the target (label mapping, random) before those that embed the whole source (feature
     mapping, K-means), so a caller consuming them in order starts work while the slow ones run."""
-    with heavy(config.resources):
+    with heavy(config.resources, "surrogate"):
         sur = surrogate.submit(source, config.surrogate, store, config.surrogate_weights).result()
-        order = sorted(config.selection.methods, key=lambda m: get_method(m).needs_source_images)
+    order = sorted(config.selection.methods, key=lambda m: get_method(m).needs_source_images)
+    with heavy(config.resources, "selection"):
         return {
             (m, s): select.submit(source, target, sur, m, s, config.selection, store)
             for m in order
@@ -160,7 +161,7 @@ def prune_eval(config: PruneEvalConfig) -> dict[str, Any]:
     # The comparison arms (the whole source, no pretraining at all) need no selection: submitted
     # first, they train on the CPUs the surrogate leaves idle.
     arms = [(source, FULL)] * config.full_source + [(None, SCRATCH)] * config.no_pretraining
-    with heavy(config.resources):
+    with heavy(config.resources, "transfer"):
         runs = [
             pretrain_transfer.submit(arm, target, config.transfer, s, store, method, 0.0)
             for s in sel.seeds
@@ -174,7 +175,7 @@ def prune_eval(config: PruneEvalConfig) -> dict[str, Any]:
         for r in sel.ratios:
             # cheap (row copies, no decoding), so in the flow process: no Ray round trip per view
             pruned = materialize_pruned(source, selections[(m, s)], r, store)
-            with heavy(config.resources):
+            with heavy(config.resources, "transfer"):
                 runs.append(pretrain_transfer.submit(pruned, target, config.transfer, s, store, m, r))
     _report_selections(config, selections)
     rows = [r.result() for r in runs]

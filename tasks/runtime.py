@@ -2,10 +2,12 @@
 
 Flows run on a `RayTaskRunner`: `RAY_ADDRESS` (e.g. `ray://head:10001` or `auto`) joins an
 existing cluster, otherwise a local Ray instance is started with this machine's CPUs (and
-its GPUs when present). Heavy tasks are submitted under `remote_options(num_gpus=...,
-num_cpus=...)` through `submit_heavy`; inside the task, `task_device()` picks CUDA when
-Ray assigned a GPU and the CPU otherwise, and pins torch's thread count to the CPUs Ray
-granted, so that two tasks sharing a 2-core machine do not oversubscribe it.
+its GPUs when present). Heavy tasks are submitted inside `heavy(resources, stage)`, i.e. under
+`remote_options(num_gpus=..., num_cpus=...)` of the flow's `Resources` with that stage's
+overrides (`resources.stages`: paper-size distillation on a whole GPU while experts pack four
+to a GPU); inside the task, `task_device()` picks CUDA when Ray assigned a GPU and the CPU
+otherwise, and pins torch's thread count to the CPUs Ray granted, so that two tasks sharing a
+2-core machine do not oversubscribe it.
 
 Ray workers must report to the same Prefect server as the flow, so the Prefect and
 distillery environment variables are forwarded to them explicitly.
@@ -18,11 +20,39 @@ import os
 from contextlib import contextmanager
 from typing import Any, Iterator, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
 # Forwarded to every Ray worker: without PREFECT_API_URL a worker would start its own
 # throw-away Prefect server and its task runs would never reach the UI.
 FORWARDED_ENV_PREFIXES = ("PREFECT_", "DISTILLERY_", "HF_", "OMP_NUM_THREADS")
+
+
+# The stages whose tasks run under `heavy`: the names `Resources.stages` accepts. They are the
+# artifact stages those tasks publish (tasks/*.py *_STAGE), written out here because this module
+# sits below them.
+HEAVY_STAGES: dict[str, str] = {
+    "experts": "expert training (experts, distill-tm, pipeline)",
+    "distill-tm": "trajectory-matching distillation",
+    "eval": "evaluation of distilled and random real sets (baseline, distill-tm)",
+    "eval-real": "evaluation on the full real set (DD-Ranking's reference)",
+    "surrogate": "DP4TL's surrogate training",
+    "selection": "DP4TL's class or sample selection",
+    "transfer": "DP4TL's pretrain-then-transfer arms (prune-eval, pipeline)",
+    "ssl-teacher": "the Barlow Twins teacher (distill-krr, pipeline)",
+    "krr-st": "KRR-ST distillation",
+    "krr-eval": "KRR-ST's and its baselines' pretrain-then-transfer runs",
+}
+
+
+class StageResources(BaseModel):
+    """What one stage asks instead of the flow's defaults; unset fields keep them."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    num_gpus: float | Literal["auto"] | None = Field(
+        None, description="GPUs per task of this stage (fractions pack tasks on one GPU); unset: the flow's."
+    )
+    num_cpus: float | None = Field(None, gt=0, description="CPU cores per task of this stage; unset: the flow's.")
 
 
 class Resources(BaseModel):
@@ -44,11 +74,43 @@ class Resources(BaseModel):
         "finish them sooner; default num_cpus.",
     )
 
+    stages: dict[str, StageResources] = Field(
+        default_factory=dict,
+        description="Per-stage overrides, e.g. {distill-tm: {num_gpus: 1}} to give distillation a whole GPU "
+        "while experts pack at num_gpus 0.25. Stages: " + ", ".join(HEAVY_STAGES) + ".",
+    )
+
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, stages: dict[str, StageResources]) -> dict[str, StageResources]:
+        unknown = sorted(set(stages) - set(HEAVY_STAGES))
+        if unknown:
+            raise ValueError(f"unknown stage(s) {', '.join(map(repr, unknown))}; valid: {', '.join(HEAVY_STAGES)}")
+        return stages
+
+    @model_serializer(mode="wrap")
+    def _omit_empty_stages(self, handler: SerializerFunctionWrapHandler) -> Any:
+        # configs written before per-stage resources existed dump (and display) as they did
+        data = handler(self)
+        if isinstance(data, dict) and not data.get("stages"):
+            data.pop("stages", None)
+        return data
+
     def serial(self) -> Resources:
         """The resources of a stage that runs alone: serial_cpus cores when set."""
         if self.serial_cpus is None:
             return self
         return self.model_copy(update={"num_cpus": self.serial_cpus, "serial_cpus": None})
+
+    def at(self, stage: str) -> Resources:
+        """The request of one task of `stage`: the flow's, with that stage's overrides (no `stages` left)."""
+        if stage not in HEAVY_STAGES:
+            raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(HEAVY_STAGES)}")
+        override = self.stages.get(stage)
+        update: dict[str, Any] = {"stages": {}}
+        if override is not None:
+            update |= {k: v for k, v in override.model_dump().items() if v is not None}
+        return self.model_copy(update=update)
 
     def resolved_gpus(self) -> float:
         """The GPU request after resolving 'auto' against the connected Ray cluster.
@@ -97,6 +159,11 @@ class Resources(BaseModel):
                 f"tasks request num_gpus={gpus:g} but the largest Ray node has {best_gpu:g} GPUs; "
                 "set resources.num_gpus to 0 or 'auto', or connect to a GPU cluster via RAY_ADDRESS"
             )
+        for stage in self.stages:  # every stage's request, before the first stage starts
+            try:
+                self.at(stage).check_feasible()
+            except ValueError as e:
+                raise ValueError(f"resources.stages[{stage!r}]: {e}") from None
         return {"num_gpus": gpus, "num_cpus": self.num_cpus}
 
 
@@ -182,11 +249,11 @@ def ray_task_runner():
 
 
 @contextmanager
-def heavy(resources: Resources) -> Iterator[dict[str, float]]:
-    """Submit the tasks inside this block as Ray tasks with the given GPU/CPU request."""
+def heavy(resources: Resources, stage: str) -> Iterator[dict[str, float]]:
+    """Submit the tasks inside this block as Ray tasks with `stage`'s GPU/CPU request (`Resources.at`)."""
     from prefect_ray.context import remote_options
 
-    options = resources.check_feasible()
+    options = resources.at(stage).check_feasible()
     with remote_options(**options):
         yield options
 

@@ -40,7 +40,7 @@ _NO_RAY = not all(importlib.util.find_spec(m) for m in ("ray", "prefect", "prefe
 def test_task_device_follows_rays_gpu_assignment(
     prefect_server, ray_logical_gpu, num_gpus, tasks, num_cpus, together, device
 ):
-    """Prefect tasks on the RayTaskRunner under heavy(Resources(...)), the path every stage takes."""
+    """Prefect tasks on the RayTaskRunner under heavy(Resources(...), stage), the path every stage takes."""
     import ray
     from prefect import flow, task
 
@@ -69,7 +69,7 @@ def test_task_device_follows_rays_gpu_assignment(
     @flow(task_runner=ray_task_runner())
     def run() -> tuple[list[dict], int]:
         gate = Gate.remote()
-        with heavy(Resources(num_gpus=num_gpus, num_cpus=num_cpus)):
+        with heavy(Resources(num_gpus=num_gpus, num_cpus=num_cpus), "experts"):
             futures = [placed.submit(gate, together) for _ in range(tasks)]
         return [f.result() for f in futures], ray.get(gate.peak.remote())
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import ray
 from prefect import flow, task
+from pydantic import ValidationError
 
 from tasks.runtime import Resources, heavy, ray_task_runner, task_device, tie_to_worker
 
@@ -57,7 +58,7 @@ def occupy(gate, wait_for_peer: bool) -> dict:
 @flow(task_runner=ray_task_runner())
 def two_tasks(num_gpus: float, wait_for_peer: bool) -> tuple[list[dict], int]:
     gate = Gate.remote()
-    with heavy(Resources(num_gpus=num_gpus, num_cpus=1)):
+    with heavy(Resources(num_gpus=num_gpus, num_cpus=1), "eval"):
         futures = [occupy.submit(gate, wait_for_peer) for _ in range(2)]
     results = [f.result() for f in futures]
     return results, ray.get(gate.peak.remote())
@@ -79,6 +80,51 @@ def test_whole_gpu_tasks_run_one_at_a_time(prefect_server, ray_logical_gpu):
     results, peak = two_tasks(1.0, wait_for_peer=False)
     assert peak == 1
     assert all(r["assigned"]["GPU"] == pytest.approx(1.0) for r in results)
+
+
+@task
+def granted() -> dict:
+    return dict(ray.get_runtime_context().get_assigned_resources())
+
+
+@flow(task_runner=ray_task_runner())
+def per_stage(resources: Resources) -> dict[str, dict]:
+    out = {}
+    for stage in ("experts", "distill-tm"):
+        with heavy(resources, stage):
+            out[stage] = granted.submit()
+    return {stage: f.result() for stage, f in out.items()}
+
+
+@pytest.mark.integration
+def test_a_stage_override_changes_only_that_stages_request(prefect_server, ray_logical_gpu):
+    """Experts pack four to a GPU while distillation takes a whole one, from one resources block."""
+    res = Resources(num_gpus=0.25, num_cpus=1, stages={"distill-tm": {"num_gpus": 1}})
+    got = per_stage(res)
+    assert got["experts"]["GPU"] == pytest.approx(0.25) and got["distill-tm"]["GPU"] == pytest.approx(1.0)
+    assert got["experts"]["CPU"] == got["distill-tm"]["CPU"] == 1
+
+
+def test_stage_overrides_merge_are_named_and_checked_up_front(ray_logical_gpu):
+    res = Resources(num_gpus=0.25, num_cpus=1, stages={"distill-tm": {"num_gpus": 1}, "eval": {"num_cpus": 2}})
+    assert res.at("distill-tm") == Resources(num_gpus=1, num_cpus=1)
+    assert res.at("eval") == Resources(num_gpus=0.25, num_cpus=2)
+    assert res.at("experts") == Resources(num_gpus=0.25, num_cpus=1)
+    # serial stages: serial_cpus first, then the stage's own override wins
+    serial = Resources(num_cpus=1, serial_cpus=2, stages={"krr-st": {"num_cpus": 1}}).serial()
+    assert serial.at("ssl-teacher").num_cpus == 2 and serial.at("krr-st").num_cpus == 1
+    with pytest.raises(ValueError, match="unknown stage 'distill'; valid: experts, distill-tm, eval"):
+        res.at("distill")
+    with pytest.raises(ValidationError, match=r"unknown stage\(s\) 'distil-tm'; valid: experts, distill-tm"):
+        Resources(stages={"distil-tm": {"num_gpus": 1}})
+    with pytest.raises(ValidationError, match="extra"):
+        Resources(stages={"eval": {"gpus": 1}})
+    # a config without overrides dumps as before they existed; one with them round-trips
+    assert "stages" not in Resources().model_dump(mode="json")
+    assert Resources.model_validate(res.model_dump(mode="json")) == res
+    # every stage's request is checked when the flow starts, naming the stage
+    with pytest.raises(ValueError, match=r"resources.stages\['distill-tm'\]: .*num_gpus=2.0 but the Ray cluster"):
+        Resources(num_gpus=0, stages={"distill-tm": {"num_gpus": 2}}).check_feasible()
 
 
 def test_auto_gpus_resolve_against_cluster(ray_logical_gpu):
