@@ -22,7 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.speed_common import append_record, interleaved, loadavg, paired_ratio, timing_summary  # noqa: E402
+from benchmarks.records import append_flat_record, loadavg  # noqa: E402
+from benchmarks.speed_common import interleaved, paired_ratio, timing_summary  # noqa: E402
 
 PRESETS = {
     "tiny": {"width": 8, "ipc": 1, "epochs": 2, "nets": [1, 3], "rounds": 1, "threads": 1},
@@ -100,7 +101,9 @@ def main() -> None:
         "goal_same_accuracies": all(r["same_test_acc"] for r in rows),
     }
     if not args.no_record:
-        append_record("evaluate_speed", summary, preset=args.preset, threads=p["threads"], loadavg_start=load_start)
+        append_flat_record(
+            "evaluate_speed", summary, preset=args.preset, threads=p["threads"], loadavg_start=load_start
+        )
     print(json.dumps(summary))
 
 

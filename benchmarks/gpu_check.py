@@ -59,15 +59,15 @@ import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ET
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.records import append_flat_record, loadavg  # noqa: E402
+
 DATA = Path(os.environ.get("DISTILLERY_DATA", ROOT.parent / "shared" / "data"))
-RECORDS = ROOT / "benchmarks" / "records" / "gpu_check.jsonl"
 NO_CUDA = "skipped: no CUDA"
 GIB = 2**30
 
@@ -783,16 +783,6 @@ class _BackgroundPrefect:
             self.server.stop()
 
 
-def _git_revision() -> dict[str, Any]:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    return {
-        "git_revision": git("rev-parse", "HEAD") or None,
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-    }
-
-
 def _device_name() -> str:
     import torch
 
@@ -835,29 +825,13 @@ def summarize(rows: list[dict[str, Any]], size: str, wall: float) -> dict[str, A
     return summary
 
 
-def _loadavg() -> str:
-    with open("/proc/loadavg") as f:
-        return f.read().strip()
-
-
 def append_record(summary: dict[str, Any], rows: list[dict[str, Any]], loadavg_start: str) -> None:
     import torch
 
     threads = int(os.environ.get("OMP_NUM_THREADS", 1)) if summary["preset"] == "smoke" else torch.get_num_threads()
-    record = {
-        **summary,
-        **_git_revision(),
-        "threads": threads,
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "loadavg_start": loadavg_start,
-        "loadavg": _loadavg(),
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "results": rows,
-    }
-    RECORDS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RECORDS, "a") as f:
-        f.write(json.dumps(record, default=str) + "\n")
+    append_flat_record(
+        "gpu_check", summary, preset=summary["preset"], threads=threads, loadavg_start=loadavg_start, results=rows
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -889,7 +863,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     log_dir = out.parent / f"{out.stem}-logs"
     log_dir.mkdir(exist_ok=True)
-    loadavg_start = _loadavg()
+    loadavg_start = loadavg()
     start = time.perf_counter()
     deadline = start + TOTAL_BUDGET_S[size]
     rows = []

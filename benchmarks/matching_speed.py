@@ -45,13 +45,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.speed_common import (  # noqa: E402
-    append_record,
-    interleaved,
-    loadavg,
-    paired_ratio,
-    timing_summary,
-)
+from benchmarks.records import append_flat_record, loadavg  # noqa: E402
+from benchmarks.speed_common import interleaved, paired_ratio, timing_summary  # noqa: E402
 
 # norm: (width, ipc, syn_steps) settings; modes: width, ipc, steps; threads: (width, ipc, steps)
 PRESETS = {
@@ -387,7 +382,9 @@ def main() -> None:
     summary["process_peak_rss_mb"] = peak_rss_mb()
     summary["threads_used"] = p["threads"]
     if not args.no_record:
-        append_record("matching_speed", summary, preset=args.preset, threads=p["threads"], loadavg_start=load_start)
+        append_flat_record(
+            "matching_speed", summary, preset=args.preset, threads=p["threads"], loadavg_start=load_start
+        )
     print(json.dumps(summary))
 
 

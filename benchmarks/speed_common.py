@@ -1,44 +1,15 @@
-"""Shared by the speed benchmarks (matching_speed, evaluate_speed): interleaved timing and records.
+"""Shared by the speed benchmarks (matching_speed, evaluate_speed, threads): interleaved timing.
 
 On a shared, loaded machine absolute times drift by 2x within minutes, so variants are compared
 inside one process, one iteration of each in turn (the order reversed every other round), and
-ratios are taken per round before the median. Every run appends its summary, the git revision,
-preset, thread count and /proc/loadavg (start and end) to benchmarks/records/<name>.jsonl.
+ratios are taken per round before the median. Records: benchmarks/records.py (append_flat_record).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
-import subprocess
 import time
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Callable
-
-ROOT = Path(__file__).resolve().parents[1]
-RECORDS = ROOT / "benchmarks" / "records"
-
-
-def loadavg() -> str:
-    try:
-        return Path("/proc/loadavg").read_text().strip()
-    except OSError:
-        return " ".join(f"{v:.2f}" for v in os.getloadavg())
-
-
-def git_revision() -> str:
-    """Short HEAD, with '+dirty' when distill/ or benchmarks/ differ from it."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-    try:
-        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "distill", "benchmarks")
-        return (git("rev-parse", "--short", "HEAD") or "n/a") + ("+dirty" if dirty else "")
-    except OSError:
-        return "n/a"
 
 
 def interleaved(
@@ -65,25 +36,3 @@ def paired_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
 
 def timing_summary(seconds: list[float]) -> dict[str, float]:
     return {"s_median": round(statistics.median(seconds), 4), "s_min": round(min(seconds), 4), "runs": len(seconds)}
-
-
-def append_record(name: str, summary: dict[str, Any], *, preset: str, threads: int, loadavg_start: str) -> Path:
-    """Append summary + provenance as one JSON line to benchmarks/records/<name>.jsonl."""
-    import torch
-
-    record = {
-        **summary,
-        "git": git_revision(),
-        "preset": preset,
-        "threads": threads,
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "loadavg_start": loadavg_start,
-        "loadavg_end": loadavg(),
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    RECORDS.mkdir(parents=True, exist_ok=True)
-    path = RECORDS / f"{name}.jsonl"
-    with open(path, "a") as f:
-        f.write(json.dumps(record, default=str) + "\n")
-    return path

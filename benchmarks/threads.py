@@ -26,7 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.speed_common import append_record, interleaved, loadavg, paired_ratio, timing_summary  # noqa: E402
+from benchmarks.records import append_flat_record, loadavg  # noqa: E402
+from benchmarks.speed_common import interleaved, paired_ratio, timing_summary  # noqa: E402
 
 PRESETS = {
     # matching: (width, ipc, syn_steps); expert: (width, steps); evaluation: (width, images, epochs)
@@ -123,7 +124,7 @@ def main() -> None:
     for name in workloads:
         out[f"goal_{name}_2_threads_at_least_1.3x"] = out[name]["speedup"] >= 1.3
     if not args.no_record:
-        append_record("threads", out, preset=args.preset, threads=2, loadavg_start=load_start)
+        append_flat_record("threads", out, preset=args.preset, threads=2, loadavg_start=load_start)
     print(json.dumps(out))
 
 

@@ -35,7 +35,6 @@ import argparse
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,7 +42,8 @@ from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-RECORDS = ROOT / "benchmarks" / "records" / "tm_quality.jsonl"
+
+from benchmarks.records import append_flat_record, loadavg  # noqa: E402
 
 PRESETS = {
     "tiny": {
@@ -91,29 +91,6 @@ PRESETS = {
 
 def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def _loadavg() -> str:
-    try:
-        return Path("/proc/loadavg").read_text().strip()
-    except OSError:
-        return "n/a"
-
-
-def _git_rev() -> str:
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "distill", "benchmarks/tm_quality.py"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        return rev + ("+dirty" if dirty else "")
-    except OSError:
-        return "n/a"
 
 
 def _parse_value(text: str):
@@ -379,7 +356,7 @@ class Bench:
                 "loss_first10": round(sum(losses[:10]) / max(len(losses[:10]), 1), 4),
                 "loss_last10": round(sum(losses[-10:]) / max(len(losses[-10:]), 1), 4),
                 "s_per_it": round(last.seconds / max(last.its, 1), 3),
-                "loadavg": _loadavg(),
+                "loadavg": loadavg(),
                 "image_change": None if change is None else round(change, 4),
                 **extra,
             }
@@ -458,7 +435,7 @@ def main() -> None:
     overrides = dict((kv.split("=", 1)[0], _parse_value(kv.split("=", 1)[1])) for kv in args.set)
     zca = args.zca or p["zca"]
     t0 = time.perf_counter()
-    load_start = _loadavg()
+    load_start = loadavg()
     bench = Bench(
         args.preset,
         zca,
@@ -551,18 +528,10 @@ def main() -> None:
         if "goal_acc" in entry:
             summary[f"goal_ipc{ipc}_acc_{p['goal'][int(ipc)]}"] = entry["goal_acc"]
             summary[f"goal_ipc{ipc}_half_anchor_time"] = entry["goal_time"]
-    record = {
-        **summary,
-        "git": _git_rev(),
-        "threads": torch.get_num_threads(),
-        "loadavg_start": load_start,
-        "loadavg_end": _loadavg(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
     if not args.no_record:
-        RECORDS.parent.mkdir(parents=True, exist_ok=True)
-        with RECORDS.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_flat_record(
+            "tm_quality", summary, preset=args.preset, threads=torch.get_num_threads(), loadavg_start=load_start
+        )
     print(json.dumps(summary))
 
 
