@@ -17,7 +17,9 @@ def test_both_shapes_carry_the_same_provenance(tmp_path, monkeypatch):
     monkeypatch.setattr(records, "RECORDS", tmp_path)
     start = records.loadavg()
     nested = records.append_record("nested", {"goal_x": True}, preset="cpu", loadavg_start=start, overrides=["a=1"])
-    flat = records.append_flat_record("flat", {"goal_y": False}, preset="tiny", threads=2, loadavg_start=start, rows=[1])
+    flat = records.append_flat_record(
+        "flat", {"goal_y": False}, preset="tiny", threads=2, loadavg_start=start, rows=[1]
+    )
     records.append_flat_record("flat", {"goal_y": True}, preset="tiny", threads=2, loadavg_start=start)
     (n,) = [json.loads(line) for line in nested.read_text().splitlines()]
     f1, f2 = [json.loads(line) for line in flat.read_text().splitlines()]  # appended, not overwritten

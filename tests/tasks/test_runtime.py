@@ -223,3 +223,23 @@ def test_serial_stages_may_take_more_cores_and_are_checked_up_front(ray_logical_
     assert res.check_feasible()["num_cpus"] == 1  # the other stages keep their request
     with pytest.raises(ValueError, match="serial_cpus=3 but the largest Ray node has 2 CPUs"):
         Resources(num_gpus=0, serial_cpus=3).check_feasible()
+
+
+def test_heavy_stage_names_are_the_artifact_stages_their_tasks_publish():
+    """HEAVY_STAGES is written out in tasks.runtime (below the stage modules); it must not drift from them."""
+    from tasks import evaluation, experts, krr, matching, prune, transfer
+    from tasks.runtime import HEAVY_STAGES
+
+    published = {
+        experts.STAGE,
+        matching.STAGE,
+        evaluation.EVAL_STAGE,
+        evaluation.REAL_EVAL_STAGE,
+        prune.SURROGATE_STAGE,
+        prune.SELECTION_STAGE,
+        transfer.TRANSFER_STAGE,
+        krr.TEACHER_STAGE,
+        krr.DISTILL_STAGE,
+        krr.EVAL_STAGE,
+    }
+    assert set(HEAVY_STAGES) == published
