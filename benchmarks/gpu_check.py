@@ -17,8 +17,9 @@ everything passed within the time allowed:
                      128-256-512 pool of 10, real batch 1024, ResNet-18 teacher
   precision          the matching gradient (CIFAR-10 IPC 10 shape) under the core's precisions
                      fp32, tf32 and bf16 (distill.precision.precision_context, as matching,
-                     experts and evaluation apply their `precision` option) and torch's
-                     defaults: time and relative difference to fp32.
+                     experts and evaluation apply their `precision` option), torch's defaults,
+                     and fp32 with the native layers instead of the fast ones (fused instance
+                     norm, strided-add pooling): time and relative difference to fp32.
   expert_packing     experts/hour with 4 experts per GPU (num_gpus=0.25) and with 1 per GPU,
                      through the real path: Prefect task `train-expert` on the RayTaskRunner
                      under `tasks.runtime.heavy(Resources(...), "experts")`, after the `dataset` stage
@@ -598,7 +599,8 @@ def check_precision(p: dict, size: str) -> dict[str, Any]:
     torch.manual_seed(0)
     kwargs = {"width": p["width"], "depth": 3}
     net = create_net("convnet", num_classes=10, **kwargs)
-    student = Student(net_meta(net, "convnet", kwargs, num_classes=10), dev)
+    meta = net_meta(net, "convnet", kwargs, num_classes=10)
+    students = {"fast": Student(meta, dev), "native": Student(meta, dev, fast=False)}
     start = flatten_params(net).detach().to(dev)
     target = start + 0.01 * torch.randn_like(start)
     n = 10 * p["ipc"]
@@ -612,8 +614,12 @@ def check_precision(p: dict, size: str) -> dict[str, Any]:
     lr = torch.tensor(0.001, device=dev)
 
     def run(mode: str) -> tuple[float, float, torch.Tensor, torch.Tensor]:
-        # torch_default: no context, i.e. whatever torch does unasked (cuDNN convolutions on TF32)
-        context = contextlib.nullcontext() if mode == "torch_default" else precision_context(mode, dev)
+        # torch_default: no context, i.e. whatever torch does unasked (cuDNN convolutions on TF32);
+        # fp32_native_layers: fp32 with the experts' own layers (GroupNorm, avg_pool2d) instead of
+        # the fast ones matching uses (issue 15's fused norm, timed on the GPU)
+        student = students["native" if mode == "fp32_native_layers" else "fast"]
+        precision = "fp32" if mode == "fp32_native_layers" else mode
+        context = contextlib.nullcontext() if mode == "torch_default" else precision_context(precision, dev)
         times = []
         with context:
             for i in range(p["repeats"] + 1):  # the first call warms up (cuDNN plans, allocator)
@@ -625,7 +631,7 @@ def check_precision(p: dict, size: str) -> dict[str, Any]:
                     times.append(time.perf_counter() - t0)
         return min(times), loss, g_images.float(), g_lr.float()
 
-    modes = ["fp32", "torch_default", "tf32", "bf16"]
+    modes = ["fp32", "fp32_native_layers", "torch_default", "tf32", "bf16"]
     rows: dict[str, Any] = {}
     _PARTIAL["modes"] = rows
     ref = None
@@ -645,9 +651,12 @@ def check_precision(p: dict, size: str) -> dict[str, Any]:
             "rel_diff_loss": abs(loss - ref[0]) / max(abs(ref[0]), 1e-30),
             "finite": bool(torch.isfinite(g_images).all()) and loss == loss,
         }
+    timed = {m: r["s_per_iter"] for m, r in rows.items() if isinstance(r, dict)}
     row = {
         "device": str(dev),
         "modes": rows,
+        # time of each mode over fp32's (fast layers): < 1 is faster
+        "vs_fp32_time": {m: round(t / timed["fp32"], 3) for m, t in timed.items() if m != "fp32"},
         "reference": "fp32 (precision_context: TF32 off for matmul and cuDNN conv)",
         "setting": {
             "ipc": p["ipc"],
@@ -812,6 +821,8 @@ def summarize(rows: list[dict[str, Any]], size: str, wall: float) -> dict[str, A
     for key, (check, field) in headline.items():
         if field in by.get(check, {}):
             summary[key] = by[check][field]
+    for mode, ratio in by.get("precision", {}).get("vs_fp32_time", {}).items():
+        summary[f"matching_{mode}_vs_fp32_time"] = ratio
     summary["goal_all_passed"] = all(r["status"] in ("ok", "skipped") for r in rows)
     if size == "full":
         summary["goal_nothing_skipped"] = all(r["status"] == "ok" for r in rows)

@@ -64,6 +64,9 @@ def test_gpu_check_smoke_runs_every_check_and_summarizes(prefect_server, tmp_pat
     assert by["tm_cifar10_ipc10"]["setting"]["memory"] == "unrolled"
     modes = by["precision"]["modes"]
     assert modes["fp32"]["rel_diff_grad_images"] == 0.0 and modes["bf16"]["finite"]
+    # the native layers give the fast ones' gradient to float rounding, and are timed beside them
+    assert modes["fp32_native_layers"]["rel_diff_grad_images"] < 1e-4
+    assert summary["matching_fp32_native_layers_vs_fp32_time"] > 0
     if not torch.cuda.is_available():
         assert by["gpu_tests"]["status"] == "skipped"
         assert by["tm_cifar10_ipc10"]["peak_gpu_mib"] == NO_CUDA and modes["tf32"] == NO_CUDA
