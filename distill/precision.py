@@ -36,19 +36,37 @@ def check_precision(name: str) -> str:
     return name
 
 
+# torch >= 2.9 sets TF32 per backend with `fp32_precision` strings; before, with `allow_tf32` flags
+_NEW_TF32_API = hasattr(torch.backends.cuda.matmul, "fp32_precision")
+
+
+def _flags() -> tuple[str, str]:
+    """(matmul, cuDNN conv) float32 modes exactly as set: 'ieee', 'tf32' or, new API only, 'none'."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if _NEW_TF32_API:
+        return matmul.fp32_precision, cudnn.conv.fp32_precision
+    return ("tf32" if matmul.allow_tf32 else "ieee"), ("tf32" if cudnn.allow_tf32 else "ieee")
+
+
+def _write_flags(matmul: str, conv: str) -> None:
+    if _NEW_TF32_API:
+        torch.backends.cuda.matmul.fp32_precision = matmul
+        torch.backends.cudnn.conv.fp32_precision = conv
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = matmul == "tf32"
+        torch.backends.cudnn.allow_tf32 = conv == "tf32"
+
+
 def cuda_fp32_precision() -> tuple[str, str]:
     """(matmul, cuDNN conv) float32 modes on CUDA: 'ieee' (true float32) or 'tf32'; torch's
     'none' (no choice made) is read as what it means by default (matmuls ieee, cuDNN conv tf32)."""
-    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn
-    if hasattr(matmul, "fp32_precision"):
-        m, c = matmul.fp32_precision, conv.conv.fp32_precision
-        if "none" in (m, c):
-            # an unset level inherits the generic one, and an unset generic one means torch's default
-            generic = torch.backends.fp32_precision
-            m = m if m != "none" else (generic if generic != "none" else "ieee")
-            c = c if c != "none" else (generic if generic != "none" else "tf32")
-        return m, c
-    return ("tf32" if matmul.allow_tf32 else "ieee"), ("tf32" if conv.allow_tf32 else "ieee")
+    m, c = _flags()
+    if "none" in (m, c):
+        # an unset level inherits the generic one, and an unset generic one means torch's default
+        generic = torch.backends.fp32_precision
+        m = m if m != "none" else (generic if generic != "none" else "ieee")
+        c = c if c != "none" else (generic if generic != "none" else "tf32")
+    return m, c
 
 
 def set_cuda_fp32_precision(matmul: str, conv: str) -> None:
@@ -56,12 +74,7 @@ def set_cuda_fp32_precision(matmul: str, conv: str) -> None:
     for mode in (matmul, conv):
         if mode not in ("ieee", "tf32"):
             raise ValueError(f"unknown float32 mode {mode!r}; valid: ieee, tf32")
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
-        torch.backends.cuda.matmul.fp32_precision = matmul
-        torch.backends.cudnn.conv.fp32_precision = conv
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = matmul == "tf32"
-        torch.backends.cudnn.allow_tf32 = conv == "tf32"
+    _write_flags(matmul, conv)
 
 
 @contextlib.contextmanager
@@ -78,30 +91,13 @@ def precision_context(name: str, device: str | torch.device) -> Iterator[None]:
     if device_type != "cuda":  # the TF32 flags only steer CUDA kernels
         yield
         return
-    saved = _raw_flags()
+    saved = _flags()  # as set, so an unset 'none' is restored as 'none'
     mode = "tf32" if name == "tf32" else "ieee"
     set_cuda_fp32_precision(mode, mode)
     try:
         yield
     finally:
-        _restore_flags(saved)
-
-
-def _raw_flags() -> tuple:
-    """The TF32 flags exactly as set (an unset 'none' stays 'none' when restored)."""
-    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
-    if hasattr(matmul, "fp32_precision"):
-        return ("new", matmul.fp32_precision, cudnn.conv.fp32_precision)
-    return ("legacy", matmul.allow_tf32, cudnn.allow_tf32)
-
-
-def _restore_flags(saved: tuple) -> None:
-    api, matmul, conv = saved
-    if api == "new":
-        torch.backends.cuda.matmul.fp32_precision = matmul
-        torch.backends.cudnn.conv.fp32_precision = conv
-    else:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, conv
+        _write_flags(*saved)
 
 
 class PrecisionField(BaseModel):

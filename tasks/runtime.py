@@ -30,18 +30,18 @@ FORWARDED_ENV_PREFIXES = ("PREFECT_", "DISTILLERY_", "HF_", "OMP_NUM_THREADS")
 # The stages whose tasks run under `heavy`: the names `Resources.stages` accepts. They are the
 # artifact stages those tasks publish (tasks/*.py *_STAGE), written out here because this module
 # sits below them.
-HEAVY_STAGES: dict[str, str] = {
-    "experts": "expert training (experts, distill-tm, pipeline)",
-    "distill-tm": "trajectory-matching distillation",
-    "eval": "evaluation of distilled and random real sets (baseline, distill-tm)",
-    "eval-real": "evaluation on the full real set (DD-Ranking's reference)",
-    "surrogate": "DP4TL's surrogate training",
-    "selection": "DP4TL's class or sample selection",
-    "transfer": "DP4TL's pretrain-then-transfer arms (prune-eval, pipeline)",
-    "ssl-teacher": "the Barlow Twins teacher (distill-krr, pipeline)",
-    "krr-st": "KRR-ST distillation",
-    "krr-eval": "KRR-ST's and its baselines' pretrain-then-transfer runs",
-}
+HEAVY_STAGES: tuple[str, ...] = (
+    "experts",  # expert training (experts, distill-tm, pipeline)
+    "distill-tm",  # trajectory-matching distillation
+    "eval",  # evaluation of distilled and random real sets (baseline, distill-tm)
+    "eval-real",  # evaluation on the full real set (DD-Ranking's reference)
+    "surrogate",  # DP4TL's surrogate training
+    "selection",  # DP4TL's class or sample selection
+    "transfer",  # DP4TL's pretrain-then-transfer arms (prune-eval, pipeline)
+    "ssl-teacher",  # the Barlow Twins teacher (distill-krr, pipeline)
+    "krr-st",  # KRR-ST distillation
+    "krr-eval",  # KRR-ST's and its baselines' pretrain-then-transfer runs
+)
 
 
 class StageResources(BaseModel):
